@@ -1,0 +1,41 @@
+# Sluice: one target per habit. Tests that need root or a control plane are
+# part of `make test`; run it as root.
+GO        ?= go
+BIN       := bin
+TOOLS_DIR ?= $(or $(SLUICE_TOOLS_DIR),$(HOME)/.cache/sluice/tools)
+export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
+TEST_FLAGS ?= -count=1 -timeout 60m
+BENCH_OUT ?= bench/report.txt
+
+.PHONY: all build tools test bench lab lab-down lint clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The lab's control plane and the reference CNI plugins, built from the Go
+# module proxy and cached by version in $(TOOLS_DIR).
+tools:
+	test/tools/build.sh
+
+test: tools
+	$(GO) test $(TEST_FLAGS) ./...
+
+bench: tools
+	@mkdir -p $(dir $(BENCH_OUT))
+	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
+	@echo "benchmark report: $(BENCH_OUT)"
+
+lab: build tools
+	$(BIN)/sluicectl lab up --nodes 3
+
+lab-down: build
+	$(BIN)/sluicectl lab down
+
+lint:
+	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+clean:
+	rm -rf $(BIN) bench
