@@ -292,3 +292,39 @@ func TestNoPodCIDRAndDown(t *testing.T) {
 	labtest.AssertDownLeavesNothing(t, l, true)
 	stopped = true
 }
+
+// TestDeploymentIsScheduled shows the deployment and replicaset controllers
+// and the scheduler at work: a Deployment's pods land on lab nodes and run.
+func TestDeploymentIsScheduled(t *testing.T) {
+	ctx := ctxT(t)
+	manifest := `apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: deploy}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 0
+      containers: [{name: app, image: lab, ports: [{containerPort: 80}]}]
+`
+	if err := shared.EnsureNamespace(ctx, "deploy"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.Kubectl(ctx, manifest, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := shared.Kubectl(ctx, "", "rollout", "status", "-n", "deploy", "deployment/web", "--timeout=2m"); err != nil {
+		t.Fatalf("rollout: %v %s", err, out)
+	}
+	pods, err := shared.Client.CoreV1().Pods("deploy").List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods.Items {
+		if p.Spec.NodeName == "" || p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
+			t.Errorf("pod %s: node %q phase %s ip %q", p.Name, p.Spec.NodeName, p.Status.Phase, p.Status.PodIP)
+		}
+	}
+}
