@@ -1,0 +1,226 @@
+// Package iptables writes Sluice's own chains. Whole chains are rendered and
+// applied with one `iptables-restore --noflush` per table: declaring a chain
+// flushes only that chain, so rules of other programs are never touched. The
+// few jumps from built-in chains are kept with check-then-insert, tagged with
+// a comment that says whose they are.
+package iptables
+
+import (
+	"bytes"
+	"fmt"
+	"os/exec"
+	"strconv"
+	"strings"
+
+	goipt "github.com/coreos/go-iptables/iptables"
+)
+
+// Family is an IP family.
+type Family int
+
+const (
+	IPv4 Family = 4
+	IPv6 Family = 6
+)
+
+// Mode is the iptables backend.
+type Mode string
+
+const (
+	ModeNFT    Mode = "nft"
+	ModeLegacy Mode = "legacy"
+)
+
+// Runner runs one family's iptables commands in one backend.
+type Runner struct {
+	family  Family
+	mode    Mode
+	ipt     *goipt.IPTables
+	restore string
+	save    string
+}
+
+func binary(family Family, mode Mode, suffix string) string {
+	base := "iptables"
+	if family == IPv6 {
+		base = "ip6tables"
+	}
+	return base + "-" + string(mode) + suffix
+}
+
+// New returns a runner for a family and backend.
+func New(family Family, mode Mode) (*Runner, error) {
+	path, err := exec.LookPath(binary(family, mode, ""))
+	if err != nil {
+		return nil, fmt.Errorf("iptables %s backend not installed: %w", mode, err)
+	}
+	proto := goipt.ProtocolIPv4
+	if family == IPv6 {
+		proto = goipt.ProtocolIPv6
+	}
+	ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(path), goipt.Timeout(5))
+	if err != nil {
+		return nil, fmt.Errorf("initialising %s: %w", path, err)
+	}
+	return &Runner{family: family, mode: mode, ipt: ipt, restore: binary(family, mode, "-restore"), save: binary(family, mode, "-save")}, nil
+}
+
+// Family returns the runner's family.
+func (r *Runner) Family() Family { return r.family }
+
+// Mode returns the runner's backend.
+func (r *Runner) Mode() Mode { return r.mode }
+
+// HasRandomFully reports whether MASQUERADE --random-fully is supported.
+func (r *Runner) HasRandomFully() bool { return r.ipt.HasRandomFully() }
+
+// Restore applies a payload for one table with --noflush. The payload must
+// declare every chain it writes (":CHAIN - [0:0]"), which flushes just
+// those chains. On failure the error quotes the lines around the rule that
+// iptables-restore rejected.
+func (r *Runner) Restore(table string, body []byte) error {
+	var payload bytes.Buffer
+	fmt.Fprintf(&payload, "*%s\n", table)
+	payload.Write(body)
+	payload.WriteString("COMMIT\n")
+	cmd := exec.Command(r.restore, "--noflush", "--wait=5")
+	cmd.Stdin = bytes.NewReader(payload.Bytes())
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s of table %s: %w: %s%s", r.restore, table, err, strings.TrimSpace(out.String()), failingLines(out.String(), payload.Bytes()))
+	}
+	return nil
+}
+
+// failingLines finds "line N failed" in iptables-restore's output and
+// returns the payload lines around it.
+func failingLines(msg string, payload []byte) string {
+	i := strings.Index(msg, "line ")
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(msg[i+len("line "):])
+	if len(f) == 0 {
+		return ""
+	}
+	n, err := strconv.Atoi(strings.TrimRight(f[0], ":"))
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(string(payload), "\n")
+	var b strings.Builder
+	b.WriteString("\npayload around the failing line:")
+	for l := max(1, n-2); l <= min(len(lines), n+2); l++ {
+		mark := "  "
+		if l == n {
+			mark = "> "
+		}
+		fmt.Fprintf(&b, "\n%s%d: %s", mark, l, lines[l-1])
+	}
+	return b.String()
+}
+
+// EnsureJump makes sure a built-in chain jumps to one of Sluice's chains,
+// first in the chain. It checks first, so an existing jump is left alone.
+func (r *Runner) EnsureJump(table, from, to, comment string) error {
+	if err := r.EnsureChain(table, to); err != nil {
+		return err
+	}
+	spec := []string{"-m", "comment", "--comment", comment, "-j", to}
+	ok, err := r.ipt.Exists(table, from, spec...)
+	if err != nil {
+		return fmt.Errorf("checking jump %s -> %s in %s: %w", from, to, table, err)
+	}
+	if ok {
+		return nil
+	}
+	if err := r.ipt.Insert(table, from, 1, spec...); err != nil {
+		return fmt.Errorf("inserting jump %s -> %s in %s: %w", from, to, table, err)
+	}
+	return nil
+}
+
+// DeleteJump removes a jump made by EnsureJump, if present.
+func (r *Runner) DeleteJump(table, from, to, comment string) error {
+	return r.ipt.DeleteIfExists(table, from, "-m", "comment", "--comment", comment, "-j", to)
+}
+
+// EnsureChain creates a chain if it is missing.
+func (r *Runner) EnsureChain(table, chain string) error {
+	ok, err := r.ipt.ChainExists(table, chain)
+	if err != nil {
+		return fmt.Errorf("checking chain %s/%s: %w", table, chain, err)
+	}
+	if ok {
+		return nil
+	}
+	if err := r.ipt.NewChain(table, chain); err != nil {
+		return fmt.Errorf("creating chain %s/%s: %w", table, chain, err)
+	}
+	return nil
+}
+
+// DeleteChain flushes and deletes a chain if it exists.
+func (r *Runner) DeleteChain(table, chain string) error {
+	ok, err := r.ipt.ChainExists(table, chain)
+	if err != nil || !ok {
+		return err
+	}
+	return r.ipt.ClearAndDeleteChain(table, chain)
+}
+
+// Rules lists a chain's rules as iptables -S prints them, without the
+// chain declaration.
+func (r *Runner) Rules(table, chain string) ([]string, error) {
+	rules, err := r.ipt.List(table, chain)
+	if err != nil {
+		return nil, err
+	}
+	if len(rules) > 0 && strings.HasPrefix(rules[0], "-N ") || len(rules) > 0 && strings.HasPrefix(rules[0], "-P ") {
+		rules = rules[1:]
+	}
+	return rules, nil
+}
+
+// DetectMode picks the backend the node already uses, as kube-proxy's
+// iptables wrapper does: the one in which the kubelet or kube-proxy made
+// their chains, else the one with more rules, else nft.
+func DetectMode() Mode {
+	count := func(mode Mode) (rules int, kube bool) {
+		out, err := exec.Command(binary(IPv4, mode, "-save")).Output()
+		if err != nil {
+			return 0, false
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(l, "-A ") {
+				rules++
+			}
+			if strings.Contains(l, "KUBE-IPTABLES-HINT") || strings.Contains(l, "KUBE-KUBELET-CANARY") {
+				kube = true
+			}
+		}
+		return rules, kube
+	}
+	legacyRules, legacyKube := count(ModeLegacy)
+	nftRules, nftKube := count(ModeNFT)
+	switch {
+	case nftKube:
+		return ModeNFT
+	case legacyKube:
+		return ModeLegacy
+	case legacyRules > nftRules:
+		return ModeLegacy
+	default:
+		return ModeNFT
+	}
+}
+
+// Raw runs the iptables command with arguments, for tests and diagnostics.
+func (r *Runner) Raw(args ...string) error {
+	out, err := exec.Command(binary(r.family, r.mode, ""), append([]string{"--wait=5"}, args...)...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", binary(r.family, r.mode, ""), strings.Join(args, " "), err, out)
+	}
+	return nil
+}
