@@ -49,7 +49,7 @@ type Source string
 const (
 	FromNodeSpec   Source = "node.spec.podCIDRs"
 	SelfAllocated  Source = "sluice"
-	maxCreateTries = 64
+	maxCreateTries        = 64
 )
 
 // Lease is a node's pod subnets, one per enabled family (IPv4 first).
