@@ -1,0 +1,484 @@
+// Package vxlan programs the overlay into the kernel: one VXLAN device per
+// family and, for every remote node, the entries that reach its pods.
+//
+// As in flannel since v0.9, there is no learning and no L2/L3 miss handling
+// in user space: every remote node gets exactly one permanent neighbour (ARP
+// or NDP) entry for its VTEP address, one permanent FDB entry that sends the
+// VTEP's MAC to the node's underlay address, and one onlink route for its
+// pod subnet via the VTEP address. These are the entries flannel writes, so
+// a flannel node and a Sluice node read each other's Node annotations and
+// reach each other's pods.
+//
+// Sync is level-triggered: it reads what the kernel has, writes only the
+// differences, and removes entries of nodes that are gone. Routes Sluice
+// writes carry RouteProtocol, so they are found again after a restart
+// without touching anyone else's routes.
+package vxlan
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"syscall"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// RouteProtocol marks the routes Sluice owns (see /etc/iproute2/rt_protos;
+// the number is otherwise unused).
+const RouteProtocol netlink.RouteProtocol = 98
+
+// Device is the wanted VXLAN device of one family.
+type Device struct {
+	Name string
+	VNI  int
+	Port int
+	GBP  bool
+	// LocalIP is the node's underlay address of this family; tunnels start
+	// there.
+	LocalIP netip.Addr
+	// UnderlayIndex is the interface that carries the tunnel.
+	UnderlayIndex int
+	MTU           int
+	MAC           net.HardwareAddr
+	// VTEPAddr is the node's own subnet address (/32 or /128), which remote
+	// nodes route to.
+	VTEPAddr netip.Addr
+}
+
+// Peer is a remote node.
+type Peer struct {
+	Node     string
+	Subnet   netip.Prefix
+	PublicIP netip.Addr
+	// VtepMAC is empty for a node that has no VXLAN device (host-gw).
+	VtepMAC net.HardwareAddr
+}
+
+// Table is the whole wanted overlay state of one family.
+type Table struct {
+	// Device is nil for the host-gw backend.
+	Device *Device
+	// Own is the node's pod subnet; it gets a blackhole route so traffic to
+	// unassigned local pod IPs never leaves through the default route.
+	Own netip.Prefix
+	// Peers are the remote nodes with a subnet of this family.
+	Peers []Peer
+	// DirectRouting routes to peers on the same L2 segment via their node
+	// IP instead of the tunnel; host-gw does so for every peer.
+	DirectRouting bool
+	UnderlayIndex int
+}
+
+// Changes counts what Sync had to write or remove, by kind. A restart over
+// a correct kernel state counts nothing.
+type Changes struct {
+	Device, Routes, Neighbours, FDB, Removed int
+}
+
+// Total is the number of changes.
+func (c Changes) Total() int { return c.Device + c.Routes + c.Neighbours + c.FDB + c.Removed }
+
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
+}
+
+// Sync makes the kernel match the table.
+func Sync(t Table) (Changes, error) {
+	var ch Changes
+	fam := family(t.Own.Addr())
+	var dev netlink.Link
+	if t.Device != nil {
+		var changed bool
+		var err error
+		dev, changed, err = EnsureDevice(*t.Device)
+		if err != nil {
+			return ch, err
+		}
+		if changed {
+			ch.Device++
+		}
+	}
+	underlayNets, err := connectedNets(t.UnderlayIndex, fam)
+	if err != nil {
+		return ch, err
+	}
+
+	wantRoutes := map[netip.Prefix]netlink.Route{}
+	wantNeigh := map[netip.Addr]net.HardwareAddr{}
+	wantFDB := map[string]netip.Addr{} // MAC -> underlay IP
+	wantRoutes[t.Own] = netlink.Route{Dst: ipNet(t.Own), Type: unix.RTN_BLACKHOLE, Protocol: RouteProtocol, Family: fam}
+	for _, p := range t.Peers {
+		direct := dev == nil || (t.DirectRouting && onLink(underlayNets, p.PublicIP))
+		if direct {
+			if !onLink(underlayNets, p.PublicIP) {
+				return ch, fmt.Errorf("host-gw: node %s (%s) is not on this node's L2 segment %v; use the vxlan backend", p.Node, p.PublicIP, underlayNets)
+			}
+			wantRoutes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: p.PublicIP.AsSlice(), LinkIndex: t.UnderlayIndex, Protocol: RouteProtocol, Family: fam}
+			continue
+		}
+		if len(p.VtepMAC) == 0 {
+			continue // not reachable through a tunnel; the caller logs it
+		}
+		vtep := p.Subnet.Addr()
+		wantNeigh[vtep] = p.VtepMAC
+		wantFDB[p.VtepMAC.String()] = p.PublicIP
+		wantRoutes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: vtep.AsSlice(), LinkIndex: dev.Attrs().Index,
+			Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol, Family: fam}
+	}
+
+	// Order matters for the first packet: the neighbour and FDB entries
+	// must exist before the route that uses them.
+	if dev != nil {
+		n, removed, err := syncNeighbours(dev, fam, wantNeigh)
+		ch.Neighbours, ch.Removed = ch.Neighbours+n, ch.Removed+removed
+		if err != nil {
+			return ch, err
+		}
+		n, removed, err = syncFDB(dev, wantFDB)
+		ch.FDB, ch.Removed = ch.FDB+n, ch.Removed+removed
+		if err != nil {
+			return ch, err
+		}
+	}
+	n, removed, err := syncRoutes(fam, wantRoutes)
+	ch.Routes, ch.Removed = ch.Routes+n, ch.Removed+removed
+	return ch, err
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func connectedNets(index, fam int) ([]netip.Prefix, error) {
+	link, err := netlink.LinkByIndex(index)
+	if err != nil {
+		return nil, fmt.Errorf("reading underlay interface %d: %w", index, err)
+	}
+	addrs, err := netlinksafe.AddrList(link, fam)
+	if err != nil {
+		return nil, fmt.Errorf("reading addresses of %s: %w", link.Attrs().Name, err)
+	}
+	var nets []netip.Prefix
+	for _, a := range addrs {
+		if p, ok := prefixOf(a.IPNet); ok && !p.Addr().IsLinkLocalUnicast() {
+			nets = append(nets, p.Masked())
+		}
+	}
+	return nets, nil
+}
+
+func onLink(nets []netip.Prefix, ip netip.Addr) bool {
+	for _, n := range nets {
+		if n.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+func syncRoutes(fam int, want map[netip.Prefix]netlink.Route) (written, removed int, err error) {
+	have, err := netlinksafe.RouteListFiltered(fam, &netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return 0, 0, fmt.Errorf("listing routes: %w", err)
+	}
+	haveBy := map[netip.Prefix]netlink.Route{}
+	for _, r := range have {
+		if p, ok := prefixOf(r.Dst); ok {
+			haveBy[p] = r
+		}
+	}
+	for p, r := range want {
+		if cur, ok := haveBy[p]; ok && sameRoute(cur, r) {
+			continue
+		}
+		r := r
+		if err := netlink.RouteReplace(&r); err != nil {
+			return written, removed, fmt.Errorf("writing route %s: %w", p, err)
+		}
+		written++
+	}
+	for p, r := range haveBy {
+		if _, ok := want[p]; ok {
+			continue
+		}
+		r := r
+		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return written, removed, fmt.Errorf("removing stale route %s: %w", p, err)
+		}
+		removed++
+	}
+	return written, removed, nil
+}
+
+func sameRoute(a, b netlink.Route) bool {
+	if routeType(a) == unix.RTN_BLACKHOLE && routeType(b) == unix.RTN_BLACKHOLE {
+		return true // IPv6 reports lo as the blackhole's device
+	}
+	return routeType(a) == routeType(b) && a.LinkIndex == b.LinkIndex && a.Gw.Equal(b.Gw) &&
+		(a.Flags&int(netlink.FLAG_ONLINK)) == (b.Flags&int(netlink.FLAG_ONLINK))
+}
+
+// routeType treats an unset type as unicast, which is what the kernel
+// reports for it.
+func routeType(r netlink.Route) int {
+	if r.Type == 0 {
+		return unix.RTN_UNICAST
+	}
+	return r.Type
+}
+
+func syncNeighbours(dev netlink.Link, fam int, want map[netip.Addr]net.HardwareAddr) (written, removed int, err error) {
+	have, err := neighList(dev.Attrs().Index, fam)
+	if err != nil {
+		return 0, 0, fmt.Errorf("listing neighbours of %s: %w", dev.Attrs().Name, err)
+	}
+	haveBy := map[netip.Addr]netlink.Neigh{}
+	for _, n := range have {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+			haveBy[a.Unmap()] = n
+		}
+	}
+	for ip, mac := range want {
+		if cur, ok := haveBy[ip]; ok && cur.HardwareAddr.String() == mac.String() {
+			continue
+		}
+		n := &netlink.Neigh{LinkIndex: dev.Attrs().Index, Family: fam, State: netlink.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: ip.AsSlice(), HardwareAddr: mac}
+		if err := netlink.NeighSet(n); err != nil {
+			return written, removed, fmt.Errorf("writing neighbour %s -> %s: %w", ip, mac, err)
+		}
+		written++
+	}
+	for ip, n := range haveBy {
+		if _, ok := want[ip]; ok {
+			continue
+		}
+		n := n
+		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, syscall.ENOENT) {
+			return written, removed, fmt.Errorf("removing stale neighbour %s: %w", ip, err)
+		}
+		removed++
+	}
+	return written, removed, nil
+}
+
+func syncFDB(dev netlink.Link, want map[string]netip.Addr) (written, removed int, err error) {
+	have, err := neighList(dev.Attrs().Index, syscall.AF_BRIDGE)
+	if err != nil {
+		return 0, 0, fmt.Errorf("listing FDB of %s: %w", dev.Attrs().Name, err)
+	}
+	haveBy := map[string]netlink.Neigh{}
+	for _, n := range have {
+		if n.State&netlink.NUD_PERMANENT != 0 && len(n.IP) > 0 {
+			haveBy[n.HardwareAddr.String()] = n
+		}
+	}
+	for mac, ip := range want {
+		if cur, ok := haveBy[mac]; ok && cur.IP.Equal(ip.AsSlice()) {
+			continue
+		}
+		hw, _ := net.ParseMAC(mac)
+		if cur, ok := haveBy[mac]; ok {
+			// A node moved to another underlay address: replace, not add.
+			_ = netlink.NeighDel(&cur)
+		}
+		n := &netlink.Neigh{LinkIndex: dev.Attrs().Index, Family: syscall.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: hw}
+		if err := netlink.NeighSet(n); err != nil {
+			return written, removed, fmt.Errorf("writing FDB entry %s -> %s: %w", mac, ip, err)
+		}
+		written++
+	}
+	for mac, n := range haveBy {
+		if _, ok := want[mac]; ok {
+			continue
+		}
+		n := n
+		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, syscall.ENOENT) {
+			return written, removed, fmt.Errorf("removing stale FDB entry %s: %w", mac, err)
+		}
+		removed++
+	}
+	return written, removed, nil
+}
+
+// neighList retries a dump that the kernel interrupted, rather than trusting
+// a partial list.
+func neighList(index, fam int) ([]netlink.Neigh, error) {
+	var err error
+	for i := 0; i < 5; i++ {
+		var ns []netlink.Neigh
+		ns, err = netlink.NeighList(index, fam)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return ns, err
+		}
+	}
+	return nil, err
+}
+
+// EnsureDevice creates the device, or fixes it, and reports whether it had
+// to change anything. Settings that the kernel cannot change in place (VNI,
+// port, local address, underlay, learning, GBP) make it recreate the
+// device; Sync then replays its entries.
+func EnsureDevice(d Device) (*netlink.Vxlan, bool, error) {
+	recreated := false
+	link, err := netlink.LinkByName(d.Name)
+	if err == nil {
+		cur, ok := link.(*netlink.Vxlan)
+		if !ok || !compatible(cur, d) {
+			if err := netlink.LinkDel(link); err != nil {
+				return nil, false, fmt.Errorf("removing %s with outdated settings: %w", d.Name, err)
+			}
+			link = nil
+		}
+	} else {
+		var nf netlink.LinkNotFoundError
+		if !errors.As(err, &nf) {
+			return nil, false, fmt.Errorf("reading %s: %w", d.Name, err)
+		}
+		link = nil
+	}
+	if link == nil {
+		v := &netlink.Vxlan{
+			LinkAttrs:    netlink.LinkAttrs{Name: d.Name, MTU: d.MTU, HardwareAddr: d.MAC},
+			VxlanId:      d.VNI,
+			VtepDevIndex: d.UnderlayIndex,
+			SrcAddr:      d.LocalIP.AsSlice(),
+			Port:         d.Port,
+			Learning:     false,
+			GBP:          d.GBP,
+		}
+		if err := netlink.LinkAdd(v); err != nil {
+			return nil, false, fmt.Errorf("creating VXLAN device %s: %w", d.Name, err)
+		}
+		recreated = true
+		if link, err = netlink.LinkByName(d.Name); err != nil {
+			return nil, false, fmt.Errorf("reading new %s: %w", d.Name, err)
+		}
+	}
+	v := link.(*netlink.Vxlan)
+	changed := recreated
+	if v.Attrs().MTU != d.MTU {
+		if err := netlink.LinkSetMTU(v, d.MTU); err != nil {
+			return nil, false, fmt.Errorf("setting MTU of %s: %w", d.Name, err)
+		}
+		changed = true
+	}
+	if v.Attrs().HardwareAddr.String() != d.MAC.String() {
+		if err := netlink.LinkSetHardwareAddr(v, d.MAC); err != nil {
+			return nil, false, fmt.Errorf("setting MAC of %s: %w", d.Name, err)
+		}
+		changed = true
+	}
+	added, err := ensureAddr(v, d.VTEPAddr)
+	if err != nil {
+		return nil, false, err
+	}
+	changed = changed || added
+	if v.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(v); err != nil {
+			return nil, false, fmt.Errorf("bringing up %s: %w", d.Name, err)
+		}
+		changed = true
+	}
+	return v, changed, nil
+}
+
+func compatible(cur *netlink.Vxlan, d Device) bool {
+	return cur.VxlanId == d.VNI && cur.Port == d.Port && cur.SrcAddr.Equal(d.LocalIP.AsSlice()) &&
+		cur.VtepDevIndex == d.UnderlayIndex && !cur.Learning && cur.GBP == d.GBP
+}
+
+// ensureAddr gives the device exactly one global address of the family: the
+// VTEP address. Traffic from the node to remote pods then leaves with it as
+// its source, which is inside the cluster network and needs no NAT.
+func ensureAddr(link netlink.Link, want netip.Addr) (bool, error) {
+	fam := family(want)
+	addrs, err := netlinksafe.AddrList(link, fam)
+	if err != nil {
+		return false, fmt.Errorf("listing addresses of %s: %w", link.Attrs().Name, err)
+	}
+	found := false
+	for _, a := range addrs {
+		p, ok := prefixOf(a.IPNet)
+		if !ok || p.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		if p.Addr() == want && p.Bits() == want.BitLen() {
+			found = true
+			continue
+		}
+		a := a
+		if err := netlink.AddrDel(link, &a); err != nil {
+			return false, fmt.Errorf("removing old address %s from %s: %w", p, link.Attrs().Name, err)
+		}
+	}
+	if found {
+		return false, nil
+	}
+	addr := &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(want, want.BitLen()))}
+	if want.Is6() {
+		addr.Flags = unix.IFA_F_NODAD
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		return false, fmt.Errorf("adding %s to %s: %w", want, link.Attrs().Name, err)
+	}
+	return true, nil
+}
+
+// Remove deletes the device (with its neighbours and FDB) and every route
+// Sluice owns in that family.
+func Remove(name string, fam int) error {
+	if link, err := netlink.LinkByName(name); err == nil {
+		if err := netlink.LinkDel(link); err != nil {
+			return fmt.Errorf("removing %s: %w", name, err)
+		}
+	}
+	_, _, err := syncRoutes(fam, nil)
+	return err
+}
+
+// TXChecksumOffload reports whether TX checksum offload is on.
+func TXChecksumOffload(dev string) (bool, error) {
+	out, err := exec.Command("ethtool", "-k", dev).CombinedOutput()
+	if err != nil {
+		return false, fmt.Errorf("ethtool -k %s: %w: %s", dev, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if v, ok := strings.CutPrefix(l, "tx-checksumming: "); ok {
+			return strings.HasPrefix(v, "on"), nil
+		}
+	}
+	return false, fmt.Errorf("ethtool -k %s: no tx-checksumming line", dev)
+}
+
+// SetTXChecksumOffload turns TX checksum offload on or off.
+func SetTXChecksumOffload(dev string, on bool) error {
+	v := "off"
+	if on {
+		v = "on"
+	}
+	if out, err := exec.Command("ethtool", "-K", dev, "tx", v).CombinedOutput(); err != nil {
+		return fmt.Errorf("ethtool -K %s tx %s: %w: %s", dev, v, err, out)
+	}
+	return nil
+}

@@ -1,0 +1,278 @@
+package vxlan
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/sluice-net/sluice/internal/nettest"
+)
+
+// node is a test node: a namespace on a veth underlay with a "pod" address
+// inside its subnet.
+type node struct {
+	netns  ns.NetNS
+	ip     netip.Addr
+	subnet netip.Prefix
+	podIP  netip.Addr
+	mac    net.HardwareAddr
+}
+
+type testFamily struct {
+	name                 string
+	underlayA, underlayB string
+	subnetA, subnetB     string
+	bits                 int
+}
+
+var families = []testFamily{
+	{"ipv4", "192.0.2.1", "192.0.2.2", "10.244.1.0/24", "10.244.2.0/24", 24},
+	{"ipv6", "2001:db8::1", "2001:db8::2", "fd00:10:244:1::/64", "fd00:10:244:2::/64", 64},
+}
+
+func twoNodes(t *testing.T, f testFamily) (a, b *node) {
+	t.Helper()
+	mk := func(ip, subnet string, mac string) *node {
+		n := &node{netns: nettest.NewNS(t), ip: netip.MustParseAddr(ip), subnet: netip.MustParsePrefix(subnet)}
+		n.mac, _ = net.ParseMAC(mac)
+		n.podIP = n.subnet.Addr().Next().Next()
+		return n
+	}
+	a = mk(f.underlayA, f.subnetA, "0e:00:00:00:00:0a")
+	b = mk(f.underlayB, f.subnetB, "0e:00:00:00:00:0b")
+	an, bn := nettest.Name(a.netns), nettest.Name(b.netns)
+	nettest.Run(t, "ip", "-n", an, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", bn)
+	for _, n := range []*node{a, b} {
+		name := nettest.Name(n.netns)
+		nettest.Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", n.ip, map[bool]int{true: 24, false: 64}[n.ip.Is4()]), "dev", "eth0", "nodad")
+		nettest.Run(t, "ip", "-n", name, "link", "set", "eth0", "up")
+		// The kernel has no dummy interfaces; a host address on lo stands
+		// in for a pod.
+		nettest.Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", n.podIP, n.podIP.BitLen()), "dev", "lo", "nodad")
+	}
+	return a, b
+}
+
+func (n *node) table(peer *node, direct bool) Table {
+	var idx int
+	_ = n.netns.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("eth0")
+		if err == nil {
+			idx = l.Attrs().Index
+		}
+		return err
+	})
+	name, mtu := "sluice.1", 1450
+	if n.ip.Is6() {
+		name, mtu = "sluice-v6.1", 1430
+	}
+	t := Table{
+		Device:        &Device{Name: name, VNI: 1, Port: 8472, LocalIP: n.ip, UnderlayIndex: idx, MTU: mtu, MAC: n.mac, VTEPAddr: n.subnet.Addr()},
+		Own:           n.subnet,
+		DirectRouting: direct,
+		UnderlayIndex: idx,
+	}
+	if peer != nil {
+		t.Peers = []Peer{{Node: "peer", Subnet: peer.subnet, PublicIP: peer.ip, VtepMAC: peer.mac}}
+	}
+	return t
+}
+
+func (n *node) sync(t *testing.T, tab Table) Changes {
+	t.Helper()
+	var ch Changes
+	nettest.Do(t, n.netns, func() error {
+		var err error
+		ch, err = Sync(tab)
+		return err
+	})
+	return ch
+}
+
+// reach checks a TCP connection from a's node to b's pod address.
+func reach(t *testing.T, a, b *node) error {
+	t.Helper()
+	var ln net.Listener
+	nettest.Do(t, b.netns, func() error {
+		var err error
+		ln, err = net.Listen("tcp", net.JoinHostPort(b.podIP.String(), "7000"))
+		return err
+	})
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			c.Write([]byte("hi"))
+			c.Close()
+		}
+	}()
+	return a.netns.Do(func(ns.NetNS) error {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 2)
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		_, err = c.Read(buf)
+		return err
+	})
+}
+
+func ipOut(t *testing.T, n *node, args ...string) string {
+	return nettest.Run(t, "ip", append([]string{"-n", nettest.Name(n.netns)}, args...)...)
+}
+
+func TestTunnelEntriesAndTraffic(t *testing.T) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			a, b := twoNodes(t, f)
+			if ch := a.sync(t, a.table(b, false)); ch.Device != 1 || ch.Routes != 2 || ch.Neighbours != 1 || ch.FDB != 1 {
+				t.Errorf("first sync changes = %+v", ch)
+			}
+			b.sync(t, b.table(a, false))
+			dev := a.table(b, false).Device.Name
+			fam := "-4"
+			if f.name == "ipv6" {
+				fam = "-6"
+			}
+			neigh := ipOut(t, a, fam, "neigh", "show", "dev", dev)
+			if !strings.Contains(neigh, b.subnet.Addr().String()+" lladdr "+b.mac.String()) || !strings.Contains(neigh, "PERMANENT") {
+				t.Errorf("neighbour entry missing:\n%s", neigh)
+			}
+			fdb := nettest.Run(t, "bridge", "-n", nettest.Name(a.netns), "fdb", "show", "dev", dev)
+			if !strings.Contains(fdb, b.mac.String()+" dst "+b.ip.String()) || !strings.Contains(fdb, "permanent") {
+				t.Errorf("FDB entry missing:\n%s", fdb)
+			}
+			routes := ipOut(t, a, fam, "route", "show", "proto", "98")
+			if !strings.Contains(routes, b.subnet.String()+" via "+b.subnet.Addr().String()+" dev "+dev) || !strings.Contains(routes, "onlink") {
+				t.Errorf("onlink route missing:\n%s", routes)
+			}
+			if !strings.Contains(routes, "blackhole "+a.subnet.String()) {
+				t.Errorf("blackhole route missing:\n%s", routes)
+			}
+			link := ipOut(t, a, "-d", "link", "show", dev)
+			mtu := fmt.Sprintf("mtu %d", a.table(b, false).Device.MTU)
+			for _, want := range []string{"vxlan id 1", "dstport 8472", "nolearning", mtu, a.mac.String()} {
+				if !strings.Contains(link, want) {
+					t.Errorf("device lacks %q:\n%s", want, link)
+				}
+			}
+			if err := reach(t, a, b); err != nil {
+				t.Fatalf("a -> b pod through the tunnel: %v", err)
+			}
+			// A restart over a correct state writes nothing.
+			if ch := a.sync(t, a.table(b, false)); ch.Total() != 0 {
+				t.Errorf("second sync changed %+v", ch)
+			}
+		})
+	}
+}
+
+// Every kind of kernel entry, deleted by hand, comes back on the next sync.
+func TestSyncRepairsDeletedEntries(t *testing.T) {
+	f := families[0]
+	a, b := twoNodes(t, f)
+	a.sync(t, a.table(b, false))
+	b.sync(t, b.table(a, false))
+	dev := "sluice.1"
+	breakages := map[string][]string{
+		"route":     {"route", "del", b.subnet.String()},
+		"blackhole": {"route", "del", "blackhole", a.subnet.String()},
+		"neighbour": {"neigh", "del", b.subnet.Addr().String(), "dev", dev},
+		"fdb":       nil, // with bridge(8), below
+		"down":      {"link", "set", dev, "down"},
+		"device":    {"link", "del", dev},
+		"mtu":       {"link", "set", dev, "mtu", "1300"},
+		"vtep-addr": {"addr", "flush", "dev", dev},
+	}
+	for kind, args := range breakages {
+		t.Run(kind, func(t *testing.T) {
+			if kind == "fdb" {
+				nettest.Run(t, "bridge", "-n", nettest.Name(a.netns), "fdb", "del", b.mac.String(), "dev", dev, "dst", b.ip.String())
+			} else {
+				ipOut(t, a, args...)
+			}
+			if ch := a.sync(t, a.table(b, false)); ch.Total() == 0 {
+				t.Errorf("sync saw nothing to repair after deleting the %s", kind)
+			}
+			if err := reach(t, a, b); err != nil {
+				t.Errorf("after repairing the %s: %v", kind, err)
+			}
+			if link := ipOut(t, a, "link", "show", dev); !strings.Contains(link, "mtu 1450") {
+				t.Errorf("mtu not restored: %s", link)
+			}
+		})
+	}
+}
+
+func TestRemovedPeerIsCleanedUp(t *testing.T) {
+	a, b := twoNodes(t, families[0])
+	a.sync(t, a.table(b, false))
+	ch := a.sync(t, a.table(nil, false))
+	if ch.Removed != 3 {
+		t.Errorf("removing a peer removed %d entries, want 3 (route, neighbour, FDB)", ch.Removed)
+	}
+	if routes := ipOut(t, a, "route", "show", "proto", "98"); strings.Contains(routes, b.subnet.String()) {
+		t.Errorf("route of the removed peer remains:\n%s", routes)
+	}
+	if neigh := ipOut(t, a, "neigh", "show", "dev", "sluice.1"); strings.TrimSpace(neigh) != "" {
+		t.Errorf("neighbour of the removed peer remains:\n%s", neigh)
+	}
+}
+
+func TestChangedVNIRecreatesDevice(t *testing.T) {
+	a, b := twoNodes(t, families[0])
+	a.sync(t, a.table(b, false))
+	b.sync(t, b.table(a, false))
+	ta, tb := a.table(b, false), b.table(a, false)
+	ta.Device.VNI, tb.Device.VNI = 42, 42
+	if ch := a.sync(t, ta); ch.Device != 1 || ch.Routes == 0 {
+		t.Errorf("VNI change: %+v; want the device recreated and entries replayed", ch)
+	}
+	b.sync(t, tb)
+	if !strings.Contains(ipOut(t, a, "-d", "link", "show", "sluice.1"), "vxlan id 42") {
+		t.Error("device not recreated with VNI 42")
+	}
+	if err := reach(t, a, b); err != nil {
+		t.Errorf("after VNI change: %v", err)
+	}
+}
+
+func TestDirectRoutingOnSameL2(t *testing.T) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			a, b := twoNodes(t, f)
+			a.sync(t, a.table(b, true))
+			b.sync(t, b.table(a, true))
+			fam := map[bool]string{true: "-4", false: "-6"}[f.name == "ipv4"]
+			routes := ipOut(t, a, fam, "route", "show", "proto", "98")
+			if !strings.Contains(routes, b.subnet.String()+" via "+b.ip.String()+" dev eth0") {
+				t.Errorf("no direct route:\n%s", routes)
+			}
+			if err := reach(t, a, b); err != nil {
+				t.Errorf("direct routing: %v", err)
+			}
+		})
+	}
+}
+
+func TestHostGW(t *testing.T) {
+	a, b := twoNodes(t, families[0])
+	ta, tb := a.table(b, false), b.table(a, false)
+	ta.Device, tb.Device = nil, nil
+	a.sync(t, ta)
+	b.sync(t, tb)
+	if err := reach(t, a, b); err != nil {
+		t.Errorf("host-gw: %v", err)
+	}
+	if strings.Contains(ipOut(t, a, "link"), "sluice.1") {
+		t.Error("host-gw created a VXLAN device")
+	}
+}
