@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	goipt "github.com/coreos/go-iptables/iptables"
+
+	"github.com/sluice-net/sluice/internal/metrics"
 )
 
 // Family is an IP family.
@@ -88,6 +90,7 @@ func (r *Runner) Restore(table string, body []byte) error {
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
+		metrics.IPTablesRestoreFailures.Inc()
 		return fmt.Errorf("%s of table %s: %w: %s%s", r.restore, table, err, strings.TrimSpace(out.String()), failingLines(out.String(), payload.Bytes()))
 	}
 	return nil

@@ -15,6 +15,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+
+	"github.com/sluice-net/sluice/internal/atomicfile"
 )
 
 // Addressing of the underlay. 198.18.0.0/15 is reserved for benchmarking
@@ -162,27 +164,7 @@ func nodeAddrs(i int, ipv6 bool) (string, string) {
 	return v4, netip.AddrFrom16(a6).String()
 }
 
-// WriteFileAtomic writes data to a temporary file in the same directory and
-// renames it into place, so readers never see a partial file.
+// WriteFileAtomic writes a file so readers never see it half-written.
 func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(path, data, mode)
 }

@@ -1,0 +1,184 @@
+// Command sluiced is Sluice's node agent. It runs the overlay loop (and, as
+// they land, the policy loop and the CNI hand-off) in one process.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/metrics"
+	"github.com/sluice-net/sluice/overlay"
+	"github.com/sluice-net/sluice/overlay/netconf"
+)
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+type options struct {
+	kubeconfig      string
+	nodeName        string
+	netConf         string
+	ifaces          listFlag
+	ifaceRegex      listFlag
+	ifaceCanReach   string
+	publicIP        string
+	publicIPv6      string
+	ipMasq          bool
+	healthAddr      string
+	runDir          string
+	checksumOffload string
+	iptablesMode    string
+	resync          time.Duration
+}
+
+func main() {
+	o := options{}
+	fs := flag.CommandLine
+	klog.InitFlags(fs)
+	fs.StringVar(&o.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig; empty means in-cluster")
+	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (env NODE_NAME)")
+	fs.StringVar(&o.netConf, "net-conf", "/etc/sluice/net-conf.json", "net-conf.json in flannel's format")
+	fs.Var(&o.ifaces, "iface", "underlay interface name or IP (repeatable; first match wins)")
+	fs.Var(&o.ifaceRegex, "iface-regex", "regular expression for the underlay interface name or IP (repeatable)")
+	fs.StringVar(&o.ifaceCanReach, "iface-can-reach", "", "pick the interface that routes to this IP")
+	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 address other nodes use to reach this one")
+	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 address other nodes use to reach this one")
+	fs.BoolVar(&o.ipMasq, "ip-masq", true, "masquerade pod traffic leaving the cluster network")
+	fs.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9098", "address for /healthz, /readyz and /metrics; empty disables")
+	fs.StringVar(&o.runDir, "run-dir", "/run/sluice", "where subnet.env and the agent socket live")
+	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
+	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
+	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
+	flag.Parse()
+
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer cancel()
+	if err := run(ctx, o); err != nil {
+		klog.ErrorS(err, "sluiced failed")
+		klog.Flush()
+		os.Exit(1)
+	}
+}
+
+// config turns flags and files into the loop's configuration. Every error
+// says which flag or field is wrong.
+func (o options) config() (overlay.Config, error) {
+	var cfg overlay.Config
+	if o.nodeName == "" {
+		return cfg, errors.New("the node name is missing: set --node-name or NODE_NAME (in the DaemonSet, from spec.nodeName)")
+	}
+	raw, err := os.ReadFile(o.netConf)
+	if err != nil {
+		return cfg, fmt.Errorf("reading --net-conf: %w", err)
+	}
+	nc, err := netconf.Parse(raw)
+	if err != nil {
+		return cfg, fmt.Errorf("%s: %w", o.netConf, err)
+	}
+	cfg = overlay.Config{
+		NodeName:        o.nodeName,
+		Net:             nc,
+		Iface:           overlay.InterfaceSelection{Ifaces: o.ifaces, Regexes: o.ifaceRegex, CanReach: o.ifaceCanReach},
+		IPMasq:          o.ipMasq,
+		ChecksumOffload: o.checksumOffload,
+		RunDir:          o.runDir,
+		ResyncPeriod:    o.resync,
+	}
+	if o.publicIP != "" {
+		if cfg.PublicIP, err = netip.ParseAddr(o.publicIP); err != nil || !cfg.PublicIP.Is4() {
+			return cfg, fmt.Errorf("--public-ip %q is not an IPv4 address", o.publicIP)
+		}
+	}
+	if o.publicIPv6 != "" {
+		if cfg.PublicIPv6, err = netip.ParseAddr(o.publicIPv6); err != nil || !cfg.PublicIPv6.Is6() {
+			return cfg, fmt.Errorf("--public-ipv6 %q is not an IPv6 address", o.publicIPv6)
+		}
+	}
+	switch o.checksumOffload {
+	case "auto", "on", "off":
+	default:
+		return cfg, fmt.Errorf("--vxlan-tx-checksum-offload must be auto, on or off, not %q", o.checksumOffload)
+	}
+	switch o.iptablesMode {
+	case "auto":
+		cfg.IPTablesMode = iptables.DetectMode()
+	case "nft", "legacy":
+		cfg.IPTablesMode = iptables.Mode(o.iptablesMode)
+	default:
+		return cfg, fmt.Errorf("--iptables-mode must be auto, nft or legacy, not %q", o.iptablesMode)
+	}
+	return cfg, nil
+}
+
+func run(ctx context.Context, o options) error {
+	cfg, err := o.config()
+	if err != nil {
+		return err
+	}
+	var rc *rest.Config
+	if o.kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return fmt.Errorf("loading API credentials: %w", err)
+	}
+	rc.UserAgent = "sluiced/" + cfg.NodeName
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartStructuredLogging(2)
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluiced", Host: cfg.NodeName})
+
+	klog.InfoS("sluiced starting", "node", cfg.NodeName, "network", cfg.Net.Networks(), "backend", cfg.Net.Backend.Type, "iptables", cfg.IPTablesMode)
+	loop := overlay.New(cfg, client, recorder)
+	if o.healthAddr != "" {
+		go serveHealth(ctx, o.healthAddr, loop)
+	}
+	return loop.Run(ctx)
+}
+
+func serveHealth(ctx context.Context, addr string, loop *overlay.Loop) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !loop.Ready() {
+			http.Error(w, "overlay not programmed yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { <-ctx.Done(); srv.Close() }()
+	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		klog.ErrorS(err, "health server stopped", "addr", addr)
+	}
+}

@@ -1,0 +1,120 @@
+package overlay
+
+import (
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/overlay/vxlan"
+)
+
+// Node annotations in flannel's format: a flannel node reads Sluice's and
+// Sluice reads flannel's, so both kinds of node reach each other's pods.
+const (
+	annotationPrefix       = "flannel.alpha.coreos.com/"
+	AnnBackendType         = annotationPrefix + "backend-type"
+	AnnBackendData         = annotationPrefix + "backend-data"
+	AnnBackendV6Data       = annotationPrefix + "backend-v6-data"
+	AnnPublicIP            = annotationPrefix + "public-ip"
+	AnnPublicIPv6          = annotationPrefix + "public-ipv6"
+	AnnPublicIPOverwrite   = annotationPrefix + "public-ip-overwrite"
+	AnnPublicIPv6Overwrite = annotationPrefix + "public-ipv6-overwrite"
+	AnnKubeSubnetManager   = annotationPrefix + "kube-subnet-manager"
+)
+
+// backendData is flannel's vxlan backend-data.
+type backendData struct {
+	VNI     int    `json:"VNI"`
+	VtepMAC string `json:"VtepMAC"`
+}
+
+// VtepMAC derives the node's VTEP MAC from its name and family, so it is
+// the same after every restart, even with all local state lost. It is a
+// locally administered unicast address.
+func VtepMAC(node string, ipv6 bool) net.HardwareAddr {
+	h := sha256.Sum256([]byte(fmt.Sprintf("sluice-vtep/%s/%v", node, ipv6)))
+	mac := net.HardwareAddr(h[:6])
+	mac[0] = (mac[0] &^ 0x01) | 0x02
+	return mac
+}
+
+// ownAnnotations are the annotations this node publishes.
+func ownAnnotations(backend string, vni int, publicIP4, publicIP6 netip.Addr, mac4, mac6 net.HardwareAddr) map[string]string {
+	a := map[string]string{
+		AnnBackendType:       backend,
+		AnnKubeSubnetManager: "true",
+	}
+	data := func(mac net.HardwareAddr) string {
+		if mac == nil {
+			return "null"
+		}
+		b, _ := json.Marshal(backendData{VNI: vni, VtepMAC: mac.String()})
+		return string(b)
+	}
+	if publicIP4.IsValid() {
+		a[AnnPublicIP] = publicIP4.String()
+		a[AnnBackendData] = data(mac4)
+	}
+	if publicIP6.IsValid() {
+		a[AnnPublicIPv6] = publicIP6.String()
+		a[AnnBackendV6Data] = data(mac6)
+	}
+	return a
+}
+
+// peerOf reads a remote node's subnet and tunnel endpoint of one family. It
+// returns false for a node that does not publish them yet (its agent has
+// not started); that node is added when it does.
+func peerOf(n *corev1.Node, ipv6 bool, logger klog.Logger) (vxlan.Peer, bool) {
+	var subnet netip.Prefix
+	for _, c := range n.Spec.PodCIDRs {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is6() == ipv6 {
+			subnet = p
+			break
+		}
+	}
+	if !subnet.IsValid() && n.Spec.PodCIDR != "" {
+		if p, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil && p.Addr().Is6() == ipv6 {
+			subnet = p
+		}
+	}
+	if !subnet.IsValid() {
+		return vxlan.Peer{}, false
+	}
+	ipKey, overwriteKey, dataKey := AnnPublicIP, AnnPublicIPOverwrite, AnnBackendData
+	if ipv6 {
+		ipKey, overwriteKey, dataKey = AnnPublicIPv6, AnnPublicIPv6Overwrite, AnnBackendV6Data
+	}
+	ipStr := n.Annotations[overwriteKey]
+	if ipStr == "" {
+		ipStr = n.Annotations[ipKey]
+	}
+	if ipStr == "" {
+		return vxlan.Peer{}, false
+	}
+	ip, err := netip.ParseAddr(ipStr)
+	if err != nil || ip.Is6() != ipv6 {
+		logger.Info("ignoring node with a bad public IP annotation", "peer", n.Name, "value", ipStr)
+		return vxlan.Peer{}, false
+	}
+	p := vxlan.Peer{Node: n.Name, Subnet: subnet, PublicIP: ip}
+	if n.Annotations[AnnBackendType] == "vxlan" {
+		var d backendData
+		if err := json.Unmarshal([]byte(n.Annotations[dataKey]), &d); err != nil || d.VtepMAC == "" {
+			logger.Info("ignoring vxlan node without a VtepMAC", "peer", n.Name, "data", n.Annotations[dataKey])
+			return vxlan.Peer{}, false
+		}
+		mac, err := net.ParseMAC(d.VtepMAC)
+		if err != nil {
+			logger.Info("ignoring node with a bad VtepMAC", "peer", n.Name, "value", d.VtepMAC)
+			return vxlan.Peer{}, false
+		}
+		p.VtepMAC = mac
+	}
+	return p, true
+}

@@ -1,0 +1,513 @@
+// Package overlay is sluiced's overlay loop. It finds the node's pod subnet
+// (its lease), publishes it with the node's tunnel endpoint as flannel-format
+// annotations, and keeps the kernel's VXLAN device, routes, neighbour and
+// FDB entries, and masquerade rules in line with the cluster's Nodes.
+//
+// The loop is level-triggered: any Node event, and a timer, queue one full
+// sync that reads all Nodes from the informer cache and the kernel's current
+// state, and writes only the differences. A failed sync is retried with
+// backoff; nothing is dropped.
+package overlay
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/internal/atomicfile"
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/overlay/lease"
+	"github.com/sluice-net/sluice/overlay/masq"
+	"github.com/sluice-net/sluice/overlay/netconf"
+	"github.com/sluice-net/sluice/overlay/vxlan"
+)
+
+// Config is the overlay loop's configuration.
+type Config struct {
+	NodeName string
+	Net      *netconf.Config
+	Iface    InterfaceSelection
+	// PublicIP and PublicIPv6 override the advertised underlay addresses.
+	PublicIP, PublicIPv6 netip.Addr
+	IPMasq               bool
+	// ChecksumOffload is auto, on or off (see checksumOffloadWanted).
+	ChecksumOffload string
+	// RunDir receives subnet.env for the CNI plugin.
+	RunDir       string
+	ResyncPeriod time.Duration
+	IPTablesMode iptables.Mode
+}
+
+// Loop is the overlay loop.
+type Loop struct {
+	cfg      Config
+	client   kubernetes.Interface
+	recorder record.EventRecorder
+	nodes    corelisters.NodeLister
+	queue    workqueue.TypedRateLimitingInterface[string]
+	underlay *Underlay
+	ipt      map[bool]*iptables.Runner // by ipv6
+
+	mu     sync.RWMutex
+	status Status
+}
+
+// Status is what the loop reports about itself.
+type Status struct {
+	Lease       []netip.Prefix
+	LeaseSource lease.Source
+	MTU         int
+	Backend     string
+	Underlay    string
+	PublicIPs   []netip.Addr
+	Peers       []vxlan.Peer
+	Ready       bool
+	LastSync    time.Time
+	LastError   string
+	Repairs     vxlan.Changes
+}
+
+const syncKey = "overlay"
+
+// New returns a loop; Run starts it.
+func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder) *Loop {
+	if cfg.ResyncPeriod == 0 {
+		cfg.ResyncPeriod = 5 * time.Second
+	}
+	return &Loop{
+		cfg:      cfg,
+		client:   client,
+		recorder: recorder,
+		ipt:      map[bool]*iptables.Runner{},
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "overlay"}),
+	}
+}
+
+// Status returns a copy of the loop's status.
+func (l *Loop) Status() Status {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	s := l.status
+	s.Peers = append([]vxlan.Peer(nil), s.Peers...)
+	return s
+}
+
+// Ready reports whether the overlay is programmed.
+func (l *Loop) Ready() bool { return l.Status().Ready }
+
+// Run runs the loop until ctx ends. It returns an error only for problems
+// that a restart cannot fix (bad flags); everything else is retried.
+func (l *Loop) Run(ctx context.Context) error {
+	logger := klog.FromContext(ctx).WithName("overlay")
+	ctx = klog.NewContext(ctx, logger)
+	var err error
+	if l.underlay, err = FindUnderlay(l.cfg.Iface); err != nil {
+		return err
+	}
+	if err := l.checkFamilies(); err != nil {
+		return err
+	}
+	for _, v6 := range l.families() {
+		fam := iptables.IPv4
+		if v6 {
+			fam = iptables.IPv6
+		}
+		if l.ipt[v6], err = iptables.New(fam, l.cfg.IPTablesMode); err != nil {
+			return err
+		}
+	}
+	logger.Info("underlay selected", "interface", l.underlay.Link.Attrs().Name, "ipv4", l.underlay.IP4, "ipv6", l.underlay.IP6, "mtu", l.underlay.Link.Attrs().MTU)
+
+	subnets, source, err := l.acquireLease(ctx)
+	if err != nil {
+		return err // only ctx cancellation gets here
+	}
+	l.setStatus(func(s *Status) {
+		s.Lease, s.LeaseSource, s.MTU, s.Backend = subnets, source, l.mtu(), l.cfg.Net.Backend.Type
+		s.Underlay = l.underlay.Link.Attrs().Name
+		s.PublicIPs = l.publicIPs()
+	})
+
+	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
+	nodeInformer := factory.Core().V1().Nodes()
+	l.nodes = nodeInformer.Lister()
+	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { l.queue.Add(syncKey) },
+		UpdateFunc: func(old, cur any) { l.onNodeUpdate(old, cur) },
+		DeleteFunc: func(any) { l.queue.Add(syncKey) },
+	}); err != nil {
+		return err
+	}
+	factory.Start(ctx.Done())
+	factory.WaitForCacheSync(ctx.Done())
+	defer factory.Shutdown()
+
+	// The timer brings back anything deleted behind our back.
+	go wait.UntilWithContext(ctx, func(context.Context) { l.queue.Add(syncKey) }, l.cfg.ResyncPeriod)
+	go func() { <-ctx.Done(); l.queue.ShutDown() }()
+	for l.processNext(ctx) {
+	}
+	return nil
+}
+
+// onNodeUpdate ignores the heartbeat updates that make up most Node events;
+// only changes to what the overlay reads queue a sync.
+func (l *Loop) onNodeUpdate(old, cur any) {
+	o, ok1 := old.(*corev1.Node)
+	c, ok2 := cur.(*corev1.Node)
+	if ok1 && ok2 && o.Name != l.cfg.NodeName && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) {
+		return
+	}
+	l.queue.Add(syncKey)
+}
+
+func annotationsEqual(a, b *corev1.Node) bool {
+	for k, v := range a.Annotations {
+		if strings.HasPrefix(k, annotationPrefix) && b.Annotations[k] != v {
+			return false
+		}
+	}
+	for k := range b.Annotations {
+		if _, ok := a.Annotations[k]; strings.HasPrefix(k, annotationPrefix) && !ok {
+			return false
+		}
+	}
+	return true
+}
+
+func (l *Loop) processNext(ctx context.Context) bool {
+	key, quit := l.queue.Get()
+	if quit {
+		return false
+	}
+	defer l.queue.Done(key)
+	start := time.Now()
+	ch, err := l.sync(ctx)
+	l.setStatus(func(s *Status) {
+		s.LastSync = time.Now()
+		if err != nil {
+			s.LastError = err.Error()
+		} else {
+			s.LastError = ""
+		}
+		s.Repairs.Device += ch.Device
+		s.Repairs.Routes += ch.Routes
+		s.Repairs.Neighbours += ch.Neighbours
+		s.Repairs.FDB += ch.FDB
+		s.Repairs.Removed += ch.Removed
+	})
+	observeSync(time.Since(start), ch, err)
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "overlay sync failed; will retry")
+		l.queue.AddRateLimited(key)
+		return true
+	}
+	l.queue.Forget(key)
+	if !l.Ready() {
+		if err := l.setNetworkAvailable(ctx); err != nil {
+			klog.FromContext(ctx).Error(err, "setting NetworkUnavailable=False")
+			l.queue.AddRateLimited(key)
+			return true
+		}
+		l.setStatus(func(s *Status) { s.Ready = true })
+		klog.FromContext(ctx).Info("overlay ready", "lease", l.Status().Lease, "mtu", l.mtu())
+	}
+	return true
+}
+
+func (l *Loop) setStatus(f func(*Status)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f(&l.status)
+}
+
+func (l *Loop) families() []bool {
+	var fams []bool
+	if l.cfg.Net.EnableIPv4 {
+		fams = append(fams, false)
+	}
+	if l.cfg.Net.EnableIPv6 {
+		fams = append(fams, true)
+	}
+	return fams
+}
+
+func (l *Loop) checkFamilies() error {
+	if l.cfg.Net.EnableIPv4 && !l.underlay.IP4.IsValid() {
+		return fmt.Errorf("net-conf.json enables IPv4 but underlay interface %s has no IPv4 address; pick another with --iface", l.underlay.Link.Attrs().Name)
+	}
+	if l.cfg.Net.EnableIPv6 && !l.underlay.IP6.IsValid() {
+		return fmt.Errorf("net-conf.json enables IPv6 but underlay interface %s has no global IPv6 address; pick another with --iface or set EnableIPv6 false", l.underlay.Link.Attrs().Name)
+	}
+	return nil
+}
+
+// publicIPs are the advertised underlay addresses: the flags, else the
+// interface's.
+func (l *Loop) publicIPs() []netip.Addr {
+	var ips []netip.Addr
+	for _, v6 := range l.families() {
+		ips = append(ips, l.publicIP(v6))
+	}
+	return ips
+}
+
+func (l *Loop) publicIP(v6 bool) netip.Addr {
+	if v6 {
+		if l.cfg.PublicIPv6.IsValid() {
+			return l.cfg.PublicIPv6
+		}
+		return l.underlay.IP6
+	}
+	if l.cfg.PublicIP.IsValid() {
+		return l.cfg.PublicIP
+	}
+	return l.underlay.IP4
+}
+
+// mtu is the MTU of tunnels and pod veths alike: the configured one, or the
+// underlay's minus the encapsulation overhead (50 bytes over IPv4, 70 over
+// IPv6). In dual-stack the smaller one applies to both, so a pod never sends
+// a packet one of its tunnels cannot carry.
+func (l *Loop) mtu() int {
+	if l.cfg.Net.Backend.MTU != 0 {
+		return l.cfg.Net.Backend.MTU
+	}
+	base := l.underlay.Link.Attrs().MTU
+	if l.cfg.Net.Backend.Type == netconf.BackendHostGW {
+		return base
+	}
+	m := base - 50
+	if l.cfg.Net.EnableIPv6 {
+		m = base - 70
+	}
+	return m
+}
+
+func deviceName(v6 bool, vni int) string {
+	if v6 {
+		return "sluice-v6." + strconv.Itoa(vni)
+	}
+	return "sluice." + strconv.Itoa(vni)
+}
+
+// sync makes the kernel match the cluster's Nodes.
+func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
+	var total vxlan.Changes
+	logger := klog.FromContext(ctx)
+	self, err := l.nodes.Get(l.cfg.NodeName)
+	if err != nil {
+		return total, fmt.Errorf("reading own node: %w", err)
+	}
+	if err := l.publishAnnotations(ctx, self); err != nil {
+		return total, err
+	}
+	nodes, err := l.nodes.List(labels.Everything())
+	if err != nil {
+		return total, err
+	}
+	status := l.Status()
+	var peers []vxlan.Peer
+	for i, v6 := range l.families() {
+		tab := vxlan.Table{Own: status.Lease[i], UnderlayIndex: l.underlay.Link.Attrs().Index, DirectRouting: l.cfg.Net.Backend.DirectRouting}
+		if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
+			local := l.underlay.IP4
+			if v6 {
+				local = l.underlay.IP6
+			}
+			tab.Device = &vxlan.Device{
+				Name: deviceName(v6, l.cfg.Net.Backend.VNI), VNI: l.cfg.Net.Backend.VNI, Port: l.cfg.Net.Backend.Port,
+				GBP: l.cfg.Net.Backend.GBP, LocalIP: local, UnderlayIndex: l.underlay.Link.Attrs().Index,
+				MTU: l.mtu(), MAC: VtepMAC(l.cfg.NodeName, v6), VTEPAddr: status.Lease[i].Addr(),
+			}
+		}
+		for _, n := range nodes {
+			if n.Name == l.cfg.NodeName || n.DeletionTimestamp != nil {
+				continue
+			}
+			if p, ok := peerOf(n, v6, logger); ok {
+				tab.Peers = append(tab.Peers, p)
+			}
+		}
+		ch, err := vxlan.Sync(tab)
+		total = addChanges(total, ch)
+		if err != nil {
+			return total, err
+		}
+		if ch.Total() > 0 {
+			logger.Info("overlay entries written", "ipv6", v6, "changes", ch, "peers", len(tab.Peers))
+		}
+		if tab.Device != nil {
+			if err := l.ensureChecksumOffload(ctx, tab.Device.Name); err != nil {
+				return total, err
+			}
+		}
+		if l.cfg.IPMasq {
+			network := l.cfg.Net.Network
+			if v6 {
+				network = l.cfg.Net.IPv6Network
+			}
+			rules := masq.Rules{Network: network, RandomFully: l.ipt[v6].HasRandomFully()}
+			if ok, err := rules.Check(l.ipt[v6]); err != nil || !ok {
+				if err := rules.Apply(l.ipt[v6]); err != nil {
+					return total, err
+				}
+				if status.Ready {
+					logger.Info("masquerade rules repaired", "ipv6", v6)
+				}
+				countRepair("masquerade")
+			}
+		}
+		peers = append(peers, tab.Peers...)
+	}
+	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
+		return total, err
+	}
+	l.setStatus(func(s *Status) { s.Peers = peers })
+	return total, nil
+}
+
+func addChanges(a, b vxlan.Changes) vxlan.Changes {
+	return vxlan.Changes{Device: a.Device + b.Device, Routes: a.Routes + b.Routes, Neighbours: a.Neighbours + b.Neighbours, FDB: a.FDB + b.FDB, Removed: a.Removed + b.Removed}
+}
+
+// acquireLease retries until the node has its subnets. A problem a person
+// must fix is reported on the Node (condition and Event) as well as in the
+// log; the loop never exits over it, so the agent does not crash-loop.
+func (l *Loop) acquireLease(ctx context.Context) ([]netip.Prefix, lease.Source, error) {
+	alloc := &lease.Allocator{Client: l.client, Config: l.cfg.Net}
+	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Cap: 30 * time.Second, Steps: 1 << 30}
+	for {
+		got, err := alloc.Acquire(ctx, l.cfg.NodeName)
+		if err == nil {
+			klog.FromContext(ctx).Info("lease acquired", "subnets", got.Subnets, "source", got.Source)
+			return got.Subnets, got.Source, nil
+		}
+		if e, ok := lease.IsUserError(err); ok {
+			klog.FromContext(ctx).Error(nil, e.Message, "reason", e.Reason)
+			l.reportLeaseProblem(ctx, e)
+		} else {
+			klog.FromContext(ctx).Error(err, "acquiring lease; will retry")
+		}
+		select {
+		case <-ctx.Done():
+			return nil, "", ctx.Err()
+		case <-time.After(backoff.Step()):
+		}
+	}
+}
+
+// ensureChecksumOffload applies the TX checksum offload decision to a
+// device, only when it differs from what the device has.
+func (l *Loop) ensureChecksumOffload(ctx context.Context, dev string) error {
+	want, why := checksumOffloadWanted(l.cfg.ChecksumOffload, kernelRelease())
+	have, err := vxlan.TXChecksumOffload(dev)
+	if err != nil {
+		return err
+	}
+	if have == want {
+		return nil
+	}
+	klog.FromContext(ctx).Info("setting VXLAN TX checksum offload", "device", dev, "on", want, "why", why)
+	return vxlan.SetTXChecksumOffload(dev, want)
+}
+
+// checksumOffloadWanted decides TX checksum offload on the VXLAN device.
+// Kernels before 5.7 corrupt the UDP checksum of VXLAN packets that
+// MASQUERADE --random-fully rewrote (flannel#1279, calico#3145: the
+// "63-second delay"); Calico turns offload off on those kernels only
+// (felix#2811). Everywhere else offload stays on, because turning it off
+// costs most of the tunnel's throughput.
+func checksumOffloadWanted(mode, release string) (bool, string) {
+	switch mode {
+	case "on":
+		return true, "--vxlan-tx-checksum-offload=on"
+	case "off":
+		return false, "--vxlan-tx-checksum-offload=off"
+	}
+	major, minor, ok := parseKernelRelease(release)
+	if !ok {
+		return true, fmt.Sprintf("kernel release %q not understood; keeping offload on", release)
+	}
+	if major < 5 || (major == 5 && minor < 7) {
+		return false, fmt.Sprintf("kernel %d.%d is older than 5.7 and has the VXLAN checksum bug", major, minor)
+	}
+	return true, fmt.Sprintf("kernel %d.%d is not affected by the VXLAN checksum bug", major, minor)
+}
+
+func parseKernelRelease(r string) (int, int, bool) {
+	parts := strings.SplitN(r, ".", 3)
+	if len(parts) < 2 {
+		return 0, 0, false
+	}
+	major, err1 := strconv.Atoi(parts[0])
+	minorStr := parts[1]
+	for i, c := range minorStr {
+		if c < '0' || c > '9' {
+			minorStr = minorStr[:i]
+			break
+		}
+	}
+	minor, err2 := strconv.Atoi(minorStr)
+	return major, minor, err1 == nil && err2 == nil
+}
+
+func kernelRelease() string {
+	var u syscall.Utsname
+	if err := syscall.Uname(&u); err != nil {
+		return ""
+	}
+	var b []byte
+	for _, c := range u.Release {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b)
+}
+
+// writeSubnetEnv publishes what the CNI plugin needs, atomically, like
+// flannel's subnet.env.
+func writeSubnetEnv(dir string, nc *netconf.Config, subnets []netip.Prefix, mtu int, ipMasq bool) error {
+	if dir == "" {
+		return nil
+	}
+	var b strings.Builder
+	i := 0
+	if nc.EnableIPv4 {
+		fmt.Fprintf(&b, "SLUICE_NETWORK=%s\nSLUICE_SUBNET=%s\n", nc.Network, subnets[i])
+		i++
+	}
+	if nc.EnableIPv6 {
+		fmt.Fprintf(&b, "SLUICE_IPV6_NETWORK=%s\nSLUICE_IPV6_SUBNET=%s\n", nc.IPv6Network, subnets[i])
+	}
+	fmt.Fprintf(&b, "SLUICE_MTU=%d\nSLUICE_IPMASQ=%v\n", mtu, ipMasq)
+	path := dir + "/subnet.env"
+	if cur, err := os.ReadFile(path); err == nil && string(cur) == b.String() {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("creating %s: %w", dir, err)
+	}
+	return atomicfile.Write(path, []byte(b.String()), 0o644)
+}
