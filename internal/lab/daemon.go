@@ -281,7 +281,7 @@ func (s *State) waitNodesReady(ctx context.Context) error {
 				continue
 			}
 			if s.CNI == "reference" && !s.NoPodCIDR && !written[n.Name] {
-				if err := writeReferenceConflist(n, node.Spec.PodCIDRs); err != nil {
+				if err := WriteReferenceConflist(n, node.Spec.PodCIDRs, 1500); err != nil {
 					return err
 				}
 				written[n.Name] = true
@@ -313,10 +313,10 @@ func nodeReady(n *corev1.Node) bool {
 // ReferenceConflistName is the file the lab writes for the reference plugins.
 const ReferenceConflistName = "50-lab-ptp.conflist"
 
-// writeReferenceConflist gives a node the reference ptp + host-local chain
+// WriteReferenceConflist gives a node the reference ptp + host-local chain
 // with portmap and bandwidth, the stand-in for a network plugin until Sluice
 // installs its own.
-func writeReferenceConflist(n Node, podCIDRs []string) error {
+func WriteReferenceConflist(n Node, podCIDRs []string, mtu int) error {
 	var ranges [][]map[string]string
 	for _, c := range podCIDRs {
 		ranges = append(ranges, []map[string]string{{"subnet": c}})
@@ -327,7 +327,7 @@ func writeReferenceConflist(n Node, podCIDRs []string) error {
 		"plugins": []any{
 			map[string]any{
 				"type": "ptp",
-				"mtu":  1500,
+				"mtu":  mtu,
 				"ipam": map[string]any{"type": "host-local", "ranges": ranges, "routes": []map[string]string{{"dst": "0.0.0.0/0"}, {"dst": "::/0"}}},
 			},
 			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}, "snat": true},
