@@ -75,7 +75,13 @@ func main() {
 
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
-	if err := run(ctx, o); err != nil {
+	cfg, err := o.config()
+	if err != nil {
+		// A person has to fix this; say it plainly, not as a log record.
+		fmt.Fprintln(os.Stderr, "sluiced: bad configuration:", err)
+		os.Exit(2)
+	}
+	if err := run(ctx, o, cfg); err != nil {
 		klog.ErrorS(err, "sluiced failed")
 		klog.Flush()
 		os.Exit(1)
@@ -132,12 +138,9 @@ func (o options) config() (overlay.Config, error) {
 	return cfg, nil
 }
 
-func run(ctx context.Context, o options) error {
-	cfg, err := o.config()
-	if err != nil {
-		return err
-	}
+func run(ctx context.Context, o options, cfg overlay.Config) error {
 	var rc *rest.Config
+	var err error
 	if o.kubeconfig != "" {
 		rc, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
 	} else {

@@ -166,9 +166,9 @@ func TestKernelEntriesComeBack(t *testing.T) {
 	own := n1.Spec.PodCIDRs[0]
 	mac2 := macOf(t, n2)
 	cases := []struct {
-		name  string
+		name   string
 		break_ []string
-		check func() error
+		check  func() error
 	}{
 		{"route", []string{"ip", "route", "del", subnet}, contains("node-1", subnet+" via "+vtep+" dev sluice.1", "ip", "route")},
 		{"blackhole", []string{"ip", "route", "del", "blackhole", own}, contains("node-1", "blackhole "+own, "ip", "route")},
