@@ -136,6 +136,10 @@ func (l *Loop) Run(ctx context.Context) error {
 		}
 	}
 	logger.Info("underlay selected", "interface", l.underlay.Link.Attrs().Name, "ipv4", l.underlay.IP4, "ipv6", l.underlay.IP6, "mtu", l.underlay.Link.Attrs().MTU)
+	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
+		on, why := checksumOffloadWanted(l.cfg.ChecksumOffload, kernelRelease())
+		logger.Info("VXLAN TX checksum offload decided", "on", on, "why", why)
+	}
 
 	subnets, source, err := l.acquireLease(ctx)
 	if err != nil {

@@ -44,13 +44,26 @@ func (l *Lab) StartAgents(t testing.TB, netConf string, args ...string) *Agents 
 
 // StartAgentsNoT is StartAgents for TestMain; the caller stops them.
 func (l *Lab) StartAgentsNoT(netConf string, args ...string) (*Agents, error) {
+	var nodes []string
+	for _, n := range l.Nodes {
+		nodes = append(nodes, n.Name)
+	}
+	return l.startAgents(netConf, nodes, args)
+}
+
+// StartAgentsOn starts sluiced on some nodes only; the caller stops them.
+func (l *Lab) StartAgentsOn(netConf string, nodes ...string) (*Agents, error) {
+	return l.startAgents(netConf, nodes, nil)
+}
+
+func (l *Lab) startAgents(netConf string, nodes, args []string) (*Agents, error) {
 	path := l.Path("net-conf.json")
 	if err := os.WriteFile(path, []byte(netConf), 0o644); err != nil {
 		return nil, err
 	}
 	a := &Agents{lab: l, netConf: path, args: args, procs: map[string]*exec.Cmd{}, runs: map[string]int{}}
-	for _, n := range l.Nodes {
-		if err := a.Start(n.Name); err != nil {
+	for _, n := range nodes {
+		if err := a.Start(n); err != nil {
 			a.StopAll()
 			return nil, err
 		}
@@ -118,6 +131,9 @@ func waitGone(pid int) {
 
 // StopAll kills every agent.
 func (a *Agents) StopAll() {
+	if a.lab == nil {
+		return
+	}
 	for _, n := range a.lab.Nodes {
 		a.Kill(n.Name)
 	}

@@ -31,3 +31,16 @@ build cni "$out/cni-$cni_version" \
 	github.com/containernetworking/plugins/plugins/main/loopback \
 	github.com/containernetworking/plugins/plugins/meta/portmap \
 	github.com/containernetworking/plugins/plugins/meta/bandwidth
+
+# flanneld, for the flannel-and-Sluice-in-one-cluster test. Its udp backend
+# needs cgo.
+flannel_version="$(cd "$here/flannel" && go list -m -f '{{.Version}}' github.com/flannel-io/flannel)"
+dest="$out/flannel-$flannel_version"
+if [ -x "$dest/flanneld" ]; then
+	echo "tools: $dest is cached"
+else
+	echo "tools: building $dest"
+	mkdir -p "$dest.partial"
+	(cd "$here/flannel" && CGO_ENABLED=1 go build -trimpath -o "$dest.partial/flanneld" github.com/flannel-io/flannel)
+	rm -rf "$dest" && mv "$dest.partial" "$dest"
+fi
