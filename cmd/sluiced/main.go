@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
+	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/overlay"
@@ -48,6 +50,7 @@ type options struct {
 	ipMasq          bool
 	healthAddr      string
 	runDir          string
+	stateDir        string
 	checksumOffload string
 	iptablesMode    string
 	resync          time.Duration
@@ -67,7 +70,8 @@ func main() {
 	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 address other nodes use to reach this one")
 	fs.BoolVar(&o.ipMasq, "ip-masq", true, "masquerade pod traffic leaving the cluster network")
 	fs.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9098", "address for /healthz, /readyz and /metrics; empty disables")
-	fs.StringVar(&o.runDir, "run-dir", "/run/sluice", "where subnet.env and the agent socket live")
+	fs.StringVar(&o.runDir, "run-dir", "/run/sluice", "where subnet.env and the agent socket (sluiced.sock) live")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/sluice", "where the agent keeps its endpoints across restarts")
 	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
@@ -165,7 +169,20 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if o.healthAddr != "" {
 		go serveHealth(ctx, o.healthAddr, loop)
 	}
-	return loop.Run(ctx)
+	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, nil)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- registry.Serve(ctx, filepath.Join(o.runDir, "sluiced.sock")) }()
+	go func() { errc <- loop.Run(ctx) }()
+	// Either part failing for good stops the agent, so the DaemonSet
+	// restarts it; a clean stop waits for both.
+	err = <-errc
+	if err != nil {
+		return err
+	}
+	return <-errc
 }
 
 func serveHealth(ctx context.Context, addr string, loop *overlay.Loop) {

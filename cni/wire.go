@@ -1,0 +1,295 @@
+package cni
+
+import (
+	"crypto/sha1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// HostVethPrefix starts every host-side interface Sluice makes, so the
+// policy loop can tell Sluice's pods apart from anything else.
+const HostVethPrefix = "sl"
+
+// The pod's gateway. Nothing owns 169.254.1.1: the host answers ARP for it
+// with proxy ARP on the veth. For IPv6, the gateway is the host veth's
+// link-local address, fixed by giving the host veth a fixed MAC.
+var (
+	gatewayV4   = net.IPv4(169, 254, 1, 1)
+	hostVethMAC = net.HardwareAddr{0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
+	gatewayV6   = net.ParseIP("fe80::ecee:eeff:feee:eeee")
+)
+
+// HostVethName is derived from the pod's namespace and name (or the
+// container ID without them): "sl" and 11 hex characters, 13 in all.
+func HostVethName(podNamespace, podName, containerID string) string {
+	key := containerID
+	if podNamespace != "" && podName != "" {
+		key = podNamespace + "." + podName
+	}
+	h := sha1.Sum([]byte(key))
+	return HostVethPrefix + hex.EncodeToString(h[:])[:11]
+}
+
+// wire creates the veth pair and configures both ends for the IPs in res.
+func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result) (hostIface, contIface *current.Interface, err error) {
+	// A leftover of an earlier sandbox of the same pod would block the name.
+	if l, err := netlinksafe.LinkByName(hostVeth); err == nil {
+		_ = netlink.LinkDel(l)
+	}
+	hostIface, contIface = &current.Interface{}, &current.Interface{}
+	var contMAC string
+	err = netns.Do(func(hostNS ns.NetNS) error {
+		h, c, err := ip.SetupVethWithName(ifName, hostVeth, mtu, "", hostNS)
+		if err != nil {
+			return fmt.Errorf("creating veth pair: %w", err)
+		}
+		hostIface.Name, contIface.Name = h.Name, c.Name
+		contMAC = c.HardwareAddr.String()
+		contIface.Mac = contMAC
+		contIface.Sandbox = netns.Path()
+		return configureContainer(ifName, res)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := configureHost(hostVeth, res); err != nil {
+		return nil, nil, err
+	}
+	hostIface.Mac = hostVethMAC.String()
+	return hostIface, contIface, nil
+}
+
+func configureContainer(ifName string, res *current.Result) error {
+	link, err := netlinksafe.LinkByName(ifName)
+	if err != nil {
+		return err
+	}
+	hasV6 := false
+	for _, ipc := range res.IPs {
+		addr := &netlink.Addr{IPNet: hostPrefix(ipc.Address.IP)}
+		if ipc.Address.IP.To4() == nil {
+			hasV6 = true
+			// The address is unique by IPAM; waiting for duplicate address
+			// detection would only delay the pod's first packet.
+			addr.Flags = unix.IFA_F_NODAD
+		}
+		if err := netlink.AddrAdd(link, addr); err != nil {
+			return fmt.Errorf("adding %s to %s: %w", addr.IPNet, ifName, err)
+		}
+	}
+	if hasV6 {
+		_ = writeSysctl("net/ipv6/conf/"+ifName+"/accept_dad", "0")
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bringing up %s: %w", ifName, err)
+	}
+	for _, ipc := range res.IPs {
+		if ipc.Address.IP.To4() != nil {
+			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: hostPrefix(gatewayV4), Scope: netlink.SCOPE_LINK}); err != nil {
+				return fmt.Errorf("adding the route to the gateway: %w", err)
+			}
+			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: gatewayV4}); err != nil {
+				return fmt.Errorf("adding the default route: %w", err)
+			}
+		} else {
+			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: gatewayV6, Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}); err != nil {
+				return fmt.Errorf("adding the IPv6 default route: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+func configureHost(hostVeth string, res *current.Result) error {
+	link, err := netlinksafe.LinkByName(hostVeth)
+	if err != nil {
+		return err
+	}
+	// A fixed MAC gives the host veth a fixed IPv6 link-local address, the
+	// pod's IPv6 gateway.
+	if err := netlink.LinkSetHardwareAddr(link, hostVethMAC); err != nil {
+		return fmt.Errorf("setting the MAC of %s: %w", hostVeth, err)
+	}
+	for k, v := range hostSysctls(hostVeth) {
+		if err := writeSysctl(k, v); err != nil && !(strings.Contains(k, "ipv6") && errors.Is(err, os.ErrNotExist)) {
+			return err
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bringing up %s: %w", hostVeth, err)
+	}
+	for _, ipc := range res.IPs {
+		if ipc.Address.IP.To4() == nil {
+			// The veth came up before its MAC was fixed, so the kernel's
+			// link-local address is the old MAC's: add the gateway's.
+			gw := &netlink.Addr{IPNet: &net.IPNet{IP: gatewayV6, Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD, Scope: int(netlink.SCOPE_LINK)}
+			if err := netlink.AddrReplace(link, gw); err != nil {
+				return fmt.Errorf("adding the pod's IPv6 gateway to %s: %w", hostVeth, err)
+			}
+			break
+		}
+	}
+	for _, ipc := range res.IPs {
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: hostPrefix(ipc.Address.IP), Scope: netlink.SCOPE_LINK}
+		if err := netlink.RouteReplace(r); err != nil {
+			return fmt.Errorf("adding the route to %s via %s: %w", ipc.Address.IP, hostVeth, err)
+		}
+	}
+	return nil
+}
+
+// hostSysctls are the settings of the host veth: proxy ARP answers the pod's
+// ARP for its gateway at once; forwarding lets the node route for it.
+func hostSysctls(veth string) map[string]string {
+	return map[string]string{
+		"net/ipv4/conf/" + veth + "/proxy_arp":    "1",
+		"net/ipv4/neigh/" + veth + "/proxy_delay": "0",
+		"net/ipv4/conf/" + veth + "/forwarding":   "1",
+		"net/ipv6/conf/" + veth + "/forwarding":   "1",
+		"net/ipv6/conf/" + veth + "/accept_ra":    "0",
+		"net/ipv6/conf/" + veth + "/disable_ipv6": "0",
+	}
+}
+
+func writeSysctl(key, value string) error {
+	if err := os.WriteFile("/proc/sys/"+key, []byte(value), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", strings.ReplaceAll(key, "/", "."), value, err)
+	}
+	return nil
+}
+
+func readSysctl(key string) (string, error) {
+	b, err := os.ReadFile("/proc/sys/" + key)
+	return strings.TrimSpace(string(b)), err
+}
+
+func hostPrefix(a net.IP) *net.IPNet {
+	if v4 := a.To4(); v4 != nil {
+		return &net.IPNet{IP: v4, Mask: net.CIDRMask(32, 32)}
+	}
+	return &net.IPNet{IP: a, Mask: net.CIDRMask(128, 128)}
+}
+
+// unwire deletes the host veth, which takes the pod end and the host routes
+// with it. A missing veth is not an error: DEL must be idempotent.
+func unwire(netnsPath, ifName, hostVeth string) error {
+	if l, err := netlinksafe.LinkByName(hostVeth); err == nil {
+		if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("deleting %s: %w", hostVeth, err)
+		}
+	}
+	if netnsPath == "" {
+		return nil
+	}
+	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		if _, err := ip.DelLinkByNameAddr(ifName); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+			return err
+		}
+		return nil
+	})
+	var nsErr ns.NSPathNotExistErr
+	if errors.As(err, &nsErr) {
+		return nil
+	}
+	return err
+}
+
+// check compares the live wiring with the result ADD returned, and says
+// what drifted.
+func check(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result) error {
+	var problems []string
+	link, err := netlinksafe.LinkByName(hostVeth)
+	if err != nil {
+		return fmt.Errorf("host veth %s is missing", hostVeth)
+	}
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		problems = append(problems, hostVeth+" is down")
+	}
+	if link.Attrs().MTU != mtu {
+		problems = append(problems, fmt.Sprintf("%s has MTU %d, want %d", hostVeth, link.Attrs().MTU, mtu))
+	}
+	for k, want := range hostSysctls(hostVeth) {
+		if got, err := readSysctl(k); err == nil && got != want {
+			problems = append(problems, fmt.Sprintf("sysctl %s is %s, want %s", strings.ReplaceAll(k, "/", "."), got, want))
+		}
+	}
+	routes, err := netlinksafe.RouteList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return err
+	}
+	for _, ipc := range res.IPs {
+		if !hasRoute(routes, hostPrefix(ipc.Address.IP), nil) {
+			problems = append(problems, fmt.Sprintf("host route to %s via %s is missing", ipc.Address.IP, hostVeth))
+		}
+	}
+	err = netns.Do(func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName(ifName)
+		if err != nil {
+			problems = append(problems, ifName+" is missing in the pod")
+			return nil
+		}
+		if l.Attrs().MTU != mtu {
+			problems = append(problems, fmt.Sprintf("pod %s has MTU %d, want %d", ifName, l.Attrs().MTU, mtu))
+		}
+		addrs, err := netlinksafe.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		routes, err := netlinksafe.RouteList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		for _, ipc := range res.IPs {
+			found := false
+			for _, a := range addrs {
+				if a.IP.Equal(ipc.Address.IP) {
+					found = true
+				}
+			}
+			if !found {
+				problems = append(problems, fmt.Sprintf("pod address %s is missing", ipc.Address.IP))
+			}
+			gw := gatewayV6
+			if ipc.Address.IP.To4() != nil {
+				gw = gatewayV4
+				if !hasRoute(routes, hostPrefix(gatewayV4), nil) {
+					problems = append(problems, "pod route to 169.254.1.1 is missing")
+				}
+			}
+			if !hasRoute(routes, nil, gw) {
+				problems = append(problems, fmt.Sprintf("pod default route via %s is missing", gw))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+func hasRoute(routes []netlink.Route, dst *net.IPNet, gw net.IP) bool {
+	for _, r := range routes {
+		if dst != nil && r.Dst != nil && r.Dst.String() == dst.String() {
+			return true
+		}
+		if gw != nil && r.Gw != nil && r.Gw.Equal(gw) && (r.Dst == nil || r.Dst.IP.IsUnspecified()) {
+			return true
+		}
+	}
+	return false
+}
