@@ -62,11 +62,20 @@ type NetConf struct {
 // malformed input.
 func ParseConf(stdin []byte) (*NetConf, error) {
 	conf := &NetConf{}
-	if err := json.Unmarshal(stdin, conf); err != nil {
-		return nil, types.NewError(types.ErrDecodingFailure, "sluice: the network configuration is not valid JSON", err.Error())
+	if err := json.Unmarshal(stdin, &conf.raw); err != nil || conf.raw == nil {
+		msg := "not valid JSON"
+		if err == nil {
+			msg = "null"
+		}
+		return nil, types.NewError(types.ErrDecodingFailure, "sluice: the network configuration is not valid JSON object", msg)
 	}
-	if err := json.Unmarshal(stdin, &conf.raw); err != nil {
-		return nil, types.NewError(types.ErrDecodingFailure, "sluice: the network configuration is not a JSON object", err.Error())
+	if ipam, ok := conf.raw["ipam"]; ok && ipam != nil {
+		if _, ok := ipam.(map[string]any); !ok {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig, `sluice: "ipam" must be an object such as {"type": "host-local", "subnet": "usePodCidr"}`, "")
+		}
+	}
+	if err := json.Unmarshal(stdin, conf); err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "sluice: a field of the network configuration has the wrong type", err.Error())
 	}
 	if conf.SubnetFile == "" {
 		conf.SubnetFile = DefaultSubnetFile
@@ -88,11 +97,7 @@ func ParseConf(stdin []byte) (*NetConf, error) {
 	if conf.MTU != 0 && (conf.MTU < 576 || conf.MTU > 65535) {
 		return nil, types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf(`sluice: "mtu" is %d; leave it out to use the overlay's MTU`, conf.MTU), "")
 	}
-	if ipam, ok := conf.raw["ipam"]; ok && ipam != nil {
-		m, ok := ipam.(map[string]any)
-		if !ok {
-			return nil, types.NewError(types.ErrInvalidNetworkConfig, `sluice: "ipam" must be an object such as {"type": "host-local", "subnet": "usePodCidr"}`, "")
-		}
+	if m, ok := conf.raw["ipam"].(map[string]any); ok {
 		if t, ok := m["type"]; ok {
 			if s, ok := t.(string); !ok || s == "" || strings.ContainsAny(s, "/\\") {
 				return nil, types.NewError(types.ErrInvalidNetworkConfig, `sluice: "ipam.type" must name an IPAM plugin in the CNI bin dir, such as "host-local"`, "")

@@ -144,6 +144,24 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	return types.PrintResult(res, conf.CNIVersion)
 }
 
+// resultOf converts a prevResult to the current version and checks what
+// CHECK relies on.
+func resultOf(r types.Result) (*current.Result, error) {
+	res, err := current.NewResultFromResult(r)
+	if err != nil {
+		return nil, err
+	}
+	if len(res.IPs) == 0 {
+		return nil, errors.New("prevResult lists no IP")
+	}
+	for _, ipc := range res.IPs {
+		if ipc == nil || ipc.Address.IP == nil {
+			return nil, errors.New("prevResult has an IP entry without an address")
+		}
+	}
+	return res, nil
+}
+
 func defaultRoutes(res *current.Result) []*types.Route {
 	var routes []*types.Route
 	for _, ipc := range res.IPs {
@@ -213,9 +231,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if conf.PrevResult == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "sluice: CHECK needs a prevResult", "")
 	}
-	res, err := current.NewResultFromResult(conf.PrevResult)
+	res, err := resultOf(conf.PrevResult)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, "sluice: converting prevResult", err.Error())
+		return types.NewError(types.ErrDecodingFailure, "sluice: reading prevResult", err.Error())
 	}
 	k8s, err := parseArgs(args.Args)
 	if err != nil {
