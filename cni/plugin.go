@@ -71,9 +71,11 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	agent := endpointapi.NewClient(conf.AgentSocket)
-	// Ask the agent first, so that an agent that is down costs no IP.
-	if err := agent.Ping(ctx); err != nil {
-		return tryAgain("sluice: the node agent sluiced is not reachable at "+conf.AgentSocket+"; the runtime will retry", err)
+	// An agent that is down costs no IP: the socket must at least exist.
+	// (A round trip to ask would add to every ADD; the registration at the
+	// end is the real test, and its failure rolls everything back.)
+	if _, err := os.Stat(conf.AgentSocket); err != nil {
+		return tryAgain("sluice: the node agent sluiced is not running (no "+conf.AgentSocket+"); the runtime will retry", err)
 	}
 	netns, err := ns.GetNS(args.Netns)
 	if err != nil {

@@ -42,23 +42,33 @@ func HostVethName(podNamespace, podName, containerID string) string {
 }
 
 // wire creates the veth pair and configures both ends for the IPs in res.
+// The pair is made with one netlink call from the host side: the pod end is
+// created straight inside the pod's namespace, and the host end gets its
+// fixed MAC at birth, so its link-local address (the pod's IPv6 gateway) is
+// right from the start.
 func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result) (hostIface, contIface *current.Interface, err error) {
-	// A leftover of an earlier sandbox of the same pod would block the name.
-	if l, err := netlinksafe.LinkByName(hostVeth); err == nil {
-		_ = netlink.LinkDel(l)
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: hostVeth, MTU: mtu, HardwareAddr: hostVethMAC},
+		PeerName:      ifName,
+		PeerMTU:       uint32(mtu),
+		PeerNamespace: netlink.NsFd(int(netns.Fd())),
 	}
-	hostIface, contIface = &current.Interface{}, &current.Interface{}
-	var contMAC string
-	err = netns.Do(func(hostNS ns.NetNS) error {
-		h, c, err := ip.SetupVethWithName(ifName, hostVeth, mtu, "", hostNS)
-		if err != nil {
-			return fmt.Errorf("creating veth pair: %w", err)
+	err = netlink.LinkAdd(veth)
+	if errors.Is(err, unix.EEXIST) {
+		// A leftover of an earlier sandbox of the same pod holds the name.
+		if l, lerr := netlinksafe.LinkByName(hostVeth); lerr == nil {
+			_ = netlink.LinkDel(l)
 		}
-		hostIface.Name, contIface.Name = h.Name, c.Name
-		contMAC = c.HardwareAddr.String()
-		contIface.Mac = contMAC
-		contIface.Sandbox = netns.Path()
-		return configureContainer(ifName, res)
+		err = netlink.LinkAdd(veth)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("creating veth pair %s/%s: %w", hostVeth, ifName, err)
+	}
+	contIface = &current.Interface{Name: ifName, Sandbox: netns.Path()}
+	err = netns.Do(func(ns.NetNS) error {
+		mac, err := configureContainer(ifName, res)
+		contIface.Mac = mac
+		return err
 	})
 	if err != nil {
 		return nil, nil, err
@@ -66,14 +76,13 @@ func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result)
 	if err := configureHost(hostVeth, res); err != nil {
 		return nil, nil, err
 	}
-	hostIface.Mac = hostVethMAC.String()
-	return hostIface, contIface, nil
+	return &current.Interface{Name: hostVeth, Mac: hostVethMAC.String()}, contIface, nil
 }
 
-func configureContainer(ifName string, res *current.Result) error {
+func configureContainer(ifName string, res *current.Result) (string, error) {
 	link, err := netlinksafe.LinkByName(ifName)
 	if err != nil {
-		return err
+		return "", err
 	}
 	hasV6 := false
 	for _, ipc := range res.IPs {
@@ -85,30 +94,30 @@ func configureContainer(ifName string, res *current.Result) error {
 			addr.Flags = unix.IFA_F_NODAD
 		}
 		if err := netlink.AddrAdd(link, addr); err != nil {
-			return fmt.Errorf("adding %s to %s: %w", addr.IPNet, ifName, err)
+			return "", fmt.Errorf("adding %s to %s: %w", addr.IPNet, ifName, err)
 		}
 	}
 	if hasV6 {
 		_ = writeSysctl("net/ipv6/conf/"+ifName+"/accept_dad", "0")
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
-		return fmt.Errorf("bringing up %s: %w", ifName, err)
+		return "", fmt.Errorf("bringing up %s: %w", ifName, err)
 	}
 	for _, ipc := range res.IPs {
 		if ipc.Address.IP.To4() != nil {
 			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: hostPrefix(gatewayV4), Scope: netlink.SCOPE_LINK}); err != nil {
-				return fmt.Errorf("adding the route to the gateway: %w", err)
+				return "", fmt.Errorf("adding the route to the gateway: %w", err)
 			}
 			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: gatewayV4}); err != nil {
-				return fmt.Errorf("adding the default route: %w", err)
+				return "", fmt.Errorf("adding the default route: %w", err)
 			}
 		} else {
 			if err := netlink.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: gatewayV6, Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}); err != nil {
-				return fmt.Errorf("adding the IPv6 default route: %w", err)
+				return "", fmt.Errorf("adding the IPv6 default route: %w", err)
 			}
 		}
 	}
-	return nil
+	return link.Attrs().HardwareAddr.String(), nil
 }
 
 func configureHost(hostVeth string, res *current.Result) error {
@@ -116,29 +125,20 @@ func configureHost(hostVeth string, res *current.Result) error {
 	if err != nil {
 		return err
 	}
-	// A fixed MAC gives the host veth a fixed IPv6 link-local address, the
-	// pod's IPv6 gateway.
-	if err := netlink.LinkSetHardwareAddr(link, hostVethMAC); err != nil {
-		return fmt.Errorf("setting the MAC of %s: %w", hostVeth, err)
+	hasV6 := false
+	for _, ipc := range res.IPs {
+		hasV6 = hasV6 || ipc.Address.IP.To4() == nil
 	}
 	for k, v := range hostSysctls(hostVeth) {
+		if strings.Contains(k, "ipv6") && !hasV6 {
+			continue
+		}
 		if err := writeSysctl(k, v); err != nil && !(strings.Contains(k, "ipv6") && errors.Is(err, os.ErrNotExist)) {
 			return err
 		}
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bringing up %s: %w", hostVeth, err)
-	}
-	for _, ipc := range res.IPs {
-		if ipc.Address.IP.To4() == nil {
-			// The veth came up before its MAC was fixed, so the kernel's
-			// link-local address is the old MAC's: add the gateway's.
-			gw := &netlink.Addr{IPNet: &net.IPNet{IP: gatewayV6, Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD, Scope: int(netlink.SCOPE_LINK)}
-			if err := netlink.AddrReplace(link, gw); err != nil {
-				return fmt.Errorf("adding the pod's IPv6 gateway to %s: %w", hostVeth, err)
-			}
-			break
-		}
 	}
 	for _, ipc := range res.IPs {
 		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: hostPrefix(ipc.Address.IP), Scope: netlink.SCOPE_LINK}
@@ -158,6 +158,9 @@ func hostSysctls(veth string) map[string]string {
 		"net/ipv4/conf/" + veth + "/forwarding":   "1",
 		"net/ipv6/conf/" + veth + "/forwarding":   "1",
 		"net/ipv6/conf/" + veth + "/accept_ra":    "0",
+		// The link-local address is the pod's IPv6 gateway; duplicate
+		// address detection would keep it unusable for a second.
+		"net/ipv6/conf/" + veth + "/accept_dad":   "0",
 		"net/ipv6/conf/" + veth + "/disable_ipv6": "0",
 	}
 }
@@ -219,7 +222,14 @@ func check(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result
 	if link.Attrs().MTU != mtu {
 		problems = append(problems, fmt.Sprintf("%s has MTU %d, want %d", hostVeth, link.Attrs().MTU, mtu))
 	}
+	hasV6 := false
+	for _, ipc := range res.IPs {
+		hasV6 = hasV6 || ipc.Address.IP.To4() == nil
+	}
 	for k, want := range hostSysctls(hostVeth) {
+		if strings.Contains(k, "ipv6") && !hasV6 {
+			continue
+		}
 		if got, err := readSysctl(k); err == nil && got != want {
 			problems = append(problems, fmt.Sprintf("sysctl %s is %s, want %s", strings.ReplaceAll(k, "/", "."), got, want))
 		}

@@ -2,22 +2,26 @@
 // local sluiced: the plugin registers each pod's endpoint over a unix socket
 // and waits until the agent says it is programmed, so no pod runs
 // unprotected.
+//
+// The protocol is one JSON request and one JSON response per connection.
+// It is deliberately not HTTP: the plugin is a new process for every ADD,
+// and leaving net/http and crypto/tls out of it keeps its start fast.
 package endpointapi
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"time"
 )
 
 // DefaultSocket is where sluiced listens.
 const DefaultSocket = "/run/sluice/sluiced.sock"
+
+// Timeout is the default bound on the wait for programming.
+const Timeout = 10 * time.Second
 
 // Endpoint is a pod's network attachment on this node.
 type Endpoint struct {
@@ -34,81 +38,92 @@ type Endpoint struct {
 // Key identifies an endpoint: a container may have several interfaces.
 func (e Endpoint) Key() string { return e.ContainerID + "/" + e.IfName }
 
-// ErrUnreachable means the agent did not answer: the runtime should retry
-// later (CNI error 11).
+// Ops.
+const (
+	OpPing       = "ping"
+	OpRegister   = "register"
+	OpUnregister = "unregister"
+	OpList       = "list"
+)
+
+// Request is what the plugin sends.
+type Request struct {
+	Op       string    `json:"op"`
+	Endpoint *Endpoint `json:"endpoint,omitempty"`
+	// Timeout tells the agent how long the plugin will wait.
+	Timeout time.Duration `json:"timeout,omitempty"`
+}
+
+// Response is what the agent answers.
+type Response struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+	// Retry says the failure is temporary (the runtime should retry).
+	Retry     bool       `json:"retry,omitempty"`
+	Endpoints []Endpoint `json:"endpoints,omitempty"`
+}
+
+// ErrUnreachable means the agent did not answer, or answered that it cannot
+// program endpoints yet: the runtime should retry later (CNI error 11).
 var ErrUnreachable = errors.New("sluiced is not reachable")
 
 // Client talks to the agent.
-type Client struct {
-	http *http.Client
-}
+type Client struct{ socket string }
 
 // NewClient returns a client for the agent's socket.
-func NewClient(socket string) *Client {
-	return &Client{http: &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}}}
-}
+func NewClient(socket string) *Client { return &Client{socket: socket} }
 
-func (c *Client) do(ctx context.Context, method, path string, body any) error {
-	var r io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
+func (c *Client) call(ctx context.Context, req Request) (*Response, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+		req.Timeout = time.Until(dl)
+	}
+	if err := json.NewEncoder(conn).Encode(req); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	var resp Response
+	if err := json.NewDecoder(conn).Decode(&resp); err != nil {
+		return nil, fmt.Errorf("%w: no answer: %v", ErrUnreachable, err)
+	}
+	if !resp.OK {
+		if resp.Retry {
+			return &resp, fmt.Errorf("%w: %s", ErrUnreachable, resp.Error)
 		}
-		r = bytes.NewReader(b)
+		return &resp, errors.New(resp.Error)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://sluiced"+path, r)
-	if err != nil {
-		return err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnreachable, err)
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	switch {
-	case resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusGatewayTimeout:
-		return fmt.Errorf("%w: %s", ErrUnreachable, bytes.TrimSpace(msg))
-	case resp.StatusCode >= 300:
-		return fmt.Errorf("sluiced answered %d: %s", resp.StatusCode, bytes.TrimSpace(msg))
-	}
-	return nil
+	return &resp, nil
 }
 
 // Ping checks that the agent answers.
-func (c *Client) Ping(ctx context.Context) error { return c.do(ctx, http.MethodGet, "/v1/ping", nil) }
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.call(ctx, Request{Op: OpPing})
+	return err
+}
 
 // Register hands an endpoint to the agent and returns once the agent has
 // programmed it, or when ctx ends.
 func (c *Client) Register(ctx context.Context, ep Endpoint) error {
-	return c.do(ctx, http.MethodPost, "/v1/endpoints", ep)
+	_, err := c.call(ctx, Request{Op: OpRegister, Endpoint: &ep})
+	return err
 }
 
 // Unregister removes an endpoint; removing an unknown one succeeds.
 func (c *Client) Unregister(ctx context.Context, containerID, ifName string) error {
-	return c.do(ctx, http.MethodDelete, "/v1/endpoints/"+containerID+"/"+ifName, nil)
+	_, err := c.call(ctx, Request{Op: OpUnregister, Endpoint: &Endpoint{ContainerID: containerID, IfName: ifName}})
+	return err
 }
 
 // List returns the agent's endpoints.
 func (c *Client) List(ctx context.Context) ([]Endpoint, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://sluiced/v1/endpoints", nil)
+	resp, err := c.call(ctx, Request{Op: OpList})
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
-	}
-	defer resp.Body.Close()
-	var eps []Endpoint
-	return eps, json.NewDecoder(resp.Body).Decode(&eps)
+	return resp.Endpoints, nil
 }
-
-// Timeout is the default bound on the wait for programming.
-const Timeout = 10 * time.Second

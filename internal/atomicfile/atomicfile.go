@@ -7,8 +7,11 @@ import (
 	"path/filepath"
 )
 
-// Write writes data to a temporary file in the same directory, syncs it,
-// and renames it into place.
+// Write writes data to a temporary file in the same directory and renames
+// it into place. It does not fsync: the rename makes the switch atomic for
+// readers, and every file Sluice writes this way is state it can rebuild
+// (subnet.env, endpoint and IPAM records), on paths where a millisecond per
+// pod matters.
 func Write(path string, data []byte, mode os.FileMode) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
@@ -20,10 +23,6 @@ func Write(path string, data []byte, mode os.FileMode) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
 		tmp.Close()
 		return fmt.Errorf("writing %s: %w", path, err)
 	}

@@ -9,8 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -184,39 +184,57 @@ func (r *Registry) Serve(ctx context.Context, socket string) error {
 		ln.Close()
 		return err
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/ping", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
-	mux.HandleFunc("GET /v1/endpoints", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(r.List())
-	})
-	mux.HandleFunc("POST /v1/endpoints", func(w http.ResponseWriter, req *http.Request) {
-		var ep endpointapi.Endpoint
-		if err := json.NewDecoder(http.MaxBytesReader(w, req.Body, 64<<10)).Decode(&ep); err != nil {
-			http.Error(w, "bad endpoint: "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		if err := r.Register(req.Context(), ep); err != nil {
-			code := http.StatusBadRequest
-			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
-				code = http.StatusGatewayTimeout
+	go func() { <-ctx.Done(); ln.Close() }()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
 			}
-			http.Error(w, err.Error(), code)
-			return
+			return fmt.Errorf("accepting on %s: %w", socket, err)
 		}
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("DELETE /v1/endpoints/{id}/{ifname}", func(w http.ResponseWriter, req *http.Request) {
-		if err := r.Unregister(req.Context(), req.PathValue("id"), req.PathValue("ifname")); err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		w.WriteHeader(http.StatusNoContent)
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { <-ctx.Done(); srv.Close() }()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+		go r.serveConn(ctx, conn)
 	}
-	return nil
+}
+
+func (r *Registry) serveConn(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var req endpointapi.Request
+	if err := json.NewDecoder(io.LimitReader(conn, 64<<10)).Decode(&req); err != nil {
+		_ = json.NewEncoder(conn).Encode(endpointapi.Response{Error: "bad request: " + err.Error()})
+		return
+	}
+	timeout := req.Timeout
+	if timeout <= 0 || timeout > time.Minute {
+		timeout = endpointapi.Timeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	resp := endpointapi.Response{OK: true}
+	var err error
+	switch req.Op {
+	case endpointapi.OpPing:
+	case endpointapi.OpList:
+		resp.Endpoints = r.List()
+	case endpointapi.OpRegister:
+		if req.Endpoint == nil {
+			err = errors.New("register needs an endpoint")
+			break
+		}
+		err = r.Register(ctx, *req.Endpoint)
+	case endpointapi.OpUnregister:
+		if req.Endpoint == nil {
+			err = errors.New("unregister needs an endpoint")
+			break
+		}
+		err = r.Unregister(ctx, req.Endpoint.ContainerID, req.Endpoint.IfName)
+	default:
+		err = fmt.Errorf("unknown op %q", req.Op)
+	}
+	if err != nil {
+		resp = endpointapi.Response{Error: err.Error(), Retry: errors.Is(err, context.DeadlineExceeded)}
+	}
+	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_ = json.NewEncoder(conn).Encode(resp)
 }
