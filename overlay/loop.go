@@ -53,6 +53,9 @@ type Config struct {
 	RunDir       string
 	ResyncPeriod time.Duration
 	IPTablesMode iptables.Mode
+	// PodCIDRGrace is how long a new Node waits for a podCIDR from
+	// kube-controller-manager before Sluice claims a subnet for it.
+	PodCIDRGrace time.Duration
 }
 
 // Loop is the overlay loop.
@@ -398,7 +401,7 @@ func addChanges(a, b vxlan.Changes) vxlan.Changes {
 // must fix is reported on the Node (condition and Event) as well as in the
 // log; the loop never exits over it, so the agent does not crash-loop.
 func (l *Loop) acquireLease(ctx context.Context) ([]netip.Prefix, lease.Source, error) {
-	alloc := &lease.Allocator{Client: l.client, Config: l.cfg.Net}
+	alloc := &lease.Allocator{Client: l.client, Config: l.cfg.Net, PodCIDRGrace: l.cfg.PodCIDRGrace}
 	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Cap: 30 * time.Second, Steps: 1 << 30}
 	for {
 		got, err := alloc.Acquire(ctx, l.cfg.NodeName)

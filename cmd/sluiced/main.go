@@ -54,6 +54,7 @@ type options struct {
 	checksumOffload string
 	iptablesMode    string
 	resync          time.Duration
+	podCIDRGrace    time.Duration
 }
 
 func main() {
@@ -75,6 +76,7 @@ func main() {
 	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
+	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	flag.Parse()
 
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -115,6 +117,7 @@ func (o options) config() (overlay.Config, error) {
 		ChecksumOffload: o.checksumOffload,
 		RunDir:          o.runDir,
 		ResyncPeriod:    o.resync,
+		PodCIDRGrace:    o.podCIDRGrace,
 	}
 	if o.publicIP != "" {
 		if cfg.PublicIP, err = netip.ParseAddr(o.publicIP); err != nil || !cfg.PublicIP.Is4() {

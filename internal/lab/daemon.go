@@ -75,7 +75,11 @@ func RunDaemon(ctx context.Context, dir string) error {
 		return err
 	}
 
-	if err := s.waitNodesReady(ctx); err != nil {
+	if err := s.waitNodesReady(ctx, func(n Node) {
+		if s.CNI == CNISluice {
+			sup.start(ctx, s.agentComponent(n))
+		}
+	}); err != nil {
 		return err
 	}
 	if err := WriteFileAtomic(s.Path(readyFileName), []byte(time.Now().Format(time.RFC3339)), 0o644); err != nil {
@@ -127,7 +131,20 @@ func (sup *supervisor) runOnce(ctx context.Context, c component) error {
 		return err
 	}
 	defer logf.Close()
-	args := append([]string{"--net=" + netnsPath(c.netns), "--"}, c.args...)
+	if c.mountOf != nil {
+		if _, err := os.Stat(c.mountOf.AgentDisabledPath()); err == nil {
+			return fmt.Errorf("%s is disabled by %s", c.name, c.mountOf.AgentDisabledPath())
+		}
+	}
+	nsArgs := []string{"--net=" + netnsPath(c.netns)}
+	if c.mountOf != nil {
+		pid := c.mountOf.KubeletPID()
+		if !processAlive(pid) {
+			return fmt.Errorf("node %s has no kubelet to share a mount namespace with", c.mountOf.Name)
+		}
+		nsArgs = append(nsArgs, fmt.Sprintf("--mount=/proc/%d/ns/mnt", pid))
+	}
+	args := append(append(nsArgs, "--"), c.args...)
 	cmd := exec.Command("nsenter", args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -264,23 +281,38 @@ func (s *State) Client() (kubernetes.Interface, error) {
 // pod CIDRs are allocated, for each to get one. Then it writes the reference
 // CNI config where the lab runs with it, and waits for the default
 // ServiceAccount without which no pod passes admission.
-func (s *State) waitNodesReady(ctx context.Context) error {
+func (s *State) waitNodesReady(ctx context.Context, startAgent func(Node)) error {
 	cs, err := s.Client()
 	if err != nil {
 		return err
 	}
 	written := map[string]bool{}
+	installed := map[string]bool{}
 	for {
 		ready := 0
 		for _, n := range s.Nodes {
 			node, err := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-			if err != nil {
+			if err != nil || !nodeReady(node) {
 				continue
 			}
-			if !nodeReady(node) || (!s.NoPodCIDR && len(node.Spec.PodCIDRs) == 0) {
+			if s.CNI == CNISluice {
+				// Sluice installs itself as the DaemonSet's init container
+				// would, then its agent gives the node its network.
+				if !installed[n.Name] {
+					if err := s.installSluice(ctx, n); err != nil {
+						return err
+					}
+					installed[n.Name] = true
+					startAgent(n)
+				}
+				if !sluiceReady(node) {
+					continue
+				}
+			}
+			if !s.NoPodCIDR && len(node.Spec.PodCIDRs) == 0 {
 				continue
 			}
-			if s.CNI == "reference" && !s.NoPodCIDR && !written[n.Name] {
+			if s.CNI == CNIReference && !s.NoPodCIDR && !written[n.Name] {
 				if err := WriteReferenceConflist(n, node.Spec.PodCIDRs, 1500); err != nil {
 					return err
 				}

@@ -22,9 +22,8 @@ type Options struct {
 	Nodes     int
 	IPv6      bool
 	NoPodCIDR bool
-	// CNI selects the network plugin nodes start with: "reference" writes a
-	// ptp + host-local conflist once a node has its podCIDR; "none" leaves
-	// /etc/cni/net.d empty for an installer such as Sluice's DaemonSet.
+	// CNI selects the network nodes start with: CNISluice (the default),
+	// CNIReference or CNINone.
 	CNI       string
 	ToolsDir  string
 	Sluicectl string // the binary that runs the daemon and kubelets
@@ -37,10 +36,10 @@ func Up(o Options) (*State, error) {
 		return nil, fmt.Errorf("--nodes must be between 1 and %d, got %d", maxNodes, o.Nodes)
 	}
 	if o.CNI == "" {
-		o.CNI = "reference"
+		o.CNI = CNISluice
 	}
-	if o.CNI != "reference" && o.CNI != "none" {
-		return nil, fmt.Errorf("--cni must be reference or none, got %q", o.CNI)
+	if o.CNI != CNISluice && o.CNI != CNIReference && o.CNI != CNINone {
+		return nil, fmt.Errorf("--cni must be sluice, reference or none, got %q", o.CNI)
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -154,6 +153,11 @@ func (s *State) provision() error {
 			if err := copyFile(filepath.Join(CNIToolsPath(s.ToolsDir), t), filepath.Join(n.hostDir("/opt/cni/bin"), t), 0o755); err != nil {
 				return err
 			}
+		}
+	}
+	if s.CNI == CNISluice {
+		if err := s.stageSluice(); err != nil {
+			return err
 		}
 	}
 	return buildTopology(s)

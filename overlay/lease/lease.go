@@ -20,6 +20,7 @@ import (
 	"math/big"
 	"net/netip"
 	"strings"
+	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -77,14 +78,19 @@ func (e *Error) Error() string { return e.Message }
 type Allocator struct {
 	Client kubernetes.Interface
 	Config *netconf.Config
+	// PodCIDRGrace is how long after a Node's creation to wait for
+	// kube-controller-manager to give it a podCIDR before claiming one.
+	// An agent that starts with its node would otherwise race the
+	// controller-manager in a cluster that does allocate pod CIDRs.
+	PodCIDRGrace time.Duration
 }
 
 // Acquire returns the node's lease. It is idempotent: called again, for the
 // same node, it returns the same subnets.
 func (a *Allocator) Acquire(ctx context.Context, nodeName string) (*Lease, error) {
-	node, err := a.Client.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
+	node, err := a.waitForPodCIDR(ctx, nodeName)
 	if err != nil {
-		return nil, fmt.Errorf("reading node %s: %w", nodeName, err)
+		return nil, err
 	}
 	if len(node.Spec.PodCIDRs) > 0 || node.Spec.PodCIDR != "" {
 		subnets, err := a.fromSpec(node)
@@ -106,6 +112,34 @@ func (a *Allocator) Acquire(ctx context.Context, nodeName string) (*Lease, error
 	}
 	klog.FromContext(ctx).Info("claimed pod subnets for a node without podCIDR", "node", nodeName, "subnets", subnets)
 	return &Lease{Subnets: subnets, Source: SelfAllocated}, nil
+}
+
+// waitForPodCIDR returns the Node once it has a podCIDR, or once it is
+// older than the grace period without one.
+func (a *Allocator) waitForPodCIDR(ctx context.Context, nodeName string) (*corev1.Node, error) {
+	logged := false
+	for {
+		node, err := a.Client.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading node %s: %w", nodeName, err)
+		}
+		if len(node.Spec.PodCIDRs) > 0 || node.Spec.PodCIDR != "" {
+			return node, nil
+		}
+		left := a.PodCIDRGrace - time.Since(node.CreationTimestamp.Time)
+		if left <= 0 {
+			return node, nil
+		}
+		if !logged {
+			klog.FromContext(ctx).Info("node has no podCIDR yet; waiting for kube-controller-manager before claiming one", "node", nodeName, "upTo", left.Round(time.Second))
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(min(left, 250*time.Millisecond)):
+		}
+	}
 }
 
 // fromSpec checks the node's podCIDRs against the configured networks.

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"sync"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -189,4 +190,32 @@ func indexOf(s, sub string) int {
 		}
 	}
 	return -1
+}
+
+// A new node waits for kube-controller-manager's podCIDR instead of racing
+// it with a claim of its own.
+func TestWaitsForControllerManager(t *testing.T) {
+	ctx := context.Background()
+	n := node("young")
+	n.CreationTimestamp = metav1.Now()
+	cs := fake.NewClientset(n)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		cur, _ := cs.CoreV1().Nodes().Get(ctx, "young", metav1.GetOptions{})
+		cur.Spec.PodCIDR, cur.Spec.PodCIDRs = "10.244.42.0/24", []string{"10.244.42.0/24"}
+		_, _ = cs.CoreV1().Nodes().Update(ctx, cur, metav1.UpdateOptions{})
+	}()
+	a := &Allocator{Client: cs, Config: config(t, `{"Network":"10.244.0.0/16"}`), PodCIDRGrace: 5 * time.Second}
+	l, err := a.Acquire(ctx, "young")
+	if err != nil || l.Source != FromNodeSpec || l.Subnets[0].String() != "10.244.42.0/24" {
+		t.Fatalf("got %+v, %v; want the controller-manager's subnet", l, err)
+	}
+	// After the grace period, a node without podCIDR gets a claim.
+	old := node("old")
+	old.CreationTimestamp = metav1.NewTime(time.Now().Add(-time.Minute))
+	cs2 := fake.NewClientset(old)
+	a2 := &Allocator{Client: cs2, Config: config(t, `{"Network":"10.244.0.0/16"}`), PodCIDRGrace: 5 * time.Second}
+	if l, err := a2.Acquire(ctx, "old"); err != nil || l.Source != SelfAllocated {
+		t.Errorf("old node: %+v, %v", l, err)
+	}
 }

@@ -21,7 +21,7 @@ import (
 func BenchmarkLabUp(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		start := time.Now()
-		l, err := labtest.Start(lab.Options{Nodes: 3})
+		l, err := labtest.Start(lab.Options{Nodes: 3, CNI: lab.CNIReference})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -40,7 +40,7 @@ func BenchmarkLabUp(b *testing.B) {
 // (about 2 s), so both cases are reported.
 func BenchmarkPodStart(b *testing.B) {
 	b.Run("ipv4", func(b *testing.B) {
-		l, err := labtest.Start(lab.Options{Nodes: 3})
+		l, err := labtest.Start(lab.Options{Nodes: 3, CNI: lab.CNIReference})
 		if err != nil {
 			b.Fatal(err)
 		}

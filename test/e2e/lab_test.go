@@ -24,7 +24,7 @@ var shared *labtest.Lab
 
 func TestMain(m *testing.M) {
 	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true})
+	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting the shared lab:", err)
 		os.Exit(1)
@@ -265,7 +265,7 @@ func TestBandwidthAnnotations(t *testing.T) {
 // behind even after the lab's processes were killed.
 func TestNoPodCIDRAndDown(t *testing.T) {
 	ctx := ctxT(t)
-	l, err := labtest.Start(lab.Options{Nodes: 2, NoPodCIDR: true})
+	l, err := labtest.Start(lab.Options{Nodes: 2, NoPodCIDR: true, CNI: lab.CNIReference})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,7 @@ func TestFlannelAndSluiceNodesInOneCluster(t *testing.T) {
 	if _, err := os.Stat(flanneld); err != nil {
 		t.Fatalf("flanneld not built (run 'make tools'): %v", err)
 	}
-	l := labtest.StartT(t, lab.Options{Nodes: 3})
+	l := labtest.StartT(t, lab.Options{Nodes: 3, CNI: lab.CNIReference})
 	const netConf = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`
 	ag, err := l.StartAgentsOn(netConf, "node-1", "node-2")
 	if err != nil {

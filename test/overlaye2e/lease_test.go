@@ -27,7 +27,7 @@ import (
 // outside world as usual.
 func TestNoPodCIDRCluster(t *testing.T) {
 	ctx := ctxT(t)
-	l := labtest.StartT(t, lab.Options{Nodes: 3, NoPodCIDR: true})
+	l := labtest.StartT(t, lab.Options{Nodes: 3, NoPodCIDR: true, CNI: lab.CNIReference})
 	ag := l.StartAgents(t, `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	if err := ag.WaitReady(ctx); err != nil {
 		t.Fatal(err)

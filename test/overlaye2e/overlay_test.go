@@ -41,7 +41,7 @@ func TestMain(m *testing.M) {
 
 func setup(m *testing.M) (int, error) {
 	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true})
+	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference})
 	if err != nil {
 		return 1, err
 	}
