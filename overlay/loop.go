@@ -310,11 +310,13 @@ func (l *Loop) mtu() int {
 	return m
 }
 
+// deviceName names the VXLAN devices. They must not start with the pod veth
+// prefix "sl", which the policy loop matches.
 func deviceName(v6 bool, vni int) string {
 	if v6 {
-		return "sluice-v6." + strconv.Itoa(vni)
+		return "vx6-sluice." + strconv.Itoa(vni)
 	}
-	return "sluice." + strconv.Itoa(vni)
+	return "vx-sluice." + strconv.Itoa(vni)
 }
 
 // sync makes the kernel match the cluster's Nodes.

@@ -68,9 +68,9 @@ func (n *node) table(peer *node, direct bool) Table {
 		}
 		return err
 	})
-	name, mtu := "sluice.1", 1450
+	name, mtu := "vx-sluice.1", 1450
 	if n.ip.Is6() {
-		name, mtu = "sluice-v6.1", 1430
+		name, mtu = "vx6-sluice.1", 1430
 	}
 	t := Table{
 		Device:        &Device{Name: name, VNI: 1, Port: 8472, LocalIP: n.ip, UnderlayIndex: idx, MTU: mtu, MAC: n.mac, VTEPAddr: n.subnet.Addr()},
@@ -181,7 +181,7 @@ func TestSyncRepairsDeletedEntries(t *testing.T) {
 	a, b := twoNodes(t, f)
 	a.sync(t, a.table(b, false))
 	b.sync(t, b.table(a, false))
-	dev := "sluice.1"
+	dev := "vx-sluice.1"
 	breakages := map[string][]string{
 		"route":     {"route", "del", b.subnet.String()},
 		"blackhole": {"route", "del", "blackhole", a.subnet.String()},
@@ -222,7 +222,7 @@ func TestRemovedPeerIsCleanedUp(t *testing.T) {
 	if routes := ipOut(t, a, "route", "show", "proto", "98"); strings.Contains(routes, b.subnet.String()) {
 		t.Errorf("route of the removed peer remains:\n%s", routes)
 	}
-	if neigh := ipOut(t, a, "neigh", "show", "dev", "sluice.1"); strings.TrimSpace(neigh) != "" {
+	if neigh := ipOut(t, a, "neigh", "show", "dev", "vx-sluice.1"); strings.TrimSpace(neigh) != "" {
 		t.Errorf("neighbour of the removed peer remains:\n%s", neigh)
 	}
 }
@@ -237,7 +237,7 @@ func TestChangedVNIRecreatesDevice(t *testing.T) {
 		t.Errorf("VNI change: %+v; want the device recreated and entries replayed", ch)
 	}
 	b.sync(t, tb)
-	if !strings.Contains(ipOut(t, a, "-d", "link", "show", "sluice.1"), "vxlan id 42") {
+	if !strings.Contains(ipOut(t, a, "-d", "link", "show", "vx-sluice.1"), "vxlan id 42") {
 		t.Error("device not recreated with VNI 42")
 	}
 	if err := reach(t, a, b); err != nil {
@@ -272,7 +272,7 @@ func TestHostGW(t *testing.T) {
 	if err := reach(t, a, b); err != nil {
 		t.Errorf("host-gw: %v", err)
 	}
-	if strings.Contains(ipOut(t, a, "link"), "sluice.1") {
+	if strings.Contains(ipOut(t, a, "link"), "vx-sluice.1") {
 		t.Error("host-gw created a VXLAN device")
 	}
 }

@@ -170,11 +170,11 @@ func TestKernelEntriesComeBack(t *testing.T) {
 		break_ []string
 		check  func() error
 	}{
-		{"route", []string{"ip", "route", "del", subnet}, contains("node-1", subnet+" via "+vtep+" dev sluice.1", "ip", "route")},
+		{"route", []string{"ip", "route", "del", subnet}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route")},
 		{"blackhole", []string{"ip", "route", "del", "blackhole", own}, contains("node-1", "blackhole "+own, "ip", "route")},
-		{"neighbour", []string{"ip", "neigh", "del", vtep, "dev", "sluice.1"}, contains("node-1", vtep+" lladdr "+mac2, "ip", "neigh", "show", "dev", "sluice.1")},
-		{"fdb", []string{"bridge", "fdb", "del", mac2, "dev", "sluice.1", "dst", "198.18.0.12"}, contains("node-1", mac2+" dst 198.18.0.12", "bridge", "fdb", "show", "dev", "sluice.1")},
-		{"device", []string{"ip", "link", "del", "sluice.1"}, contains("node-1", subnet+" via "+vtep+" dev sluice.1", "ip", "route")},
+		{"neighbour", []string{"ip", "neigh", "del", vtep, "dev", "vx-sluice.1"}, contains("node-1", vtep+" lladdr "+mac2, "ip", "neigh", "show", "dev", "vx-sluice.1")},
+		{"fdb", []string{"bridge", "fdb", "del", mac2, "dev", "vx-sluice.1", "dst", "198.18.0.12"}, contains("node-1", mac2+" dst 198.18.0.12", "bridge", "fdb", "show", "dev", "vx-sluice.1")},
+		{"device", []string{"ip", "link", "del", "vx-sluice.1"}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route")},
 		{"masquerade-rule", []string{"iptables", "-t", "nat", "-F", "SLUICE-POSTROUTING"}, contains("node-1", "MASQUERADE", "iptables", "-t", "nat", "-S", "SLUICE-POSTROUTING")},
 		{"masquerade-jump", []string{"iptables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "sluice: masquerade pod traffic leaving the cluster network", "-j", "SLUICE-POSTROUTING"},
 			contains("node-1", "-j SLUICE-POSTROUTING", "iptables", "-t", "nat", "-S", "POSTROUTING")},
@@ -311,7 +311,7 @@ func ghostNode(name, cidr, ip, mac string) *corev1.Node {
 func TestDeletedNodeEntriesDisappear(t *testing.T) {
 	ctx := ctxT(t)
 	nodes := shared.Client.CoreV1().Nodes()
-	hasRoute := contains("node-1", "10.244.201.0/24 via 10.244.201.0 dev sluice.1", "ip", "route")
+	hasRoute := contains("node-1", "10.244.201.0/24 via 10.244.201.0 dev vx-sluice.1", "ip", "route")
 	if _, err := nodes.Create(ctx, ghostNode("ghost-live", "10.244.201.0/24", "198.18.0.201", "0e:00:00:00:c9:01"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +329,7 @@ func TestDeletedNodeEntriesDisappear(t *testing.T) {
 	}); err != nil {
 		t.Errorf("route of a deleted node remains: %v", err)
 	}
-	if out, _ := shared.Exec("node-1", "ip", "neigh", "show", "dev", "sluice.1"); strings.Contains(out, "10.244.201.0") {
+	if out, _ := shared.Exec("node-1", "ip", "neigh", "show", "dev", "vx-sluice.1"); strings.Contains(out, "10.244.201.0") {
 		t.Errorf("neighbour of a deleted node remains:\n%s", out)
 	}
 
@@ -356,7 +356,7 @@ func TestDeletedNodeEntriesDisappear(t *testing.T) {
 	}); err != nil {
 		t.Error(err)
 	}
-	if fdb, _ := shared.Exec("node-1", "bridge", "fdb", "show", "dev", "sluice.1"); strings.Contains(fdb, "0e:00:00:00:ca:01") {
+	if fdb, _ := shared.Exec("node-1", "bridge", "fdb", "show", "dev", "vx-sluice.1"); strings.Contains(fdb, "0e:00:00:00:ca:01") {
 		t.Errorf("FDB entry of the deleted node remains:\n%s", fdb)
 	}
 }

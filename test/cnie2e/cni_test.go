@@ -1,0 +1,295 @@
+// Package cnie2e proves the sluice CNI plugin in a lab whose kubelets call
+// the installed 10-sluice.conflist through libcni, as containerd does.
+package cnie2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/sluice-net/sluice/cni"
+	"github.com/sluice-net/sluice/internal/endpoints"
+	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/test/labtest"
+)
+
+var shared *labtest.Lab
+
+func TestMain(m *testing.M) {
+	var err error
+	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting the lab:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if err := shared.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "lab down:", err)
+		code = 1
+	}
+	os.Exit(code)
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestInstalledConflistIsUsed(t *testing.T) {
+	for _, n := range shared.Nodes {
+		out, err := shared.Exec(n.Name, "ls", "/etc/cni/net.d", "/opt/cni/bin")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{"10-sluice.conflist", "sluice", "host-local", "portmap", "bandwidth", "loopback"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%s lacks %s:\n%s", n.Name, want, out)
+			}
+		}
+	}
+}
+
+func TestPodsAcrossNodes(t *testing.T) {
+	ctx := ctxT(t)
+	var names []string
+	for i, n := range shared.Nodes {
+		name := fmt.Sprintf("p%d", i+1)
+		names = append(names, "across/"+name)
+		if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "across", Name: name, Node: n.Name, Ports: []corev1.ContainerPort{{ContainerPort: 80}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v6 := range []bool{false, true} {
+		for _, from := range names {
+			for _, to := range names {
+				for _, udp := range []bool{false, true} {
+					got, err := shared.ProbeEventually(from, to, 80, udp, v6, 5*time.Second)
+					if err != nil || got != to {
+						t.Errorf("%s -> %s udp=%v ipv6=%v: %q %v", from, to, udp, v6, got, err)
+					}
+				}
+			}
+		}
+	}
+	// The agent annotated each pod with its IPs as soon as it was wired.
+	for _, p := range names {
+		pod, err := shared.Client.CoreV1().Pods("across").Get(ctx, strings.TrimPrefix(p, "across/"), metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := pod.Annotations[endpoints.PodIPsAnnotation]; got != pod.Status.PodIPs[0].IP+","+pod.Status.PodIPs[1].IP {
+			t.Errorf("%s: %s=%q, status IPs %v", p, endpoints.PodIPsAnnotation, got, pod.Status.PodIPs)
+		}
+	}
+}
+
+// TestFiftyConcurrentAdds starts 50 pods on one node at once: the kubelet
+// runs 8 sandbox set-ups in parallel, as a busy node would.
+func TestFiftyConcurrentAdds(t *testing.T) {
+	ctx := ctxT(t)
+	if err := shared.EnsureNamespace(ctx, "burst"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "burst", Name: "client", Node: "node-2"}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := labtest.PodSpec{Namespace: "burst", Name: fmt.Sprintf("b%02d", i), Node: "node-1", Ports: []corev1.ContainerPort{{ContainerPort: 80}}}
+			if _, err := shared.Client.CoreV1().Pods("burst").Create(ctx, p.Pod(), metav1.CreateOptions{}); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	ips := map[string]string{}
+	for i := 0; i < 50; i++ {
+		name := fmt.Sprintf("b%02d", i)
+		pod, err := shared.WaitRunning(ctx, "burst", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ip := range pod.Status.PodIPs {
+			if other, dup := ips[ip.IP]; dup {
+				t.Errorf("%s and %s share %s", other, name, ip.IP)
+			}
+			ips[ip.IP] = name
+		}
+		got, err := shared.ProbeEventually("burst/client", "burst/"+name, 80, false, false, 5*time.Second)
+		if err != nil || got != "burst/"+name {
+			t.Errorf("client -> %s: %q %v", name, got, err)
+		}
+	}
+	if len(ips) != 100 {
+		t.Errorf("%d distinct IPs for 50 dual-stack pods, want 100", len(ips))
+	}
+}
+
+func TestHostPortThroughTheChain(t *testing.T) {
+	ctx := ctxT(t)
+	if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "hp", Name: "web", Node: "node-3",
+		Ports: []corev1.ContainerPort{{ContainerPort: 80, HostPort: 8088, Protocol: corev1.ProtocolTCP}}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, from := range []string{"node-1", "external"} {
+		got, err := shared.ProbeEventually(from, "node-3", 8088, false, false, 5*time.Second)
+		if err != nil || got != "hp/web" {
+			t.Errorf("%s -> node-3:8088: %q %v", from, got, err)
+		}
+	}
+}
+
+// TestAgentDownThenBack: with sluiced down, the sandbox set-up fails (CNI
+// error 11, "try again later") and the pod waits; once the agent is back,
+// the kubelet's retry succeeds.
+func TestAgentDownThenBack(t *testing.T) {
+	ctx := ctxT(t)
+	node, _ := shared.Node("node-2")
+	if err := os.WriteFile(node.AgentDisabledPath(), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(node.AgentDisabledPath())
+	if _, err := shared.Exec("node-2", "pkill", "-KILL", "-x", "sluiced"); err != nil {
+		t.Fatal(err)
+	}
+	if err := shared.EnsureNamespace(ctx, "down"); err != nil {
+		t.Fatal(err)
+	}
+	p := labtest.PodSpec{Namespace: "down", Name: "waits", Node: "node-2", Ports: []corev1.ContainerPort{{ContainerPort: 80}}}
+	if _, err := shared.Client.CoreV1().Pods("down").Create(ctx, p.Pod(), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var msg string
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		evs, err := shared.Client.CoreV1().Events("down").List(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("involvedObject.name", "waits").String()})
+		if err != nil {
+			return false, nil
+		}
+		for _, e := range evs.Items {
+			if e.Reason == "FailedCreatePodSandBox" {
+				msg = e.Message
+				return true, nil
+			}
+		}
+		return false, nil
+	}); err != nil {
+		t.Fatalf("no FailedCreatePodSandBox event while the agent was down: %v", err)
+	}
+	if !strings.Contains(msg, "sluiced") || !strings.Contains(msg, "retry") {
+		t.Errorf("the failure does not say the agent is down and to retry: %s", msg)
+	}
+	pod, _ := shared.Client.CoreV1().Pods("down").Get(ctx, "waits", metav1.GetOptions{})
+	if pod.Status.Phase == corev1.PodRunning {
+		t.Fatal("pod ran while the agent was down")
+	}
+	// A refused ADD leaves nothing half-made on the node (the client pod
+	// of another test may run there, so count the pod's own veth name).
+	if out, _ := shared.Exec("node-2", "ip", "-o", "link"); strings.Contains(out, cniVethOf("down", "waits")) {
+		t.Errorf("a refused ADD left its veth:\n%s", out)
+	}
+	os.Remove(node.AgentDisabledPath())
+	if _, err := shared.WaitRunning(ctx, "down", "waits"); err != nil {
+		t.Fatalf("pod did not start once the agent was back: %v", err)
+	}
+	if got, err := shared.ProbeEventually("node-1", "down/waits", 80, false, false, 10*time.Second); err != nil || got != "down/waits" {
+		t.Errorf("node-1 -> down/waits: %q %v", got, err)
+	}
+}
+
+// podVeth matches the host side of a pod veth in `ip -o link` output.
+var podVeth = regexp.MustCompile(`(?m)^\d+: sl[0-9a-f]{11}[@:]`)
+
+func cniVethOf(namespace, name string) string { return cni.HostVethName(namespace, name, "") }
+
+func countSluiceVeths(t *testing.T, node string) int {
+	out, err := shared.Exec(node, "ip", "-o", "link", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(podVeth.FindAllString(out, -1))
+}
+
+// TestNothingLeftAfterDeletion deletes every pod and checks each node: no
+// reserved IP, no Sluice veth, no pod route, no IPAM or endpoint record.
+// It runs last (the tests above leave pods behind on purpose).
+func TestZNothingLeftAfterDeletion(t *testing.T) {
+	ctx := ctxT(t)
+	nsList, err := shared.Client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range nsList.Items {
+		_ = shared.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{})
+	}
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		pods, err := shared.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+		return err == nil && len(pods.Items) == 0, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range shared.Nodes {
+		check := func() error {
+			if c := countSluiceVeths(t, n.Name); c != 0 {
+				return fmt.Errorf("%d sluice veths left", c)
+			}
+			if out, _ := shared.Exec(n.Name, "sh", "-c", "ls /var/lib/cni/networks/sluice/ | grep -v -e lock -e last_reserved || true"); strings.TrimSpace(out) != "" {
+				return fmt.Errorf("IPs still reserved: %s", out)
+			}
+			if out, _ := shared.Exec(n.Name, "sh", "-c", "ls /var/lib/cni/sluice /var/lib/sluice/endpoints 2>/dev/null || true"); strings.TrimSpace(out) != "" && !onlyDirHeaders(out) {
+				return fmt.Errorf("records left: %s", out)
+			}
+			for _, fam := range []string{"-4", "-6"} {
+				out, _ := shared.Exec(n.Name, "ip", fam, "route", "show", "scope", "link")
+				for _, l := range strings.Split(out, "\n") {
+					if strings.Contains(l, " dev sl") {
+						return fmt.Errorf("pod route left: %s", l)
+					}
+				}
+			}
+			return nil
+		}
+		if err := eventually(check); err != nil {
+			t.Errorf("%s: %v", n.Name, err)
+		}
+	}
+}
+
+func onlyDirHeaders(out string) bool {
+	for _, l := range strings.Split(out, "\n") {
+		l = strings.TrimSpace(l)
+		if l != "" && !strings.HasSuffix(l, ":") {
+			return false
+		}
+	}
+	return true
+}
+
+func eventually(check func() error) error {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		err := check()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
