@@ -32,6 +32,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/atomicfile"
+	"github.com/sluice-net/sluice/internal/forward"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/overlay/lease"
 	"github.com/sluice-net/sluice/overlay/masq"
@@ -385,6 +386,15 @@ func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
 				}
 				countRepair("masquerade")
 			}
+		}
+		if !forward.Check(l.ipt[v6]) {
+			if err := forward.Apply(l.ipt[v6]); err != nil {
+				return total, err
+			}
+			if status.Ready {
+				logger.Info("forwarding rules repaired", "ipv6", v6)
+			}
+			countRepair("forward")
 		}
 		peers = append(peers, tab.Peers...)
 	}

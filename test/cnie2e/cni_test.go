@@ -293,3 +293,56 @@ func eventually(check func() error) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// TestForwardDropPolicy: on nodes whose FORWARD policy is DROP (a Docker
+// host), pods still reach each other and the outside world, because Sluice
+// accepts pod traffic in its own chain, per pod veth, after the policy
+// chains, and adds no blanket accept for the cluster network.
+func TestForwardDropPolicy(t *testing.T) {
+	ctx := ctxT(t)
+	for _, n := range shared.Nodes {
+		for _, bin := range []string{"iptables", "ip6tables"} {
+			if _, err := shared.Exec(n.Name, bin, "-P", "FORWARD", "DROP"); err != nil {
+				t.Fatal(err)
+			}
+			defer shared.Exec(n.Name, bin, "-P", "FORWARD", "ACCEPT")
+		}
+		out, err := shared.Exec(n.Name, "iptables", "-S", "FORWARD")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) < 2 || !strings.HasSuffix(lines[1], "-j SLUICE-FORWARD") {
+			t.Errorf("%s: SLUICE-FORWARD is not first in FORWARD:\n%s", n.Name, out)
+		}
+		if strings.Contains(out, "10.244.0.0/16") {
+			t.Errorf("%s: a FORWARD rule names the cluster network:\n%s", n.Name, out)
+		}
+	}
+	for i, n := range shared.Nodes[:2] {
+		if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "fwd", Name: fmt.Sprintf("f%d", i), Node: n.Name, Ports: []corev1.ContainerPort{{ContainerPort: 80}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v6 := range []bool{false, true} {
+		if got, err := shared.ProbeEventually("fwd/f0", "fwd/f1", 80, false, v6, 5*time.Second); err != nil || got != "fwd/f1" {
+			t.Errorf("f0 -> f1 ipv6=%v with FORWARD DROP: %q %v", v6, got, err)
+		}
+		if got, err := shared.ProbeEventually("fwd/f1", "external", lab.ExternalPort, false, v6, 5*time.Second); err != nil || !strings.HasPrefix(got, "external from=") {
+			t.Errorf("f1 -> external ipv6=%v with FORWARD DROP: %q %v", v6, got, err)
+		}
+	}
+}
+
+func TestBandwidthThroughTheChain(t *testing.T) {
+	ctx := ctxT(t)
+	if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "bw", Name: "slow", Node: "node-3",
+		Annotations: map[string]string{"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "10M"}}); err != nil {
+		t.Fatal(err)
+	}
+	veth := cni.HostVethName("bw", "slow", "")
+	out, err := shared.Exec("node-3", "tc", "qdisc", "show", "dev", veth)
+	if err != nil || !strings.Contains(out, "tbf") {
+		t.Errorf("no token bucket on %s: %v\n%s", veth, err, out)
+	}
+}

@@ -1,0 +1,108 @@
+// Package forward is the one place where the node decides whether to
+// forward pod traffic. Canal's blanket FORWARD accepts for the cluster CIDR
+// let traffic skip Calico's policy (canal#115, flannel#938); here a packet
+// to or from a pod veth first passes the policy loop's chains, and only the
+// pod traffic they let through is accepted.
+//
+//	FORWARD -> SLUICE-FORWARD
+//	  -i sl+ -> SLUICE-FROM-POD   egress policy: RETURN to allow, DROP to deny
+//	  -o sl+ -> SLUICE-TO-POD     ingress policy: RETURN to allow, DROP to deny
+//	  -i sl+ -> ACCEPT
+//	  -o sl+ -> ACCEPT
+//
+// The policy loop owns the contents of SLUICE-FROM-POD and SLUICE-TO-POD;
+// this package only makes sure they exist and never flushes them.
+package forward
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/sluice-net/sluice/internal/iptables"
+)
+
+// Chains.
+const (
+	Chain        = "SLUICE-FORWARD"
+	FromPodChain = "SLUICE-FROM-POD"
+	ToPodChain   = "SLUICE-TO-POD"
+	// PodInterfaces matches the host side of every pod veth Sluice makes.
+	PodInterfaces = "sl+"
+	jumpComment   = "sluice: forwarding decision for pod traffic"
+)
+
+func rules() []string {
+	return []string{
+		fmt.Sprintf("-A %s -i %s -m comment --comment \"egress policy of the sending pod\" -j %s", Chain, PodInterfaces, FromPodChain),
+		fmt.Sprintf("-A %s -o %s -m comment --comment \"ingress policy of the receiving pod\" -j %s", Chain, PodInterfaces, ToPodChain),
+		fmt.Sprintf("-A %s -i %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
+		fmt.Sprintf("-A %s -o %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
+	}
+}
+
+// Render returns the restore payload of SLUICE-FORWARD.
+func Render() []byte {
+	var b strings.Builder
+	fmt.Fprintf(&b, ":%s - [0:0]\n", Chain)
+	for _, r := range rules() {
+		b.WriteString(r + "\n")
+	}
+	return []byte(b.String())
+}
+
+// Check reports whether the chain and the jump to it are as rendered.
+func Check(r *iptables.Runner) bool {
+	live, err := r.Rules("filter", Chain)
+	if err != nil || !slices.Equal(live, rules()) {
+		return false
+	}
+	for _, c := range []string{FromPodChain, ToPodChain} {
+		if _, err := r.Rules("filter", c); err != nil {
+			return false
+		}
+	}
+	jumps, err := r.Rules("filter", "FORWARD")
+	if err != nil || len(jumps) == 0 {
+		return false
+	}
+	// Sluice's decision must come first, before anyone's blanket accept.
+	return strings.HasSuffix(jumps[0], "-j "+Chain)
+}
+
+// Apply writes the chain, creates the policy chains if missing, and puts
+// the jump first in FORWARD.
+func Apply(r *iptables.Runner) error {
+	for _, c := range []string{FromPodChain, ToPodChain, Chain} {
+		if err := r.EnsureChain("filter", c); err != nil {
+			return err
+		}
+	}
+	if err := r.Restore("filter", Render()); err != nil {
+		return fmt.Errorf("writing the forwarding chain: %w", err)
+	}
+	jumps, err := r.Rules("filter", "FORWARD")
+	if err != nil {
+		return err
+	}
+	if len(jumps) > 0 && !strings.HasSuffix(jumps[0], "-j "+Chain) {
+		// Someone inserted a rule above ours: move ours back to the top.
+		if err := r.DeleteJump("filter", "FORWARD", Chain, jumpComment); err != nil {
+			return err
+		}
+	}
+	return r.EnsureJump("filter", "FORWARD", Chain, jumpComment)
+}
+
+// Remove deletes the jump and the chains.
+func Remove(r *iptables.Runner) error {
+	if err := r.DeleteJump("filter", "FORWARD", Chain, jumpComment); err != nil {
+		return err
+	}
+	for _, c := range []string{Chain, FromPodChain, ToPodChain} {
+		if err := r.DeleteChain("filter", c); err != nil {
+			return err
+		}
+	}
+	return nil
+}

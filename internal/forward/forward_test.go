@@ -1,0 +1,74 @@
+package forward
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/nettest"
+)
+
+func TestApplyKeepsPolicyChainsAndComesFirst(t *testing.T) {
+	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+		n := nettest.NewNS(t)
+		nettest.Do(t, n, func() error {
+			r, err := iptables.New(fam, iptables.ModeNFT)
+			if err != nil {
+				return err
+			}
+			// Another program's blanket accept, and a policy rule that the
+			// policy loop wrote, must both survive.
+			if err := r.Raw("-A", "FORWARD", "-s", map[iptables.Family]string{4: "10.244.0.0/16", 6: "fd00::/8"}[fam], "-j", "ACCEPT"); err != nil {
+				return err
+			}
+			if err := r.EnsureChain("filter", FromPodChain); err != nil {
+				return err
+			}
+			if err := r.Raw("-A", FromPodChain, "-j", "DROP"); err != nil {
+				return err
+			}
+			if Check(r) {
+				t.Error("Check passed before Apply")
+			}
+			if err := Apply(r); err != nil {
+				return err
+			}
+			if !Check(r) {
+				live, _ := r.Rules("filter", Chain)
+				fwd, _ := r.Rules("filter", "FORWARD")
+				t.Fatalf("Check after Apply failed:\n%s\nFORWARD:\n%s", strings.Join(live, "\n"), strings.Join(fwd, "\n"))
+			}
+			from, _ := r.Rules("filter", FromPodChain)
+			if len(from) != 1 || !strings.Contains(from[0], "DROP") {
+				t.Errorf("the policy loop's rule was flushed: %v", from)
+			}
+			fwd, _ := r.Rules("filter", "FORWARD")
+			if len(fwd) != 2 {
+				t.Errorf("FORWARD = %v", fwd)
+			}
+			// Someone inserts above us: Check sees it, Apply moves us back.
+			if err := r.Raw("-I", "FORWARD", "1", "-j", "ACCEPT"); err != nil {
+				return err
+			}
+			if Check(r) {
+				t.Error("Check missed a rule inserted above Sluice's jump")
+			}
+			if err := Apply(r); err != nil {
+				return err
+			}
+			if !Check(r) {
+				t.Error("Apply did not restore the jump's place")
+			}
+			if err := Remove(r); err != nil {
+				return err
+			}
+			fwd, _ = r.Rules("filter", "FORWARD")
+			for _, l := range fwd {
+				if strings.Contains(l, "SLUICE") {
+					t.Errorf("left after Remove: %s", l)
+				}
+			}
+			return nil
+		})
+	}
+}
