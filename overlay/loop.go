@@ -68,6 +68,9 @@ type Loop struct {
 	queue    workqueue.TypedRateLimitingInterface[string]
 	underlay *Underlay
 	ipt      map[bool]*iptables.Runner // by ipv6
+	// offloadDone records devices whose checksum offload was applied; only
+	// the sync goroutine touches it.
+	offloadDone map[string]bool
 
 	mu     sync.RWMutex
 	status Status
@@ -96,10 +99,11 @@ func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder)
 		cfg.ResyncPeriod = 5 * time.Second
 	}
 	return &Loop{
-		cfg:      cfg,
-		client:   client,
-		recorder: recorder,
-		ipt:      map[bool]*iptables.Runner{},
+		cfg:         cfg,
+		client:      client,
+		recorder:    recorder,
+		ipt:         map[bool]*iptables.Runner{},
+		offloadDone: map[string]bool{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "overlay"}),
@@ -366,10 +370,12 @@ func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
 		if ch.Total() > 0 {
 			logger.Info("overlay entries written", "ipv6", v6, "changes", ch, "peers", len(tab.Peers))
 		}
-		if tab.Device != nil {
+		if tab.Device != nil && (ch.Device > 0 || !l.offloadDone[tab.Device.Name]) {
+			// ethtool is asked only when the device is new or changed.
 			if err := l.ensureChecksumOffload(ctx, tab.Device.Name); err != nil {
 				return total, err
 			}
+			l.offloadDone[tab.Device.Name] = true
 		}
 		if l.cfg.IPMasq {
 			network := l.cfg.Net.Network

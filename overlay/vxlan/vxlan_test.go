@@ -276,3 +276,28 @@ func TestHostGW(t *testing.T) {
 		t.Error("host-gw created a VXLAN device")
 	}
 }
+
+func TestTXChecksumOffloadToggle(t *testing.T) {
+	a, b := twoNodes(t, families[0])
+	a.sync(t, a.table(b, false))
+	nettest.Do(t, a.netns, func() error {
+		on, err := TXChecksumOffload("vx-sluice.1")
+		if err != nil {
+			return err
+		}
+		if !on {
+			t.Error("a new VXLAN device should have TX checksum offload on")
+		}
+		if err := SetTXChecksumOffload("vx-sluice.1", false); err != nil {
+			return err
+		}
+		if on, _ := TXChecksumOffload("vx-sluice.1"); on {
+			t.Error("offload still on after turning it off")
+		}
+		return SetTXChecksumOffload("vx-sluice.1", true)
+	})
+	b.sync(t, b.table(a, false))
+	if err := reach(t, a, b); err != nil {
+		t.Error(err)
+	}
+}
