@@ -97,7 +97,7 @@ func diff(t *testing.T, name string, got, want map[string]bool) {
 	}
 }
 
-func nsOf(key string) string { return key[:1] }
+func nsOf(key string) string  { return key[:1] }
 func podOf(key string) string { return key[2:] }
 
 func TestTruthTables(t *testing.T) {
