@@ -100,15 +100,23 @@ func diff(t *testing.T, name string, got, want map[string]bool) {
 func nsOf(key string) string  { return key[:1] }
 func podOf(key string) string { return key[2:] }
 
+type policyCase struct {
+	name   string
+	pols   []*Policy
+	proto  Protocol
+	port   int32
+	expect map[string]bool
+}
+
 func TestTruthTables(t *testing.T) {
 	w := newWorld()
-	cases := []struct {
-		name   string
-		pols   []*Policy
-		proto  Protocol
-		port   int32
-		expect map[string]bool
-	}{
+	for _, c := range policyCases(w) {
+		diff(t, c.name, w.table(c.pols, c.proto, c.port), c.expect)
+	}
+}
+
+func policyCases(w *world) []policyCase {
+	return []policyCase{
 		{"no policy: all open", nil, TCP, 80, w.expect(true, func(_, _ string) bool { return false })},
 		{"default deny ingress in x",
 			[]*Policy{np("x", "deny", networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{}})}, TCP, 80,
@@ -168,9 +176,6 @@ func TestTruthTables(t *testing.T) {
 			[]*Policy{np("x", "broken", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"),
 				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "pod", Operator: "Bogus"}}}}}}}})}, TCP, 80,
 			w.expect(true, func(_, to string) bool { return to == "x/a" })},
-	}
-	for _, c := range cases {
-		diff(t, c.name, w.table(c.pols, c.proto, c.port), c.expect)
 	}
 }
 

@@ -1,0 +1,392 @@
+package policy
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+)
+
+// The chains and sets the policy loop renders, in the design Calico's Felix
+// arrived at:
+//
+//	SLUICE-FROM-POD / SLUICE-TO-POD (hooked by package forward)
+//	  dispatch by interface name through a prefix tree, ending in DROP for
+//	  any Sluice interface that is not programmed yet
+//	SLUICE-FW-<veth> / SLUICE-TW-<veth>: one per local endpoint and direction
+//	  conntrack first, then a jump to each policy that selects the endpoint
+//	SLUICE-PE-<hash> / SLUICE-PI-<hash>: one per policy and direction,
+//	  shared by every endpoint the policy selects
+//
+// Peers live in ipsets keyed by a hash of the normalised selector, so an
+// endpoint's rules grow with the policies that select it, not with the
+// number of pods.
+const (
+	FromPodChain   = "SLUICE-FROM-POD"
+	ToPodChain     = "SLUICE-TO-POD"
+	chainPrefix    = "SLUICE-"
+	setPrefix      = "SLUICE-"
+	vethPrefix     = "sl"
+	dispatchBucket = 1 // hex characters of the first dispatch level
+)
+
+// Endpoint describes a local pod endpoint for rendering.
+type LocalEndpoint struct {
+	Pod      *Pod
+	HostVeth string // sl + 11 hex
+	// Ingress and Egress are the keys of the policies selecting it, in
+	// order, per direction.
+	Ingress, Egress []string
+}
+
+// SetType is an ipset type.
+type SetType string
+
+const (
+	HashNet    SetType = "hash:net"
+	HashIPPort SetType = "hash:ip,port"
+)
+
+// Set is an ipset's wanted content.
+type Set struct {
+	Name    string
+	Type    SetType
+	IPv6    bool
+	Entries []string // "10.0.0.0/8", "10.0.0.0/24 nomatch", "10.1.2.3,tcp:80"
+}
+
+// Ruleset is everything the policy loop renders for one family.
+type Ruleset struct {
+	// Chains maps chain names to their rules ("-A CHAIN ..." lines).
+	Chains map[string][]string
+	Sets   map[string]*Set
+}
+
+// Renderer turns policies and endpoints into rules.
+type Renderer struct {
+	IPv6 bool
+	// AcceptMark is the mark bit a policy chain sets to say "allowed"; it
+	// must not overlap kube-proxy's 0x4000 and 0x8000.
+	AcceptMark uint32
+}
+
+func shortHash(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:])[:16]
+}
+
+func (r *Renderer) fam() string {
+	if r.IPv6 {
+		return "6"
+	}
+	return "4"
+}
+
+// PolicyChain names a policy's chain of a direction.
+func PolicyChain(key string, egress bool) string {
+	if egress {
+		return chainPrefix + "PE-" + shortHash(key)
+	}
+	return chainPrefix + "PI-" + shortHash(key)
+}
+
+// EndpointChain names an endpoint's chain: FW is traffic from the pod
+// (egress), TW traffic to it (ingress).
+func EndpointChain(veth string, egress bool) string {
+	suffix := strings.TrimPrefix(veth, vethPrefix)
+	if egress {
+		return chainPrefix + "FW-" + suffix
+	}
+	return chainPrefix + "TW-" + suffix
+}
+
+func (r *Renderer) mark() string {
+	return fmt.Sprintf("0x%x/0x%x", r.AcceptMark, r.AcceptMark)
+}
+
+// selectorSetName names the set of the IPs of the pods a peer selects.
+func (r *Renderer) selectorSetName(pp *PodPeer) string {
+	return setPrefix + "S" + r.fam() + "-" + shortHash(normalisedPeer(pp))
+}
+
+func normalisedPeer(pp *PodPeer) string {
+	ns := "own=" + pp.Namespace
+	if pp.Namespaces != nil {
+		ns = "nssel=" + pp.Namespaces.String()
+	}
+	return ns + ";pods=" + pp.Pods.String()
+}
+
+func (r *Renderer) cidrSetName(p *Peer) string {
+	ex := make([]string, 0, len(p.Except))
+	for _, e := range p.Except {
+		ex = append(ex, e.String())
+	}
+	sort.Strings(ex)
+	return setPrefix + "C" + r.fam() + "-" + shortHash(p.CIDR.String()+";except="+strings.Join(ex, ","))
+}
+
+func (r *Renderer) namedPortSetName(scope, name string, proto Protocol) string {
+	return setPrefix + "N" + r.fam() + "-" + shortHash(scope+";port="+name+";"+string(proto))
+}
+
+// Render computes the whole ruleset of one family.
+func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint, pods []*Pod, namespaces map[string]*Namespace) *Ruleset {
+	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
+	used := map[string]bool{}
+	for _, ep := range endpoints {
+		for _, k := range ep.Ingress {
+			used[k+"/in"] = true
+		}
+		for _, k := range ep.Egress {
+			used[k+"/out"] = true
+		}
+	}
+	keys := make([]string, 0, len(policies))
+	for k := range policies {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		p := policies[k]
+		if used[k+"/in"] {
+			rs.Chains[PolicyChain(k, false)] = r.policyRules(rs, p, false, pods, namespaces)
+		}
+		if used[k+"/out"] {
+			rs.Chains[PolicyChain(k, true)] = r.policyRules(rs, p, true, pods, namespaces)
+		}
+	}
+	for _, ep := range endpoints {
+		rs.Chains[EndpointChain(ep.HostVeth, false)] = r.endpointRules(EndpointChain(ep.HostVeth, false), ep.Ingress, false)
+		rs.Chains[EndpointChain(ep.HostVeth, true)] = r.endpointRules(EndpointChain(ep.HostVeth, true), ep.Egress, true)
+	}
+	r.dispatch(rs, endpoints, true)
+	r.dispatch(rs, endpoints, false)
+	return rs
+}
+
+func (r *Renderer) endpointRules(chain string, policies []string, egress bool) []string {
+	rules := []string{
+		fmt.Sprintf("-A %s -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN", chain),
+		fmt.Sprintf("-A %s -m conntrack --ctstate INVALID -j DROP", chain),
+	}
+	if len(policies) == 0 {
+		return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy isolates this pod\" -j RETURN", chain))
+	}
+	rules = append(rules, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark))
+	for _, k := range policies {
+		rules = append(rules,
+			fmt.Sprintf("-A %s -j %s", chain, PolicyChain(k, egress)),
+			fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
+	}
+	return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", chain))
+}
+
+// dispatch renders the prefix tree: the top chain sends each first hex
+// character to its bucket, each bucket sends each interface to its
+// endpoint chain, and both end in DROP for Sluice interfaces that are not
+// programmed, so a pod whose endpoint is not ready sends and receives
+// nothing.
+func (r *Renderer) dispatch(rs *Ruleset, endpoints []LocalEndpoint, egress bool) {
+	top, dir := ToPodChain, "-o"
+	if egress {
+		top, dir = FromPodChain, "-i"
+	}
+	buckets := map[string][]string{}
+	for _, ep := range endpoints {
+		suffix := strings.TrimPrefix(ep.HostVeth, vethPrefix)
+		if len(suffix) < dispatchBucket {
+			continue
+		}
+		b := suffix[:dispatchBucket]
+		buckets[b] = append(buckets[b], ep.HostVeth)
+	}
+	names := make([]string, 0, len(buckets))
+	for b := range buckets {
+		names = append(names, b)
+	}
+	sort.Strings(names)
+	var topRules []string
+	for _, b := range names {
+		bucket := top + "-" + b
+		topRules = append(topRules, fmt.Sprintf("-A %s %s %s%s+ -g %s", top, dir, vethPrefix, b, bucket))
+		vs := buckets[b]
+		sort.Strings(vs)
+		var rules []string
+		for _, v := range vs {
+			rules = append(rules, fmt.Sprintf("-A %s %s %s -g %s", bucket, dir, v, EndpointChain(v, egress)))
+		}
+		rules = append(rules, fmt.Sprintf("-A %s -m comment --comment \"endpoint not programmed yet\" -j DROP", bucket))
+		rs.Chains[bucket] = rules
+	}
+	topRules = append(topRules, fmt.Sprintf("-A %s -m comment --comment \"endpoint not programmed yet\" -j DROP", top))
+	rs.Chains[top] = topRules
+}
+
+// policyRules renders one policy's chain of a direction: each rule sets
+// the accept mark for the traffic it allows and returns.
+func (r *Renderer) policyRules(rs *Ruleset, p *Policy, egress bool, pods []*Pod, namespaces map[string]*Namespace) []string {
+	chain := PolicyChain(p.Key, egress)
+	if p.Broken != "" {
+		// Fail closed: the chain allows nothing, so the endpoint chain's
+		// final DROP applies.
+		return []string{fmt.Sprintf("-A %s -m comment --comment \"%s\" -j RETURN", chain, comment("broken policy allows nothing: "+p.Broken))}
+	}
+	rules := p.IngressRules
+	peerDir := "src"
+	if egress {
+		rules = p.EgressRules
+		peerDir = "dst"
+	}
+	var out []string
+	for i := range rules {
+		rule := &rules[i]
+		peerMatches := r.peerMatches(rs, rule, peerDir, pods, namespaces)
+		if peerMatches == nil {
+			continue // peers that select nothing in this family
+		}
+		for _, pm := range peerMatches {
+			for _, portMatch := range r.portMatches(rs, p, rule, egress, pods, namespaces) {
+				m := strings.TrimSpace(pm + " " + portMatch)
+				line := fmt.Sprintf("-A %s", chain)
+				if m != "" {
+					line += " " + m
+				}
+				out = append(out, line+fmt.Sprintf(" -j MARK --set-xmark %s", r.mark()))
+			}
+		}
+	}
+	out = append(out, fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
+	return out
+}
+
+// peerMatches returns one match per peer ("" for every peer), or nil when
+// the rule's peers can never match in this family.
+func (r *Renderer) peerMatches(rs *Ruleset, rule *Rule, dir string, pods []*Pod, namespaces map[string]*Namespace) []string {
+	if rule.Peers == nil {
+		return []string{""}
+	}
+	var out []string
+	for i := range rule.Peers {
+		peer := &rule.Peers[i]
+		if peer.Pods != nil {
+			name := r.selectorSetName(peer.Pods)
+			if _, ok := rs.Sets[name]; !ok {
+				set := &Set{Name: name, Type: HashNet, IPv6: r.IPv6}
+				for _, pod := range pods {
+					if peer.Pods.Matches(pod, namespaces[pod.Namespace]) {
+						for _, ip := range pod.IPs {
+							if ip.Is6() == r.IPv6 {
+								set.Entries = append(set.Entries, netip.PrefixFrom(ip, ip.BitLen()).String())
+							}
+						}
+					}
+				}
+				sortEntries(set)
+				rs.Sets[name] = set
+			}
+			out = append(out, fmt.Sprintf("-m set --match-set %s %s", name, dir))
+			continue
+		}
+		if peer.CIDR.Addr().Is6() != r.IPv6 {
+			continue
+		}
+		name := r.cidrSetName(peer)
+		if _, ok := rs.Sets[name]; !ok {
+			set := &Set{Name: name, Type: HashNet, IPv6: r.IPv6, Entries: []string{peer.CIDR.String()}}
+			for _, e := range peer.Except {
+				if e.Addr().Is6() == r.IPv6 {
+					set.Entries = append(set.Entries, e.String()+" nomatch")
+				}
+			}
+			sortEntries(set)
+			rs.Sets[name] = set
+		}
+		out = append(out, fmt.Sprintf("-m set --match-set %s %s", name, dir))
+	}
+	return out
+}
+
+// portMatches returns one match per port ("" for every port). A named
+// port becomes a hash:ip,port set of the destination pods that declare it:
+// for ingress the policy's own pods, for egress every pod (the peer match
+// narrows it).
+func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, pods []*Pod, namespaces map[string]*Namespace) []string {
+	if rule.Ports == nil {
+		return []string{""}
+	}
+	var out []string
+	for _, pt := range rule.Ports {
+		proto := strings.ToLower(string(pt.Protocol))
+		switch {
+		case pt.Name != "":
+			scope := "egress"
+			if !egress {
+				scope = "ingress:" + p.Key
+			}
+			name := r.namedPortSetName(scope, pt.Name, pt.Protocol)
+			if _, ok := rs.Sets[name]; !ok {
+				set := &Set{Name: name, Type: HashIPPort, IPv6: r.IPv6}
+				for _, pod := range pods {
+					if !egress && !p.Selects(pod) {
+						continue
+					}
+					np, ok := pod.NamedPorts[pt.Name]
+					if !ok || np.Protocol != pt.Protocol {
+						continue
+					}
+					for _, ip := range pod.IPs {
+						if ip.Is6() == r.IPv6 {
+							set.Entries = append(set.Entries, fmt.Sprintf("%s,%s:%d", ip, proto, np.Number))
+						}
+					}
+				}
+				sortEntries(set)
+				rs.Sets[name] = set
+			}
+			out = append(out, fmt.Sprintf("-p %s -m set --match-set %s dst,dst", proto, name))
+		case pt.Number == 0:
+			out = append(out, "-p "+proto)
+		case pt.EndPort != 0:
+			out = append(out, fmt.Sprintf("-p %s -m %s --dport %d:%d", proto, proto, pt.Number, pt.EndPort))
+		default:
+			out = append(out, fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, pt.Number))
+		}
+	}
+	return out
+}
+
+func sortEntries(s *Set) { slices.Sort(s.Entries) }
+
+// comment makes text safe inside an iptables comment: no double quotes or
+// backslashes (iptables-restore does not unescape them), at most 200 bytes
+// (the kernel's limit is 256).
+func comment(s string) string {
+	s = strings.NewReplacer(`"`, "'", `\`, "/", "\n", " ").Replace(s)
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return s
+}
+
+// Selecting returns the keys of the policies that select a pod, per
+// direction, in a stable order.
+func Selecting(policies map[string]*Policy, pod *Pod) (ingress, egress []string) {
+	for k, p := range policies {
+		if !p.Selects(pod) {
+			continue
+		}
+		if p.Ingress {
+			ingress = append(ingress, k)
+		}
+		if p.Egress {
+			egress = append(egress, k)
+		}
+	}
+	sort.Strings(ingress)
+	sort.Strings(egress)
+	return ingress, egress
+}
