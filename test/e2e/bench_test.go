@@ -37,7 +37,8 @@ func BenchmarkLabUp(b *testing.B) {
 // BenchmarkPodStart measures pod create to Running (with an IP) in the lab,
 // through the reference ptp + host-local chain. Goal: p50 at most 1 s.
 // Dual-stack pods wait for IPv6 duplicate address detection inside ptp
-// (about 2 s), so both cases are reported.
+// (about 2 s), so both cases are reported, and Sluice's own plugin, which
+// skips that wait, on a dual-stack lab.
 func BenchmarkPodStart(b *testing.B) {
 	b.Run("ipv4", func(b *testing.B) {
 		l, err := labtest.Start(lab.Options{Nodes: 3, CNI: lab.CNIReference})
@@ -48,6 +49,14 @@ func BenchmarkPodStart(b *testing.B) {
 		benchPodStart(b, l)
 	})
 	b.Run("dual-stack", func(b *testing.B) { benchPodStart(b, shared) })
+	b.Run("sluice-dual-stack", func(b *testing.B) {
+		l, err := labtest.Start(lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNISluice})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Stop()
+		benchPodStart(b, l)
+	})
 }
 
 func benchPodStart(b *testing.B, shared *labtest.Lab) {
