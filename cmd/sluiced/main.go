@@ -7,6 +7,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"log"
 	"net/http"
 	"net/netip"
 	"os"
@@ -79,6 +81,10 @@ func main() {
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	flag.Parse()
 
+	// Sluice logs through klog. The standard logger only carries
+	// vishvananda/netlink's notes on ipset attributes it does not decode
+	// (the nomatch flag), which are expected and would flood the log.
+	log.SetOutput(io.Discard)
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	cfg, err := o.config()
