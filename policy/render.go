@@ -249,13 +249,16 @@ func (r *Renderer) policyRules(rs *Ruleset, p *Policy, egress bool, pods []*Pod,
 			continue // peers that select nothing in this family
 		}
 		for _, pm := range peerMatches {
-			for _, portMatch := range r.portMatches(rs, p, rule, egress, pods, namespaces) {
-				m := strings.TrimSpace(pm + " " + portMatch)
-				line := fmt.Sprintf("-A %s", chain)
-				if m != "" {
-					line += " " + m
+			for _, port := range r.portMatches(rs, p, rule, egress, pods, namespaces) {
+				// iptables-save's canonical order: protocol, then the
+				// matches in the order given, so a re-read compares equal.
+				parts := []string{"-A", chain}
+				for _, m := range []string{port.proto, pm, port.rest} {
+					if m != "" {
+						parts = append(parts, m)
+					}
 				}
-				out = append(out, line+fmt.Sprintf(" -j MARK --set-xmark %s", r.mark()))
+				out = append(out, strings.Join(parts, " ")+fmt.Sprintf(" -j MARK --set-xmark %s", r.mark()))
 			}
 		}
 	}
@@ -310,17 +313,22 @@ func (r *Renderer) peerMatches(rs *Ruleset, rule *Rule, dir string, pods []*Pod,
 	return out
 }
 
-// portMatches returns one match per port ("" for every port). A named
+// portMatch is a rule's port match: the protocol part (which iptables
+// puts first) and the rest.
+type portMatch struct{ proto, rest string }
+
+// portMatches returns one match per port (empty for every port). A named
 // port becomes a hash:ip,port set of the destination pods that declare it:
 // for ingress the policy's own pods, for egress every pod (the peer match
 // narrows it).
-func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, pods []*Pod, namespaces map[string]*Namespace) []string {
+func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, pods []*Pod, namespaces map[string]*Namespace) []portMatch {
 	if rule.Ports == nil {
-		return []string{""}
+		return []portMatch{{}}
 	}
-	var out []string
+	var out []portMatch
 	for _, pt := range rule.Ports {
 		proto := strings.ToLower(string(pt.Protocol))
+		pm := portMatch{proto: "-p " + proto}
 		switch {
 		case pt.Name != "":
 			scope := "egress"
@@ -347,14 +355,14 @@ func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, 
 				sortEntries(set)
 				rs.Sets[name] = set
 			}
-			out = append(out, fmt.Sprintf("-p %s -m set --match-set %s dst,dst", proto, name))
+			pm.rest = fmt.Sprintf("-m set --match-set %s dst,dst", name)
 		case pt.Number == 0:
-			out = append(out, "-p "+proto)
 		case pt.EndPort != 0:
-			out = append(out, fmt.Sprintf("-p %s -m %s --dport %d:%d", proto, proto, pt.Number, pt.EndPort))
+			pm.rest = fmt.Sprintf("-m %s --dport %d:%d", proto, pt.Number, pt.EndPort)
 		default:
-			out = append(out, fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, pt.Number))
+			pm.rest = fmt.Sprintf("-m %s --dport %d", proto, pt.Number)
 		}
+		out = append(out, pm)
 	}
 	return out
 }

@@ -140,10 +140,10 @@ func TestRenderGolden(t *testing.T) {
 	got := strings.Join(rs.Chains[chain], "\n")
 	S, C := (&Renderer{}).selectorSetName(pol.IngressRules[0].Peers[0].Pods), (&Renderer{}).cidrSetName(&pol.IngressRules[0].Peers[1])
 	want := strings.Join([]string{
-		"-A " + chain + " -m set --match-set " + S + " src -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000",
-		"-A " + chain + " -m set --match-set " + S + " src -p udp -m udp --dport 1000:2000 -j MARK --set-xmark 0x10000/0x10000",
-		"-A " + chain + " -m set --match-set " + C + " src -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000",
-		"-A " + chain + " -m set --match-set " + C + " src -p udp -m udp --dport 1000:2000 -j MARK --set-xmark 0x10000/0x10000",
+		"-A " + chain + " -p tcp -m set --match-set " + S + " src -m tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000",
+		"-A " + chain + " -p udp -m set --match-set " + S + " src -m udp --dport 1000:2000 -j MARK --set-xmark 0x10000/0x10000",
+		"-A " + chain + " -p tcp -m set --match-set " + C + " src -m tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000",
+		"-A " + chain + " -p udp -m set --match-set " + C + " src -m udp --dport 1000:2000 -j MARK --set-xmark 0x10000/0x10000",
 		"-A " + chain + " -m mark --mark 0x10000/0x10000 -j RETURN",
 	}, "\n")
 	if got != want {

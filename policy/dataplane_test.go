@@ -1,0 +1,100 @@
+package policy
+
+import (
+	"io"
+	"log"
+	"os/exec"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+
+	"github.com/sluice-net/sluice/internal/forward"
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/nettest"
+)
+
+func init() { log.SetOutput(io.Discard) } // vishvananda/netlink's ipset notes
+
+func save(t *testing.T, ns string) string {
+	out, err := exec.Command("ip", "netns", "exec", ns, "iptables-nft-save", "-t", "filter").CombinedOutput()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+func TestDataplaneWritesOnlyChanges(t *testing.T) {
+	n := nettest.NewNS(t)
+	w := newWorld()
+	deny := np("x", "deny", networkingv1.NetworkPolicySpec{})
+	allow := np("x", "allow-y", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"), Ingress: []networkingv1.NetworkPolicyIngressRule{{
+		From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}, {IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8", Except: []string{"10.244.5.0/24"}}}},
+		Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP), namedPort("serve-81-udp", corev1.ProtocolUDP)}}}})
+	nettest.Do(t, n, func() error {
+		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		if err != nil {
+			return err
+		}
+		if err := forward.Apply(r); err != nil {
+			return err
+		}
+		d := NewDataplane(r, false)
+		st, err := d.Apply(w.render([]*Policy{deny, allow}))
+		if err != nil {
+			return err
+		}
+		if st.ChainsWritten == 0 || st.SetsChanged != 3 {
+			t.Errorf("first apply: %+v", st)
+		}
+		// Nothing changed: nothing written.
+		if st, err := d.Apply(w.render([]*Policy{deny, allow})); err != nil || st.Changed() {
+			t.Errorf("second apply: %+v %v", st, err)
+		}
+		// A restarted agent reads the kernel and finds nothing to change:
+		// the rendered rules are in iptables-save's canonical form.
+		d2 := NewDataplane(r, false)
+		if st, err := d2.Apply(w.render([]*Policy{deny, allow})); err != nil || st.ChainsWritten != 0 {
+			t.Errorf("apply after restart rewrote %d chains (%v); rendered text differs from iptables-save", st.ChainsWritten, err)
+		}
+		// One policy removed: only its chains and what referenced them.
+		st, err = d.Apply(w.render([]*Policy{deny}))
+		if err != nil {
+			return err
+		}
+		if st.ChainsDeleted != 1 || st.SetsDeleted != 3 {
+			t.Errorf("removing a policy: %+v", st)
+		}
+		if st.ChainsWritten > 2 {
+			t.Errorf("removing a policy rewrote %d chains, want only x/a's ingress chain", st.ChainsWritten)
+		}
+		if strings.Contains(save(t, nettest.Name(n)), PolicyChain("x/allow-y", false)) {
+			t.Error("the removed policy's chain remains")
+		}
+		// A rule deleted behind our back comes back after a re-read.
+		if err := r.Raw("-F", FromPodChain); err != nil {
+			return err
+		}
+		if err := d.ReadKernel(); err != nil {
+			return err
+		}
+		if st, err := d.Apply(w.render([]*Policy{deny})); err != nil || st.ChainsWritten != 1 {
+			t.Errorf("repair after a flush: %+v %v", st, err)
+		}
+		// Everything goes.
+		if err := forward.Remove(r); err != nil {
+			return err
+		}
+		if err := d.Remove(); err != nil {
+			return err
+		}
+		if left := save(t, nettest.Name(n)); strings.Contains(left, "SLUICE") {
+			t.Errorf("left after Remove:\n%s", left)
+		}
+		return nil
+	})
+	if out, _ := exec.Command("ip", "netns", "exec", nettest.Name(n), "ipset", "list", "-n").CombinedOutput(); strings.TrimSpace(string(out)) != "" {
+		t.Errorf("sets left: %s", out)
+	}
+}
