@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +34,7 @@ import (
 	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/overlay"
 	"github.com/sluice-net/sluice/overlay/netconf"
+	"github.com/sluice-net/sluice/policy"
 )
 
 type listFlag []string
@@ -57,6 +59,7 @@ type options struct {
 	iptablesMode    string
 	resync          time.Duration
 	podCIDRGrace    time.Duration
+	policyMark      string
 }
 
 func main() {
@@ -78,6 +81,7 @@ func main() {
 	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
+	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	flag.Parse()
 
@@ -174,32 +178,43 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluiced", Host: cfg.NodeName})
 
 	klog.InfoS("sluiced starting", "node", cfg.NodeName, "network", cfg.Net.Networks(), "backend", cfg.Net.Backend.Type, "iptables", cfg.IPTablesMode)
-	loop := overlay.New(cfg, client, recorder)
-	if o.healthAddr != "" {
-		go serveHealth(ctx, o.healthAddr, loop)
+	mark, err := strconv.ParseUint(o.policyMark, 0, 32)
+	if err != nil || mark == 0 || mark&(mark-1) != 0 || mark&0xc000 != 0 {
+		return fmt.Errorf("--policy-mark %q must be a single bit outside kube-proxy's 0x4000 and 0x8000", o.policyMark)
 	}
-	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, nil)
+	loop := overlay.New(cfg, client, recorder)
+	policyLoop := policy.NewLoop(policy.Config{
+		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
+		AcceptMark: uint32(mark), IPTablesMode: cfg.IPTablesMode,
+	}, client, recorder)
+	if o.healthAddr != "" {
+		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() })
+	}
+	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, policyLoop)
 	if err != nil {
 		return err
 	}
-	errc := make(chan error, 2)
+	policyLoop.Seed(registry.List())
+	errc := make(chan error, 3)
 	go func() { errc <- registry.Serve(ctx, filepath.Join(o.runDir, "sluiced.sock")) }()
 	go func() { errc <- loop.Run(ctx) }()
-	// Either part failing for good stops the agent, so the DaemonSet
-	// restarts it; a clean stop waits for both.
-	err = <-errc
-	if err != nil {
-		return err
+	go func() { errc <- policyLoop.Run(ctx) }()
+	// Any part failing for good stops the agent, so the DaemonSet
+	// restarts it; a clean stop waits for all.
+	for i := 0; i < 3; i++ {
+		if err := <-errc; err != nil {
+			return err
+		}
 	}
-	return <-errc
+	return nil
 }
 
-func serveHealth(ctx context.Context, addr string, loop *overlay.Loop) {
+func serveHealth(ctx context.Context, addr string, ready func() bool) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !loop.Ready() {
-			http.Error(w, "overlay not programmed yet", http.StatusServiceUnavailable)
+		if !ready() {
+			http.Error(w, "overlay or policy not programmed yet", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

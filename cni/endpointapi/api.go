@@ -127,3 +127,8 @@ func (c *Client) List(ctx context.Context) ([]Endpoint, error) {
 	}
 	return resp.Endpoints, nil
 }
+
+// PodIPsAnnotation carries a pod's IPs as soon as the agent has wired it,
+// before the kubelet reports them in the pod's status, so other nodes can
+// use them at once.
+const PodIPsAnnotation = "sluice.dev/pod-ips"

@@ -29,9 +29,8 @@ import (
 	"github.com/sluice-net/sluice/internal/atomicfile"
 )
 
-// PodIPsAnnotation carries a pod's IPs as soon as it is wired, before the
-// kubelet reports them in its status, so other nodes can use them at once.
-const PodIPsAnnotation = "sluice.dev/pod-ips"
+// PodIPsAnnotation is the annotation the registry writes.
+const PodIPsAnnotation = endpointapi.PodIPsAnnotation
 
 // Programmer programs an endpoint's dataplane (the policy loop). Register
 // returns only after it succeeds.

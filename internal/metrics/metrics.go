@@ -27,6 +27,21 @@ var (
 		Name: "sluice_drift_repairs_total",
 		Help: "Kernel entries found missing or wrong and repaired, by kind.",
 	}, []string{"kind"})
+	// PolicyEndpoints counts, per policy, the local endpoints it selects.
+	PolicyEndpoints = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sluice_policy_selected_endpoints",
+		Help: "Local endpoints each policy selects on this node.",
+	}, []string{"policy"})
+	// EndpointsProgrammed and PoliciesProgrammed are the sizes of the last
+	// applied policy state.
+	EndpointsProgrammed = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_endpoints_programmed",
+		Help: "Local pod endpoints whose chains are programmed.",
+	})
+	PoliciesProgrammed = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_policies_programmed",
+		Help: "Network policies in the last applied state.",
+	})
 	// IPTablesRestoreFailures counts failed iptables-restore runs.
 	IPTablesRestoreFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_iptables_restore_failures_total",
@@ -36,5 +51,6 @@ var (
 
 func init() {
 	Registry.MustRegister(ApplyDuration, ApplyErrors, DriftRepairs, IPTablesRestoreFailures,
+		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }

@@ -1,0 +1,102 @@
+package policy
+
+import (
+	"net/netip"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// cutDeniedFlows deletes conntrack entries of flows to or from a local
+// endpoint that the policies no longer allow, so a new deny also cuts
+// connections that conntrack would otherwise pass as established. The
+// reference semantics decide each flow, so the cut matches the rules.
+func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]*Namespace, locals []LocalEndpoint) (int, error) {
+	byIP := map[netip.Addr]*Pod{}
+	for _, p := range pods {
+		for _, ip := range p.IPs {
+			byIP[ip] = p
+		}
+	}
+	local := map[netip.Addr]bool{}
+	for _, ep := range locals {
+		for _, ip := range ep.Pod.IPs {
+			local[ip] = true
+		}
+	}
+	endpoint := func(ip netip.Addr) Endpoint {
+		if p, ok := byIP[ip]; ok {
+			return Endpoint{Pod: p, Namespace: namespaces[p.Namespace], IP: ip}
+		}
+		return Endpoint{IP: ip}
+	}
+	list := make([]*Policy, 0, len(pols))
+	for _, p := range pols {
+		list = append(list, p)
+	}
+	filter := &denyFilter{}
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
+		if err != nil {
+			return 0, err
+		}
+		for _, f := range flows {
+			src, ok1 := netip.AddrFromSlice(f.Forward.SrcIP)
+			dst, ok2 := netip.AddrFromSlice(f.Forward.DstIP)
+			if !ok1 || !ok2 {
+				continue
+			}
+			src, dst = src.Unmap(), dst.Unmap()
+			if !local[src] && !local[dst] {
+				continue
+			}
+			proto := protoOf(f.Forward.Protocol)
+			if proto == "" {
+				continue
+			}
+			if !Allowed(list, endpoint(src), endpoint(dst), proto, int32(f.Forward.DstPort)) {
+				filter.add(f.Forward)
+			}
+		}
+	}
+	if len(filter.tuples) == 0 {
+		return 0, nil
+	}
+	var total uint
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		n, err := netlinksafe.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filter)
+		if err != nil {
+			return int(total), err
+		}
+		total += n
+	}
+	return int(total), nil
+}
+
+func protoOf(p uint8) Protocol {
+	switch p {
+	case unix.IPPROTO_TCP:
+		return TCP
+	case unix.IPPROTO_UDP:
+		return UDP
+	case unix.IPPROTO_SCTP:
+		return SCTP
+	}
+	return ""
+}
+
+// denyFilter matches the exact original tuples chosen for deletion.
+type denyFilter struct{ tuples []netlink.IPTuple }
+
+func (d *denyFilter) add(t netlink.IPTuple) { d.tuples = append(d.tuples, t) }
+
+func (d *denyFilter) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+	for _, t := range d.tuples {
+		if f.Forward.Protocol == t.Protocol && f.Forward.SrcPort == t.SrcPort && f.Forward.DstPort == t.DstPort &&
+			f.Forward.SrcIP.Equal(t.SrcIP) && f.Forward.DstIP.Equal(t.DstIP) {
+			return true
+		}
+	}
+	return false
+}
