@@ -199,6 +199,11 @@ func (r *Rule) peerAllowed(peer Endpoint) bool {
 // ingress for dst; a pod no policy selects in a direction is open in it;
 // several policies add up.
 func Allowed(policies []*Policy, src, dst Endpoint, proto Protocol, port int32) bool {
+	// "Pods cannot currently block localhost access": a pod reaching its
+	// own address never leaves its namespace, so no policy applies.
+	if src.Pod != nil && src.Pod == dst.Pod {
+		return true
+	}
 	return allowedDir(policies, src, dst, proto, port, true) && allowedDir(policies, dst, src, proto, port, false)
 }
 

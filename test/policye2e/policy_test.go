@@ -1,0 +1,228 @@
+// Package policye2e proves the policy loop in a Sluice lab: the e2e netpol
+// model (namespaces x, y, z with pods a, b, c over 3 nodes, serving TCP and
+// UDP on 80 and 81 with named ports), truth tables of every pod pair
+// compared with the reference semantics, which the policy package's unit
+// tests pin to the API reference.
+package policye2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/policy"
+	"github.com/sluice-net/sluice/test/labtest"
+)
+
+var (
+	shared *labtest.Lab
+	pods   []string // namespace/name
+)
+
+func TestMain(m *testing.M) {
+	code, err := setup(m)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
+	os.Exit(code)
+}
+
+func setup(m *testing.M) (int, error) {
+	var err error
+	shared, err = labtest.Start(lab.Options{Nodes: 3})
+	if err != nil {
+		return 1, err
+	}
+	defer shared.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	i := 0
+	for _, ns := range []string{"x", "y", "z"} {
+		if _, err := shared.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"ns": ns}}}, metav1.CreateOptions{}); err != nil {
+			return 1, err
+		}
+		for _, name := range []string{"a", "b", "c"} {
+			var ports []corev1.ContainerPort
+			for _, p := range []int32{80, 81} {
+				for _, proto := range []corev1.Protocol{corev1.ProtocolTCP, corev1.ProtocolUDP} {
+					ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("serve-%d-%s", p, strings.ToLower(string(proto))), ContainerPort: p, Protocol: proto})
+				}
+			}
+			spec := labtest.PodSpec{Namespace: ns, Name: name, Node: shared.Nodes[i%3].Name, Labels: map[string]string{"pod": name}, Ports: ports}
+			i++
+			if _, err := shared.CreatePod(ctx, spec); err != nil {
+				return 1, err
+			}
+			pods = append(pods, ns+"/"+name)
+		}
+	}
+	return m.Run(), nil
+}
+
+type probeKey struct {
+	from, to string
+	port     int32
+	proto    policy.Protocol
+}
+
+// observe probes every pair on every port and protocol, in parallel.
+func observe(t *testing.T, ports []int32, protos []policy.Protocol) map[probeKey]bool {
+	var mu sync.Mutex
+	got := map[probeKey]bool{}
+	sem := make(chan struct{}, 24)
+	var wg sync.WaitGroup
+	for _, from := range pods {
+		for _, to := range pods {
+			for _, port := range ports {
+				for _, proto := range protos {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						sem <- struct{}{}
+						defer func() { <-sem }()
+						place, _ := shared.Resolve(from)
+						ip, _ := shared.ResolveTarget(to, false)
+						reply, err := lab.Probe(place, ip, int(port), proto == policy.UDP, 700*time.Millisecond)
+						mu.Lock()
+						got[probeKey{from, to, port, proto}] = err == nil && reply == to
+						mu.Unlock()
+					}()
+				}
+			}
+		}
+	}
+	wg.Wait()
+	return got
+}
+
+// model reads the cluster's pods, namespaces and policies into the
+// reference semantics.
+func model(t *testing.T, ctx context.Context) ([]*policy.Policy, map[string]policy.Endpoint) {
+	nps, err := shared.Client.NetworkingV1().NetworkPolicies("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pols []*policy.Policy
+	for i := range nps.Items {
+		pols = append(pols, policy.FromNetworkPolicy(&nps.Items[i]))
+	}
+	eps := map[string]policy.Endpoint{}
+	for _, key := range pods {
+		ns, name, _ := strings.Cut(key, "/")
+		p, err := shared.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := shared.Client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
+		mp := &policy.Pod{Namespace: ns, Name: name, Labels: p.Labels, NamedPorts: map[string]policy.NamedPort{}}
+		for _, ip := range p.Status.PodIPs {
+			mp.IPs = append(mp.IPs, netip.MustParseAddr(ip.IP))
+		}
+		for _, c := range p.Spec.Containers {
+			for _, cp := range c.Ports {
+				mp.NamedPorts[cp.Name] = policy.NamedPort{Protocol: policy.Protocol(cp.Protocol), Number: cp.ContainerPort}
+			}
+		}
+		eps[key] = policy.Endpoint{Pod: mp, Namespace: &policy.Namespace{Name: ns, Labels: n.Labels}, IP: mp.IPs[0]}
+	}
+	return pols, eps
+}
+
+// checkTable compares the observed table with the reference, retrying for
+// a few seconds while the nodes converge.
+func checkTable(t *testing.T, name string, ports []int32, protos []policy.Protocol) {
+	t.Helper()
+	ctx := context.Background()
+	var mismatches []string
+	_ = wait.PollUntilContextTimeout(ctx, 500*time.Millisecond, 15*time.Second, true, func(context.Context) (bool, error) {
+		pols, eps := model(t, ctx)
+		got := observe(t, ports, protos)
+		mismatches = nil
+		for k, v := range got {
+			want := policy.Allowed(pols, eps[k.from], eps[k.to], k.proto, k.port)
+			if v != want {
+				mismatches = append(mismatches, fmt.Sprintf("%s -> %s %s/%d: observed %v, expected %v", k.from, k.to, k.proto, k.port, v, want))
+			}
+		}
+		return len(mismatches) == 0, nil
+	})
+	if len(mismatches) > 0 {
+		sort.Strings(mismatches)
+		t.Errorf("%s: %d mismatches:\n%s", name, len(mismatches), strings.Join(mismatches, "\n"))
+	}
+}
+
+func apply(t *testing.T, nps ...*networkingv1.NetworkPolicy) {
+	t.Helper()
+	for _, np := range nps {
+		if _, err := shared.Client.NetworkingV1().NetworkPolicies(np.Namespace).Create(context.Background(), np, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, np := range nps {
+			_ = shared.Client.NetworkingV1().NetworkPolicies(np.Namespace).Delete(context.Background(), np.Name, metav1.DeleteOptions{})
+		}
+	})
+}
+
+func sel(kv ...string) *metav1.LabelSelector {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return &metav1.LabelSelector{MatchLabels: m}
+}
+
+var (
+	tcpUDP = []policy.Protocol{policy.TCP, policy.UDP}
+	both   = []int32{80, 81}
+)
+
+func TestNoPolicyAllOpen(t *testing.T) {
+	checkTable(t, "no policy", []int32{80}, []policy.Protocol{policy.TCP})
+}
+
+func TestDefaultDenyIngressThenAllowFromNamespace(t *testing.T) {
+	apply(t,
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "deny"}},
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "from-y-to-a"}, Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: *sel("pod", "a"),
+			Ingress:     []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}}}},
+		}})
+	checkTable(t, "deny x, allow y -> x/a", []int32{80}, tcpUDP)
+}
+
+func TestNamedPortAndEgress(t *testing.T) {
+	udp := corev1.ProtocolUDP
+	named := networkingv1.NetworkPolicyPort{Protocol: &udp, Port: ptrIntStr("serve-81-udp")}
+	apply(t,
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "named"}, Spec: networkingv1.NetworkPolicySpec{
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{named}}},
+		}},
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "z", Name: "egress-to-x"}, Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: *sel("pod", "c"),
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress:      []networkingv1.NetworkPolicyEgressRule{{To: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "x")}}}},
+		}})
+	checkTable(t, "named port in y, z/c egress to x only", both, tcpUDP)
+}
+
+func ptrIntStr(s string) *intstr.IntOrString {
+	v := intstr.FromString(s)
+	return &v
+}
