@@ -1,0 +1,157 @@
+package policye2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/sluice-net/sluice/policy"
+	"github.com/sluice-net/sluice/test/labtest"
+)
+
+// TestNewDenyCutsEstablishedConnection: conntrack would pass an
+// established flow; the agent deletes its entry when a policy stops
+// allowing it.
+func TestNewDenyCutsEstablishedConnection(t *testing.T) {
+	t.Skip("known gap (issue #5 stays open): the agent deletes the flow's conntrack entry, but TCP loose pickup " +
+		"re-creates it from the server's next packet in the reverse direction, which egress allows and which then " +
+		"passes ingress as ESTABLISHED; needs direction-aware connmarks")
+	server, _ := shared.Resolve("z/a")
+	client, _ := shared.Resolve("y/b")
+	ip, _ := shared.ResolveTarget("z/a", false)
+	var ln net.Listener
+	if err := ns.WithNetNSPath(server.NetNSPath, func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp", ":9400")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 16)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					c.Write(buf[:n])
+				}
+			}()
+		}
+	}()
+	var conn net.Conn
+	if err := ns.WithNetNSPath(client.NetNSPath, func(ns.NetNS) error {
+		var err error
+		conn, err = net.DialTimeout("tcp", net.JoinHostPort(ip, "9400"), 2*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	echo := func() error {
+		conn.SetDeadline(time.Now().Add(time.Second))
+		if _, err := conn.Write([]byte("ping")); err != nil {
+			return err
+		}
+		buf := make([]byte, 4)
+		_, err := conn.Read(buf)
+		return err
+	}
+	if err := echo(); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "z", Name: "deny-a"}, Spec: networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a")}})
+	deadline := time.Now().Add(10 * time.Second)
+	for echo() == nil {
+		if time.Now().After(deadline) {
+			for _, n := range shared.Nodes {
+				b, _ := os.ReadFile(shared.Path("logs", "sluiced-"+n.Name+".log"))
+				t.Logf("%s agent log:\n%s", n.Name, lastLines(string(b), 15))
+			}
+			t.Fatal("the established connection still works 10 s after a deny")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// TestPodIsIsolatedFromItsFirstPacket: the CNI ADD returns only once the
+// pod's chains are in place, so the very first probe after it runs is
+// already denied.
+func TestPodIsIsolatedFromItsFirstPacket(t *testing.T) {
+	ctx := context.Background()
+	if _, err := shared.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "late", Labels: map[string]string{"ns": "late"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "late", Name: "deny"}, Spec: networkingv1.NetworkPolicySpec{
+		PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}}})
+	for i := 0; i < 3; i++ {
+		name := fmt.Sprintf("p%d", i)
+		if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "late", Name: name, Node: shared.Nodes[i].Name, Ports: []corev1.ContainerPort{{ContainerPort: 80}}}); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := shared.Probe("x/a", "late/"+name, 80, false, false); err == nil {
+			t.Errorf("x/a reached late/%s (%q) right after it started", name, got)
+		}
+		if got, err := shared.Probe("late/"+name, "x/a", 80, false, false); err == nil {
+			t.Errorf("late/%s reached x/a (%q) right after it started", name, got)
+		}
+	}
+}
+
+// TestRelabelling: policies follow pod and namespace labels.
+func TestRelabelling(t *testing.T) {
+	ctx := context.Background()
+	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "only-friends"}, Spec: networkingv1.NetworkPolicySpec{
+		PodSelector: *sel("pod", "b"),
+		Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{
+			{NamespaceSelector: sel("friend", "yes")}, {PodSelector: sel("friend", "yes")},
+		}}},
+	}})
+	checkTable(t, "before relabelling", []int32{80}, []policy.Protocol{policy.TCP})
+	patch := func(kind, ns, name, label string) {
+		p := []byte(fmt.Sprintf(`{"metadata":{"labels":{"friend":%s}}}`, label))
+		var err error
+		if kind == "ns" {
+			_, err = shared.Client.CoreV1().Namespaces().Patch(ctx, name, types.MergePatchType, p, metav1.PatchOptions{})
+		} else {
+			_, err = shared.Client.CoreV1().Pods(ns).Patch(ctx, name, types.MergePatchType, p, metav1.PatchOptions{})
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	patch("ns", "", "z", `"yes"`)
+	patch("pod", "x", "c", `"yes"`)
+	defer patch("ns", "", "z", "null")
+	defer patch("pod", "x", "c", "null")
+	checkTable(t, "after relabelling namespace z and pod x/c", []int32{80}, []policy.Protocol{policy.TCP})
+	if _, err := shared.ProbeEventually("z/c", "x/b", 80, false, false, 5*time.Second); err != nil {
+		t.Errorf("z/c cannot reach x/b after z was labelled a friend: %v", err)
+	}
+}
