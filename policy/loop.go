@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -38,6 +39,9 @@ type Config struct {
 	IPTablesMode iptables.Mode
 	// ResyncPeriod is how often the kernel is re-read to repair drift.
 	ResyncPeriod time.Duration
+	// StrictTCPPickup turns off conntrack's loose TCP pickup, so a
+	// connection cut by a new deny cannot be revived mid-stream.
+	StrictTCPPickup bool
 }
 
 // Loop is the policy loop. It is the endpoint registry's Programmer: an
@@ -158,6 +162,15 @@ func (l *Loop) Ready() bool { return l.Status().Ready }
 func (l *Loop) Run(ctx context.Context) error {
 	logger := klog.FromContext(ctx).WithName("policy")
 	ctx = klog.NewContext(ctx, logger)
+	if l.cfg.StrictTCPPickup {
+		// A deny cuts established flows by deleting their conntrack
+		// entries. With loose pickup, the next mid-stream packet would
+		// create a new entry, possibly in the reverse direction, and pass
+		// as established; without it, that packet is INVALID and dropped.
+		if err := os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_tcp_loose", []byte("0"), 0o644); err != nil {
+			logger.Error(err, "turning off conntrack's loose TCP pickup; a new deny may not cut established connections")
+		}
+	}
 	for _, v6 := range l.families() {
 		fam := iptables.IPv4
 		if v6 {

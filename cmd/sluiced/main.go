@@ -60,6 +60,7 @@ type options struct {
 	resync          time.Duration
 	podCIDRGrace    time.Duration
 	policyMark      string
+	strictTCP       bool
 }
 
 func main() {
@@ -82,6 +83,7 @@ func main() {
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
+	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	flag.Parse()
 
@@ -185,7 +187,7 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	loop := overlay.New(cfg, client, recorder)
 	policyLoop := policy.NewLoop(policy.Config{
 		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
-		AcceptMark: uint32(mark), IPTablesMode: cfg.IPTablesMode,
+		AcceptMark: uint32(mark), IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
 	}, client, recorder)
 	if o.healthAddr != "" {
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() })
