@@ -151,6 +151,9 @@ func (o options) config() (overlay.Config, error) {
 		cfg.IPTablesMode = iptables.DetectMode()
 	case "nft", "legacy":
 		cfg.IPTablesMode = iptables.Mode(o.iptablesMode)
+		if err := iptables.CheckMode(cfg.IPTablesMode); err != nil {
+			return cfg, err
+		}
 	default:
 		return cfg, fmt.Errorf("--iptables-mode must be auto, nft or legacy, not %q", o.iptablesMode)
 	}

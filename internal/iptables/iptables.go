@@ -186,6 +186,32 @@ func (r *Runner) Rules(table, chain string) ([]string, error) {
 	return rules, nil
 }
 
+// KubeMode returns the backend in which the kubelet or kube-proxy made
+// their chains, if they did.
+func KubeMode() (Mode, bool) {
+	for _, m := range []Mode{ModeNFT, ModeLegacy} {
+		out, err := exec.Command(binary(IPv4, m, "-save")).Output()
+		if err != nil {
+			continue
+		}
+		s := string(out)
+		if strings.Contains(s, "KUBE-IPTABLES-HINT") || strings.Contains(s, "KUBE-KUBELET-CANARY") {
+			return m, true
+		}
+	}
+	return "", false
+}
+
+// CheckMode refuses a backend other than the one kube-proxy and the kubelet
+// use: rules split over two backends are evaluated in an order nobody
+// chose, and one program's accept can skip the other's policy.
+func CheckMode(m Mode) error {
+	if km, ok := KubeMode(); ok && km != m {
+		return fmt.Errorf("kube-proxy and the kubelet use iptables-%s, and Sluice was told to use iptables-%s: refusing to mix them; use --iptables-mode=auto or %s", km, m, km)
+	}
+	return nil
+}
+
 // DetectMode picks the backend the node already uses, as kube-proxy's
 // iptables wrapper does: the one in which the kubelet or kube-proxy made
 // their chains, else the one with more rules, else nft.
