@@ -152,3 +152,38 @@ func TestRelabelling(t *testing.T) {
 		t.Errorf("z/c cannot reach x/b after z was labelled a friend: %v", err)
 	}
 }
+
+// TestPolicyDriftIsRepaired breaks the policy dataplane behind the agent's
+// back (a flushed policy chain, a flushed peer set, a flushed dispatch
+// chain) and checks the truth table is right again within seconds.
+func TestPolicyDriftIsRepaired(t *testing.T) {
+	apply(t,
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "deny"}},
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "from-x"}, Spec: networkingv1.NetworkPolicySpec{
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "x")}}}},
+		}})
+	checkTable(t, "before breaking", []int32{80}, []policy.Protocol{policy.TCP})
+	for _, n := range shared.Nodes {
+		out, err := shared.Exec(n.Name, "iptables-save", "-t", "filter")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, ":SLUICE-PI-") || strings.HasPrefix(l, ":SLUICE-TO-POD") {
+				chain := strings.Fields(l[1:])[0]
+				if _, err := shared.Exec(n.Name, "iptables", "-F", chain); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		sets, _ := shared.Exec(n.Name, "ipset", "list", "-n")
+		for _, s := range strings.Fields(sets) {
+			if strings.HasPrefix(s, "SLUICE-S4-") {
+				if _, err := shared.Exec(n.Name, "ipset", "flush", s); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	checkTable(t, "after breaking chains and sets", []int32{80}, []policy.Protocol{policy.TCP})
+}
