@@ -31,7 +31,9 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 	deny := np("x", "deny", networkingv1.NetworkPolicySpec{})
 	allow := np("x", "allow-y", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"), Ingress: []networkingv1.NetworkPolicyIngressRule{{
 		From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}, {IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8", Except: []string{"10.244.5.0/24"}}}},
-		Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP), namedPort("serve-81-udp", corev1.ProtocolUDP)}}}})
+		// SCTP is rendered and loaded even though this kernel cannot carry
+		// SCTP traffic.
+		Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP), namedPort("serve-81-udp", corev1.ProtocolUDP), port(9, corev1.ProtocolSCTP)}}}})
 	nettest.Do(t, n, func() error {
 		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
 		if err != nil {
@@ -47,6 +49,9 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 		}
 		if st.ChainsWritten == 0 || st.SetsChanged != 3 {
 			t.Errorf("first apply: %+v", st)
+		}
+		if !strings.Contains(save(t, nettest.Name(n)), "-p sctp -m set") || !strings.Contains(save(t, nettest.Name(n)), "-m sctp --dport 9") {
+			t.Error("the SCTP rule is not in the kernel")
 		}
 		// Nothing changed: nothing written.
 		if st, err := d.Apply(w.render([]*Policy{deny, allow})); err != nil || st.Changed() {
