@@ -226,3 +226,77 @@ func ptrIntStr(s string) *intstr.IntOrString {
 	v := intstr.FromString(s)
 	return &v
 }
+
+func TestIPBlockExceptEndPortAndTheOutsideHost(t *testing.T) {
+	ctx := context.Background()
+	// The IP of y/b, to carve out of an ipBlock that holds every pod.
+	yb, err := shared.Client.CoreV1().Pods("y").Get(ctx, "b", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcp := corev1.ProtocolTCP
+	apply(t,
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "block"}, Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: *sel("pod", "a"),
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "10.244.0.0/16", Except: []string{yb.Status.PodIP + "/32"}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: ptrIntStr2(79), EndPort: ptrInt32(80)}},
+			}},
+		}},
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "z", Name: "only-outside"}, Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: *sel("pod", "b"),
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress:      []networkingv1.NetworkPolicyEgressRule{{To: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "198.18.0.0/24"}}}}},
+		}})
+	checkTable(t, "ipBlock except and endPort on x/a, z/b egress to the outside only", both, []policy.Protocol{policy.TCP})
+	// z/b reaches the outside host, and nothing else.
+	if got, err := shared.ProbeEventually("z/b", "external", lab.ExternalPort, false, false, 5*time.Second); err != nil {
+		t.Errorf("z/b -> external: %q %v", got, err)
+	}
+	if _, err := shared.Probe("z/a", "external", lab.ExternalPort, false, false); err != nil {
+		t.Errorf("z/a (no policy) -> external: %v", err)
+	}
+}
+
+// TestPolicyChangedWhileTrafficFlows updates a policy in place and checks
+// the table before and after.
+func TestPolicyChangedWhileTrafficFlows(t *testing.T) {
+	ctx := context.Background()
+	np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "changing"}, Spec: networkingv1.NetworkPolicySpec{
+		PodSelector: *sel("pod", "c"),
+		Ingress:     []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}}}},
+	}}
+	apply(t, np)
+	checkTable(t, "x/c from y", []int32{80}, []policy.Protocol{policy.TCP})
+	cur, err := shared.Client.NetworkingV1().NetworkPolicies("x").Get(ctx, "changing", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Spec.Ingress[0].From[0].NamespaceSelector = sel("ns", "z")
+	if _, err := shared.Client.NetworkingV1().NetworkPolicies("x").Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	checkTable(t, "x/c from z after the change", []int32{80}, []policy.Protocol{policy.TCP})
+}
+
+// TestNodeReachesItsPods: traffic from a pod's own node (kubelet probes)
+// passes even when every ingress is denied.
+func TestNodeReachesItsPods(t *testing.T) {
+	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "deny-all"}})
+	rec, node, err := shared.FindPod("x/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = rec
+	if got, err := shared.ProbeEventually(node.Name, "x/a", 80, false, false, 5*time.Second); err != nil || got != "x/a" {
+		t.Errorf("%s -> x/a under default deny: %q %v", node.Name, got, err)
+	}
+	checkTable(t, "x denied", []int32{80}, []policy.Protocol{policy.TCP})
+}
+
+func ptrIntStr2(p int32) *intstr.IntOrString {
+	v := intstr.FromInt32(p)
+	return &v
+}
+
+func ptrInt32(v int32) *int32 { return &v }
