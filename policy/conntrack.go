@@ -35,6 +35,29 @@ func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]
 	for _, p := range pols {
 		list = append(list, p)
 	}
+	// Only the policies that select one of the two pods can decide a flow;
+	// finding them once per pod keeps a sync at scale from evaluating
+	// every policy for every flow.
+	selecting := map[*Pod][]*Policy{}
+	relevant := func(pods ...*Pod) []*Policy {
+		var out []*Policy
+		for _, pod := range pods {
+			if pod == nil {
+				continue
+			}
+			ps, ok := selecting[pod]
+			if !ok {
+				for _, p := range list {
+					if p.Selects(pod) {
+						ps = append(ps, p)
+					}
+				}
+				selecting[pod] = ps
+			}
+			out = append(out, ps...)
+		}
+		return out
+	}
 	filter := &denyFilter{}
 	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
 		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
@@ -55,7 +78,8 @@ func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]
 			if proto == "" {
 				continue
 			}
-			if !Allowed(list, endpoint(src), endpoint(dst), proto, int32(f.Forward.DstPort)) {
+			s, d := endpoint(src), endpoint(dst)
+			if !Allowed(relevant(s.Pod, d.Pod), s, d, proto, int32(f.Forward.DstPort)) {
 				filter.add(f.Forward)
 			}
 		}

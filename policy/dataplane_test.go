@@ -30,7 +30,7 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 	w := newWorld()
 	deny := np("x", "deny", networkingv1.NetworkPolicySpec{})
 	allow := np("x", "allow-y", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"), Ingress: []networkingv1.NetworkPolicyIngressRule{{
-		From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}, {IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8", Except: []string{"10.244.5.0/24"}}}},
+		From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}, {IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8", Except: []string{"10.244.5.0/24"}}}},
 		// SCTP is rendered and loaded even though this kernel cannot carry
 		// SCTP traffic.
 		Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP), namedPort("serve-81-udp", corev1.ProtocolUDP), port(9, corev1.ProtocolSCTP)}}}})

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -62,8 +63,14 @@ type Loop struct {
 	wanted    uint64        // generation of the endpoint set
 	applied   uint64        // last generation programmed
 	appliedCh chan struct{} // closed and replaced on every apply
-	lastInput string        // signature of the policy inputs, for conntrack
+	lastInput uint64        // inputGen at the last sync, for conntrack; sync goroutine only
+	inputGen  atomic.Uint64
+	reread    atomic.Bool // set by the resync timer, honoured by sync
 	status    Status
+	started   time.Time
+	// Only the sync goroutine touches these caches.
+	policyCache map[string]cachedPolicy
+	podCache    map[string]*Pod
 }
 
 // Status is what the loop reports.
@@ -160,6 +167,7 @@ func (l *Loop) Ready() bool { return l.Status().Ready }
 
 // Run runs the loop until ctx ends.
 func (l *Loop) Run(ctx context.Context) error {
+	l.started = time.Now()
 	logger := klog.FromContext(ctx).WithName("policy")
 	ctx = klog.NewContext(ctx, logger)
 	if l.cfg.StrictTCPPickup {
@@ -183,10 +191,11 @@ func (l *Loop) Run(ctx context.Context) error {
 		l.dataplanes[v6] = NewDataplane(r, v6)
 	}
 	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
+	changed := func() { l.inputGen.Add(1); l.queue.Add(syncKey) }
 	enqueue := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { l.queue.Add(syncKey) },
-		UpdateFunc: func(any, any) { l.queue.Add(syncKey) },
-		DeleteFunc: func(any) { l.queue.Add(syncKey) },
+		AddFunc:    func(any) { changed() },
+		UpdateFunc: func(any, any) { changed() },
+		DeleteFunc: func(any) { changed() },
 	}
 	pods, nss, nps := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Networking().V1().NetworkPolicies()
 	for _, inf := range []cache.SharedIndexInformer{pods.Informer(), nss.Informer(), nps.Informer()} {
@@ -199,13 +208,10 @@ func (l *Loop) Run(ctx context.Context) error {
 	factory.WaitForCacheSync(ctx.Done())
 	defer factory.Shutdown()
 
-	// The periodic re-read brings back deleted rules, chains and sets.
+	// The periodic re-read brings back deleted rules, chains and sets. It
+	// runs in the sync goroutine, which alone touches the dataplanes.
 	go wait.UntilWithContext(ctx, func(context.Context) {
-		for _, d := range l.dataplanes {
-			if err := d.ReadKernel(); err != nil {
-				logger.Error(err, "re-reading the kernel")
-			}
-		}
+		l.reread.Store(true)
 		l.queue.Add(syncKey)
 	}, l.cfg.ResyncPeriod)
 	go func() { <-ctx.Done(); l.queue.ShutDown() }()
@@ -249,6 +255,19 @@ func (l *Loop) processNext(ctx context.Context) bool {
 
 // sync renders the whole desired state and applies what differs.
 func (l *Loop) sync(ctx context.Context) error {
+	began := time.Now()
+	defer func() {
+		if d := time.Since(began); d > 100*time.Millisecond {
+			klog.FromContext(ctx).V(2).Info("slow policy sync", "ms", d.Milliseconds())
+		}
+	}()
+	if l.reread.Swap(false) {
+		for _, d := range l.dataplanes {
+			if err := d.ReadKernel(); err != nil {
+				return fmt.Errorf("re-reading the kernel: %w", err)
+			}
+		}
+	}
 	l.mu.Lock()
 	gen := l.wanted
 	eps := make([]endpointapi.Endpoint, 0, len(l.endpoints))
@@ -276,12 +295,24 @@ func (l *Loop) sync(ctx context.Context) error {
 	}
 	byName := map[string]*Pod{}
 	var pods []*Pod
+	podCache := make(map[string]*Pod, len(podList))
 	for _, p := range podList {
-		if m := modelPod(p); m != nil {
-			byName[p.Namespace+"/"+p.Name] = m
-			pods = append(pods, m)
+		version := string(p.UID) + "/" + p.ResourceVersion
+		m, ok := l.podCache[version]
+		if !ok {
+			m = modelPod(p)
 		}
+		if m == nil {
+			continue
+		}
+		podCache[version] = m
+		// Local endpoints get their IPs from the registry below: copy
+		// rather than change the cached pod.
+		cp := *m
+		byName[p.Namespace+"/"+p.Name] = &cp
+		pods = append(pods, &cp)
 	}
+	l.podCache = podCache
 	var locals []LocalEndpoint
 	selected := map[string]int{}
 	for _, ep := range eps {
@@ -305,22 +336,25 @@ func (l *Loop) sync(ctx context.Context) error {
 		locals = append(locals, LocalEndpoint{Pod: pod, HostVeth: ep.HostVeth, Ingress: in, Egress: out})
 	}
 	changed := false
+	modelled := time.Now()
 	for _, v6 := range l.families() {
 		r := &Renderer{IPv6: v6, AcceptMark: l.cfg.AcceptMark}
-		st, err := l.dataplanes[v6].Apply(r.Render(pols, locals, pods, namespaces))
+		rs := r.Render(pols, locals, pods, namespaces)
+		rendered := time.Now()
+		st, err := l.dataplanes[v6].Apply(rs)
 		if err != nil {
 			return err
 		}
 		if st.Changed() {
 			changed = true
-			klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", v6, "stats", st)
+			klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", v6, "stats", st,
+				"renderMs", rendered.Sub(modelled).Milliseconds(), "applyMs", time.Since(rendered).Milliseconds())
 		}
 	}
-	input := inputSignature(pols, pods, namespaces)
-	l.mu.Lock()
-	inputChanged := input != l.lastInput && l.lastInput != ""
+	// Any pod, namespace or policy event may have narrowed what is allowed.
+	input := l.inputGen.Load()
+	inputChanged := input != l.lastInput && l.lastInput != 0
 	l.lastInput = input
-	l.mu.Unlock()
 	if inputChanged && changed {
 		// A change may stop allowing flows that conntrack would let
 		// through as established: cut them.
@@ -341,8 +375,13 @@ func (l *Loop) sync(ctx context.Context) error {
 	}
 	close(l.appliedCh)
 	l.appliedCh = make(chan struct{})
+	first := !l.status.Ready
 	l.status = Status{Ready: true, Selected: selected, LastSync: time.Now(), Endpoints: len(locals)}
 	l.mu.Unlock()
+	if first {
+		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(pols), "pods", len(pods),
+			"sinceStartMs", time.Since(l.started).Milliseconds())
+	}
 	return nil
 }
 
@@ -355,15 +394,26 @@ func (l *Loop) modelPolicies(ctx context.Context) (map[string]*Policy, error) {
 		return nil, err
 	}
 	out := map[string]*Policy{}
+	cache := map[string]cachedPolicy{}
 	for _, np := range list {
-		p := FromNetworkPolicy(np)
-		if p.Broken != "" {
-			l.reportBroken(ctx, np, p.Broken)
+		// Converting (parsing selectors) is the costly part of a sync at
+		// scale; a policy is converted again only when it changed.
+		version := string(np.UID) + "/" + np.ResourceVersion
+		c, ok := l.policyCache[version]
+		if !ok {
+			c = cachedPolicy{p: FromNetworkPolicy(np)}
+			if c.p.Broken != "" {
+				l.reportBroken(ctx, np, c.p.Broken)
+			}
 		}
-		out[p.Key] = p
+		cache[version] = c
+		out[c.p.Key] = c.p
 	}
+	l.policyCache = cache
 	return out, nil
 }
+
+type cachedPolicy struct{ p *Policy }
 
 func (l *Loop) reportBroken(ctx context.Context, np *networkingv1.NetworkPolicy, why string) {
 	klog.FromContext(ctx).Info("policy cannot be rendered; its pods allow nothing it would have allowed", "policy", np.Namespace+"/"+np.Name, "problem", why)
@@ -404,29 +454,4 @@ func modelPod(p *corev1.Pod) *Pod {
 		}
 	}
 	return m
-}
-
-func inputSignature(pols map[string]*Policy, pods []*Pod, namespaces map[string]*Namespace) string {
-	var b strings.Builder
-	keys := make([]string, 0, len(pols))
-	for k := range pols {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		fmt.Fprintf(&b, "%s:%+v;", k, *pols[k])
-	}
-	var ps []string
-	for _, p := range pods {
-		ps = append(ps, fmt.Sprintf("%s/%s=%s@%v", p.Namespace, p.Name, p.Labels.String(), p.IPs))
-	}
-	sort.Strings(ps)
-	b.WriteString(strings.Join(ps, ";"))
-	var ns []string
-	for _, n := range namespaces {
-		ns = append(ns, n.Name+"="+n.Labels.String())
-	}
-	sort.Strings(ns)
-	b.WriteString(strings.Join(ns, ";"))
-	return b.String()
 }

@@ -78,6 +78,10 @@ func (s *State) agentComponent(n Node) component {
 		s.sluiceBin("sluiced"), "--kubeconfig", s.NodeKubeconfigAdmin(), "--node-name", n.Name,
 		"--net-conf", s.NetConfPath(), "--health-addr", "127.0.0.1:9098",
 	}}
+	if v := os.Getenv("SLUICE_LAB_AGENT_V"); v != "" {
+		// Log verbosity of the lab's agents, for debugging.
+		c.args = append(c.args, "-v="+v)
+	}
 	if s.NoPodCIDR {
 		// The lab knows its controller-manager allocates nothing.
 		c.args = append(c.args, "--pod-cidr-wait=0s")
