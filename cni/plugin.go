@@ -60,14 +60,11 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	subnets, err := ReadSubnets(conf.SubnetFile)
+	subnets, ipamType, ipamConf, err := conf.delegation()
 	if err != nil {
 		return err
 	}
-	mtu := subnets.MTU
-	if conf.MTU != 0 {
-		mtu = conf.MTU
-	}
+	mtu := conf.mtu(subnets)
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	agent := endpointapi.NewClient(conf.AgentSocket)
@@ -83,10 +80,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	defer netns.Close()
 
-	ipamType, ipamConf, err := conf.ipamConf(subnets)
-	if err != nil {
-		return err
-	}
 	var undo []func()
 	defer func() {
 		if err != nil {
@@ -144,6 +137,28 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return types.NewError(types.ErrInternal, "sluice: sluiced refused the pod's endpoint", err.Error())
 	}
 	return types.PrintResult(res, conf.CNIVersion)
+}
+
+// delegation reads the node's subnets and builds the IPAM plugin's type and
+// configuration from them.
+func (c *NetConf) delegation() (*Subnets, string, []byte, error) {
+	subnets, err := ReadSubnets(c.SubnetFile)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	typ, conf, err := c.ipamConf(subnets)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	return subnets, typ, conf, nil
+}
+
+// mtu is the configured MTU, or the overlay's.
+func (c *NetConf) mtu(s *Subnets) int {
+	if c.MTU != 0 {
+		return c.MTU
+	}
+	return s.MTU
 }
 
 // resultOf converts a prevResult to the current version and checks what
@@ -241,18 +256,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	subnets, err := ReadSubnets(conf.SubnetFile)
+	subnets, ipamType, ipamConf, err := conf.delegation()
 	if err != nil {
 		return err
 	}
-	mtu := subnets.MTU
-	if conf.MTU != 0 {
-		mtu = conf.MTU
-	}
-	ipamType, ipamConf, err := conf.ipamConf(subnets)
-	if err != nil {
-		return err
-	}
+	mtu := conf.mtu(subnets)
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	if err := invoke.DelegateCheck(ctx, ipamType, ipamConf, nil); err != nil {
@@ -277,11 +285,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	subnets, err := ReadSubnets(conf.SubnetFile)
-	if err != nil {
-		return err
-	}
-	ipamType, ipamConf, err := conf.ipamConf(subnets)
+	_, ipamType, ipamConf, err := conf.delegation()
 	if err != nil {
 		return err
 	}
