@@ -133,3 +133,22 @@ func underlayOf(l netlink.Link) (*Underlay, error) {
 	}
 	return u, nil
 }
+
+// Reachable reports whether the kernel has seen the underlay neighbour at
+// ip answer: its neighbour entry is in a confirmed state. It sends nothing.
+func Reachable(ip netip.Addr) bool {
+	fam := netlink.FAMILY_V4
+	if ip.Is6() {
+		fam = netlink.FAMILY_V6
+	}
+	neighs, err := netlink.NeighList(0, fam)
+	if err != nil {
+		return false
+	}
+	for _, n := range neighs {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap() == ip {
+			return n.State&(netlink.NUD_REACHABLE|netlink.NUD_STALE|netlink.NUD_DELAY|netlink.NUD_PROBE|netlink.NUD_PERMANENT) != 0
+		}
+	}
+	return false
+}

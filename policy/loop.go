@@ -77,10 +77,12 @@ type Loop struct {
 type Status struct {
 	Ready bool
 	// Selected counts, per policy, the local endpoints it selects.
-	Selected  map[string]int
-	LastSync  time.Time
-	LastError string
-	Endpoints int
+	Selected map[string]int
+	// EndpointPolicies lists, per host veth, the policies selecting it.
+	EndpointPolicies map[string][]string
+	LastSync         time.Time
+	LastError        string
+	Endpoints        int
 }
 
 const syncKey = "policy"
@@ -159,7 +161,22 @@ func (l *Loop) Status() Status {
 	for k, v := range l.status.Selected {
 		s.Selected[k] = v
 	}
+	s.EndpointPolicies = map[string][]string{}
+	for k, v := range l.status.EndpointPolicies {
+		s.EndpointPolicies[k] = append([]string(nil), v...)
+	}
 	return s
+}
+
+func uniqueSorted(in []string) []string {
+	sort.Strings(in)
+	out := in[:0]
+	for i, s := range in {
+		if i == 0 || s != in[i-1] {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // Ready reports whether the policy loop has programmed the node once.
@@ -315,6 +332,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	l.podCache = podCache
 	var locals []LocalEndpoint
 	selected := map[string]int{}
+	epPolicies := map[string][]string{}
 	for _, ep := range eps {
 		pod := byName[ep.Namespace+"/"+ep.Pod]
 		if pod == nil {
@@ -333,6 +351,7 @@ func (l *Loop) sync(ctx context.Context) error {
 		for _, k := range append(append([]string{}, in...), out...) {
 			selected[k]++
 		}
+		epPolicies[ep.HostVeth] = uniqueSorted(append(append([]string{}, in...), out...))
 		locals = append(locals, LocalEndpoint{Pod: pod, HostVeth: ep.HostVeth, Ingress: in, Egress: out})
 	}
 	changed := false
@@ -376,7 +395,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	close(l.appliedCh)
 	l.appliedCh = make(chan struct{})
 	first := !l.status.Ready
-	l.status = Status{Ready: true, Selected: selected, LastSync: time.Now(), Endpoints: len(locals)}
+	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals)}
 	l.mu.Unlock()
 	if first {
 		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(pols), "pods", len(pods),

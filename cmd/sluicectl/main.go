@@ -27,7 +27,7 @@ func main() {
 		SilenceUsage: true,
 	}
 	root.PersistentFlags().AddGoFlagSet(flag.CommandLine)
-	root.AddCommand(newLabCommand())
+	root.AddCommand(newLabCommand(), newStatusCommand())
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	if err := root.ExecuteContext(ctx); err != nil {

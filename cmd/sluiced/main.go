@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -32,6 +33,7 @@ import (
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/metrics"
+	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/overlay"
 	"github.com/sluice-net/sluice/overlay/netconf"
 	"github.com/sluice-net/sluice/policy"
@@ -192,12 +194,13 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
 		AcceptMark: uint32(mark), IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
 	}, client, recorder)
-	if o.healthAddr != "" {
-		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() })
-	}
 	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, policyLoop)
 	if err != nil {
 		return err
+	}
+	if o.healthAddr != "" {
+		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
+		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report)
 	}
 	policyLoop.Seed(registry.List())
 	errc := make(chan error, 3)
@@ -214,7 +217,7 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	return nil
 }
 
-func serveHealth(ctx context.Context, addr string, ready func() bool) {
+func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -225,9 +228,40 @@ func serveHealth(ctx context.Context, addr string, ready func() bool) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(report())
+	})
 	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() { <-ctx.Done(); srv.Close() }()
 	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		klog.ErrorS(err, "health server stopped", "addr", addr)
 	}
+}
+
+// buildReport gathers what sluicectl status shows.
+func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.Registry) status.Report {
+	ovs, ps := ov.Status(), pl.Status()
+	r := status.Report{Node: node,
+		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
+			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
+		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError},
+	}
+	for _, l := range ovs.Lease {
+		r.Overlay.Lease = append(r.Overlay.Lease, l.String())
+	}
+	for _, ip := range ovs.PublicIPs {
+		r.Overlay.PublicIPs = append(r.Overlay.PublicIPs, ip.String())
+	}
+	for _, p := range ovs.Peers {
+		peer := status.Peer{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Reachable: overlay.Reachable(p.PublicIP)}
+		if p.VtepMAC != nil {
+			peer.VtepMAC = p.VtepMAC.String()
+		}
+		r.Overlay.Peers = append(r.Overlay.Peers, peer)
+	}
+	for _, ep := range reg.List() {
+		r.Endpoints = append(r.Endpoints, status.Endpoint{Pod: ep.Namespace + "/" + ep.Pod, HostVeth: ep.HostVeth, IPs: ep.IPs, Policies: ps.EndpointPolicies[ep.HostVeth]})
+	}
+	return r
 }

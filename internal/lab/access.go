@@ -175,3 +175,14 @@ func Probe(from Place, ip string, port int, udp bool, timeout time.Duration) (st
 	}
 	return reply, nil
 }
+
+// Dial opens a connection from inside the place's network namespace.
+func (p Place) Dial(network, addr string, timeout time.Duration) (net.Conn, error) {
+	var conn net.Conn
+	err := ns.WithNetNSPath(p.NetNSPath, func(ns.NetNS) error {
+		var err error
+		conn, err = net.DialTimeout(network, addr, timeout)
+		return err
+	})
+	return conn, err
+}

@@ -4,6 +4,7 @@ package cnie2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"regexp"
@@ -20,6 +21,7 @@ import (
 	"github.com/sluice-net/sluice/cni"
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/test/labtest"
 )
 
@@ -344,5 +346,45 @@ func TestBandwidthThroughTheChain(t *testing.T) {
 	out, err := shared.Exec("node-3", "tc", "qdisc", "show", "dev", veth)
 	if err != nil || !strings.Contains(out, "tbf") {
 		t.Errorf("no token bucket on %s: %v\n%s", veth, err, out)
+	}
+}
+
+// TestSluicectlStatus reads node-1's agent report through the command an
+// operator runs.
+func TestSluicectlStatus(t *testing.T) {
+	ctx := ctxT(t)
+	if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "status", Name: "on-1", Node: "node-1"}); err != nil {
+		t.Fatal(err)
+	}
+	bins, err := labtest.Binaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := labtest.Command(bins+"/sluicectl", "status", "--lab-dir", shared.Dir, "--node", "node-1", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r status.Report
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if r.Node != "node-1" || !r.Overlay.Ready || !r.Policy.Ready || len(r.Overlay.Lease) != 2 || r.Overlay.MTU != 1430 || r.Overlay.Backend != "vxlan" {
+		t.Errorf("report: %+v", r)
+	}
+	if len(r.Overlay.Peers) != 4 { // two nodes, two families
+		t.Errorf("peers: %+v", r.Overlay.Peers)
+	}
+	found := false
+	for _, e := range r.Endpoints {
+		if e.Pod == "status/on-1" && strings.HasPrefix(e.HostVeth, "sl") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("endpoint status/on-1 missing: %+v", r.Endpoints)
+	}
+	table, err := labtest.Command(bins+"/sluicectl", "status", "--lab-dir", shared.Dir, "--node", "node-1")
+	if err != nil || !strings.Contains(table, "overlay: ready") || !strings.Contains(table, "status/on-1") {
+		t.Errorf("table output: %v\n%s", err, table)
 	}
 }

@@ -1,0 +1,55 @@
+// Package status is the report sluiced serves on /status and sluicectl
+// status prints.
+package status
+
+import "time"
+
+// Report is one agent's view of its node.
+type Report struct {
+	Node      string     `json:"node"`
+	Overlay   Overlay    `json:"overlay"`
+	Policy    Policy     `json:"policy"`
+	Endpoints []Endpoint `json:"endpoints"`
+}
+
+// Overlay is the overlay loop's state.
+type Overlay struct {
+	Ready       bool      `json:"ready"`
+	Lease       []string  `json:"lease"`
+	LeaseSource string    `json:"leaseSource"`
+	MTU         int       `json:"mtu"`
+	Backend     string    `json:"backend"`
+	Underlay    string    `json:"underlay"`
+	PublicIPs   []string  `json:"publicIPs"`
+	Peers       []Peer    `json:"peers"`
+	LastSync    time.Time `json:"lastSync"`
+	LastError   string    `json:"lastError,omitempty"`
+}
+
+// Peer is a remote node as the overlay programmed it.
+type Peer struct {
+	Node     string `json:"node"`
+	Subnet   string `json:"subnet"`
+	PublicIP string `json:"publicIP"`
+	VtepMAC  string `json:"vtepMAC,omitempty"`
+	// Reachable says the node answered on the underlay (ICMP-free: a
+	// neighbour entry for its address that the kernel confirmed).
+	Reachable bool `json:"reachable"`
+}
+
+// Policy is the policy loop's state.
+type Policy struct {
+	Ready     bool           `json:"ready"`
+	Endpoints int            `json:"endpoints"`
+	Selected  map[string]int `json:"selectedEndpointsPerPolicy"`
+	LastSync  time.Time      `json:"lastSync"`
+	LastError string         `json:"lastError,omitempty"`
+}
+
+// Endpoint is a local pod endpoint.
+type Endpoint struct {
+	Pod      string   `json:"pod"`
+	HostVeth string   `json:"hostVeth"`
+	IPs      []string `json:"ips"`
+	Policies []string `json:"policies"`
+}
