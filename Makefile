@@ -4,7 +4,10 @@ GO        ?= go
 BIN       := bin
 TOOLS_DIR ?= $(or $(SLUICE_TOOLS_DIR),$(HOME)/.cache/sluice/tools)
 export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
-TEST_FLAGS ?= -count=1 -timeout 60m
+# One package at a time: the lab packages each run a cluster, and on 2 cores
+# running them side by side starves their agents of CPU (repairs then miss
+# their 10 s bound).
+TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
 .PHONY: all build tools test bench lab lab-down lint clean

@@ -99,8 +99,12 @@ func Start(o lab.Options) (*Lab, error) {
 	return &Lab{State: s, Client: cs, root: root}, nil
 }
 
-// Stop removes the lab.
+// Stop removes the lab. With SLUICE_KEEP_LOGS=DIR, the lab's logs are
+// copied there first, for a post-mortem.
 func (l *Lab) Stop() error {
+	if dst := os.Getenv("SLUICE_KEEP_LOGS"); dst != "" {
+		_ = exec.Command("cp", "-r", l.Path("logs"), filepath.Join(dst, l.Name)).Run()
+	}
 	err := lab.Down(l.Dir)
 	os.RemoveAll(l.root)
 	return err
