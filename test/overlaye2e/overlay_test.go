@@ -7,13 +7,11 @@ package overlaye2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -212,56 +210,7 @@ func macOf(t *testing.T, n *corev1.Node) string {
 // carries on, and the restarted agents find nothing to change.
 func TestAgentRestartKeepsConnections(t *testing.T) {
 	ctx := ctxT(t)
-	server, _ := shared.Resolve("ov/b")
-	client, _ := shared.Resolve("ov/a")
-	bIP, _ := shared.ResolveTarget("ov/b", false)
-	var ln net.Listener
-	if err := ns.WithNetNSPath(server.NetNSPath, func(ns.NetNS) error {
-		var err error
-		ln, err = net.Listen("tcp", ":9300")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		buf := make([]byte, 64)
-		for {
-			n, err := c.Read(buf)
-			if err != nil {
-				return
-			}
-			if _, err := c.Write(buf[:n]); err != nil {
-				return
-			}
-		}
-	}()
-	var conn net.Conn
-	if err := ns.WithNetNSPath(client.NetNSPath, func(ns.NetNS) error {
-		var err error
-		conn, err = net.DialTimeout("tcp", net.JoinHostPort(bIP, "9300"), 3*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	echo := func(msg string) error {
-		conn.SetDeadline(time.Now().Add(3 * time.Second))
-		if _, err := conn.Write([]byte(msg)); err != nil {
-			return err
-		}
-		buf := make([]byte, len(msg))
-		_, err := conn.Read(buf)
-		if err == nil && string(buf) != msg {
-			err = fmt.Errorf("echo %q, got %q", msg, buf)
-		}
-		return err
-	}
+	echo := shared.EchoConn(t, "ov/a", "ov/b", 9300, 3*time.Second)
 	if err := echo("before"); err != nil {
 		t.Fatal(err)
 	}

@@ -3,13 +3,11 @@ package policye2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -23,55 +21,8 @@ import (
 // established flow; the agent deletes its entry when a policy stops
 // allowing it.
 func TestNewDenyCutsEstablishedConnection(t *testing.T) {
-	server, _ := shared.Resolve("z/a")
-	client, _ := shared.Resolve("y/b")
-	ip, _ := shared.ResolveTarget("z/a", false)
-	var ln net.Listener
-	if err := ns.WithNetNSPath(server.NetNSPath, func(ns.NetNS) error {
-		var err error
-		ln, err = net.Listen("tcp", ":9400")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 16)
-				for {
-					n, err := c.Read(buf)
-					if err != nil {
-						return
-					}
-					c.Write(buf[:n])
-				}
-			}()
-		}
-	}()
-	var conn net.Conn
-	if err := ns.WithNetNSPath(client.NetNSPath, func(ns.NetNS) error {
-		var err error
-		conn, err = net.DialTimeout("tcp", net.JoinHostPort(ip, "9400"), 2*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	echo := func() error {
-		conn.SetDeadline(time.Now().Add(time.Second))
-		if _, err := conn.Write([]byte("ping")); err != nil {
-			return err
-		}
-		buf := make([]byte, 4)
-		_, err := conn.Read(buf)
-		return err
-	}
+	conn := shared.EchoConn(t, "y/b", "z/a", 9400, time.Second)
+	echo := func() error { return conn("ping") }
 	if err := echo(); err != nil {
 		t.Fatal(err)
 	}
