@@ -3,46 +3,13 @@ package overlaye2e
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/sluice-net/sluice/test/labtest"
 )
-
-const iperfSeconds = "3"
-
-// iperf runs an iperf3 server at one place and a client at another, and
-// returns the received throughput in Gb/s.
-func iperf(b *testing.B, server, client labtestPlace, target string) float64 {
-	b.Helper()
-	srv := server.Command("iperf3", "-s", "-1", "-p", "5299")
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
-	time.Sleep(300 * time.Millisecond)
-	out, err := client.Command("iperf3", "-c", target, "-p", "5299", "-t", iperfSeconds, "-J").Output()
-	if err != nil {
-		b.Fatalf("iperf3 to %s: %v\n%s", target, err, out)
-	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		b.Fatalf("iperf3 output: %v", err)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
-}
-
-type labtestPlace interface {
-	Command(argv ...string) *exec.Cmd
-}
 
 // handBuilt is the limit: kernel VXLAN between node-1 and node-2 built by
 // hand with ip(8), the same shape as Sluice's (a VXLAN device, a static
@@ -124,9 +91,9 @@ func BenchmarkOverlayThroughput(b *testing.B) {
 	hand := buildHandMade(b)
 	var sa, sb, sc float64
 	for i := 0; i < b.N; i++ {
-		sa += iperf(b, n2, n1, shared.Nodes[1].IP4)
-		sb += iperf(b, nsPlace(hand.pods[1]), nsPlace(hand.pods[0]), "10.77.2.2")
-		sc += iperf(b, podB, podA, bIP)
+		sa += labtest.Iperf(b, n2, n1, shared.Nodes[1].IP4)
+		sb += labtest.Iperf(b, nsPlace(hand.pods[1]), nsPlace(hand.pods[0]), "10.77.2.2")
+		sc += labtest.Iperf(b, podB, podA, bIP)
 	}
 	n := float64(b.N)
 	b.ReportMetric(sa/n, "a-underlay-Gbps")

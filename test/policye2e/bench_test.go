@@ -2,7 +2,6 @@ package policye2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"os/exec"
@@ -15,34 +14,9 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-)
 
-func iperfGbps(b *testing.B, from, to string) float64 {
-	server, _ := shared.Resolve(to)
-	client, _ := shared.Resolve(from)
-	ip, _ := shared.ResolveTarget(to, false)
-	srv := server.Command("iperf3", "-s", "-1", "-p", "5201")
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
-	time.Sleep(300 * time.Millisecond)
-	out, err := client.Command("iperf3", "-c", ip, "-p", "5201", "-t", "3", "-J").Output()
-	if err != nil {
-		b.Fatalf("iperf3: %v %s", err, out)
-	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		b.Fatal(err)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
-}
+	"github.com/sluice-net/sluice/test/labtest"
+)
 
 // connectP50 measures TCP connection set-up from one pod to another: every
 // new connection walks the policy chains.
@@ -69,6 +43,13 @@ func connectP50(b *testing.B, from, to string) time.Duration {
 	return lat[len(lat)/2]
 }
 
+func iperf(b *testing.B, from, to string) float64 {
+	server, _ := shared.Resolve(to)
+	client, _ := shared.Resolve(from)
+	ip, _ := shared.ResolveTarget(to, false)
+	return labtest.Iperf(b, server, client, ip)
+}
+
 // BenchmarkPerPacketCost measures throughput and connect latency between
 // two pods on different nodes with no policy, then with 1,000 policies
 // selecting the server (one of them allowing the client), in the same run.
@@ -81,7 +62,7 @@ func BenchmarkPerPacketCost(b *testing.B) {
 	var base, loaded float64
 	var baseConn, loadedConn time.Duration
 	for i := 0; i < b.N; i++ {
-		base += iperfGbps(b, from, to)
+		base += iperf(b, from, to)
 		baseConn += connectP50(b, from, to)
 	}
 	tcp := corev1.ProtocolTCP
@@ -113,7 +94,7 @@ func BenchmarkPerPacketCost(b *testing.B) {
 		b.Fatalf("the client is not allowed after 1,000 policies: %v", err)
 	}
 	for i := 0; i < b.N; i++ {
-		loaded += iperfGbps(b, from, to)
+		loaded += iperf(b, from, to)
 		loadedConn += connectP50(b, from, to)
 	}
 	n := float64(b.N)
