@@ -27,20 +27,7 @@ import (
 
 var shared *labtest.Lab
 
-func TestMain(m *testing.M) {
-	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting the lab:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if err := shared.Stop(); err != nil {
-		fmt.Fprintln(os.Stderr, "lab down:", err)
-		code = 1
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { labtest.Main(m, lab.Options{Nodes: 3, IPv6: true}, &shared) }
 
 func ctxT(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)

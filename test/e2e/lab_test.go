@@ -5,9 +5,7 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -23,18 +21,7 @@ import (
 var shared *labtest.Lab
 
 func TestMain(m *testing.M) {
-	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting the shared lab:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if err := shared.Stop(); err != nil {
-		fmt.Fprintln(os.Stderr, "lab down:", err)
-		code = 1
-	}
-	os.Exit(code)
+	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared)
 }
 
 func ctxT(t *testing.T) context.Context {

@@ -272,3 +272,20 @@ func Eventually(timeout time.Duration, cond func() bool) bool {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Main is a TestMain for packages whose tests share one lab: it starts the
+// lab into *shared, runs the tests, removes the lab, and exits.
+func Main(m *testing.M, o lab.Options, shared **Lab) {
+	l, err := Start(o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting the shared lab:", err)
+		os.Exit(1)
+	}
+	*shared = l
+	code := m.Run()
+	if err := l.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "lab down:", err)
+		code = 1
+	}
+	os.Exit(code)
+}
