@@ -1,7 +1,11 @@
 package policy
 
 import (
+	"context"
 	"net/netip"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"k8s.io/klog/v2"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
@@ -123,4 +127,52 @@ func (d *denyFilter) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 		}
 	}
 	return false
+}
+
+// cutRequest is the state after a change, for cutting the flows it no
+// longer allows.
+type cutRequest struct {
+	policies   map[string]*Policy
+	pods       []*Pod
+	namespaces map[string]*Namespace
+	locals     []LocalEndpoint
+}
+
+// requestCut hands a cut to runCutter, replacing one not yet started: the
+// latest state decides.
+func (l *Loop) requestCut(r cutRequest) {
+	select {
+	case <-l.cutFlows:
+	default:
+	}
+	l.cutFlows <- r
+}
+
+// runCutter cuts denied flows in the loop's namespace, beside the sync
+// goroutine: dumping and deleting conntrack entries should not hold up the
+// next policy change.
+func (l *Loop) runCutter(ctx context.Context) {
+	logger := klog.FromContext(ctx)
+	for {
+		var r cutRequest
+		select {
+		case <-ctx.Done():
+			return
+		case r = <-l.cutFlows:
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		var n int
+		err := l.netns.Do(func(ns.NetNS) error {
+			var err error
+			n, err = cutDeniedFlows(r.policies, r.pods, r.namespaces, r.locals)
+			return err
+		})
+		if err != nil {
+			logger.Error(err, "cutting denied connections")
+		} else if n > 0 {
+			logger.Info("cut connections that policy no longer allows", "flows", n)
+		}
+	}
 }

@@ -1,7 +1,10 @@
 package policy
 
 import (
+	"fmt"
 	"io"
+	"math/rand"
+	"slices"
 	"log"
 	"os/exec"
 	"strings"
@@ -101,5 +104,56 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 	})
 	if out, _ := exec.Command("ip", "netns", "exec", nettest.Name(n), "ipset", "list", "-n").CombinedOutput(); strings.TrimSpace(string(out)) != "" {
 		t.Errorf("sets left: %s", out)
+	}
+}
+
+// TestChainsEditedInPlace changes one chain at random many times and reads
+// it back from the kernel after each change, for both backends: the
+// positional edits must leave exactly the wanted rules.
+func TestChainsEditedInPlace(t *testing.T) {
+	for _, mode := range []iptables.Mode{iptables.ModeNFT, iptables.ModeLegacy} {
+		t.Run(string(mode), func(t *testing.T) {
+			n := nettest.NewNS(t)
+			rnd := rand.New(rand.NewSource(1))
+			const chain = "SLUICE-TW-0123456789a"
+			nettest.Do(t, n, func() error {
+				r, err := iptables.New(iptables.IPv4, mode)
+				if err != nil {
+					return err
+				}
+				d := NewDataplane(r, false)
+				edited := 0
+				for step := 0; step < 40; step++ {
+					var want []string
+					for i := rnd.Intn(12); i > 0; i-- {
+						want = append(want, fmt.Sprintf("-A %s -s 10.0.0.%d/32 -j RETURN", chain, rnd.Intn(6)))
+					}
+					st, err := d.Apply(&Ruleset{Chains: map[string][]string{chain: want}, Sets: map[string]*Set{}})
+					if err != nil {
+						return fmt.Errorf("step %d: %w", step, err)
+					}
+					if st.ChainsWritten == 1 && st.Payload < 40*len(want) {
+						edited++
+					}
+					out, err := exec.Command("iptables-"+string(mode)+"-save", "-t", "filter").Output()
+					if err != nil {
+						return err
+					}
+					var got []string
+					for _, l := range strings.Split(string(out), "\n") {
+						if strings.HasPrefix(l, "-A "+chain+" ") {
+							got = append(got, l)
+						}
+					}
+					if !slices.Equal(got, want) {
+						t.Fatalf("step %d: kernel has\n%s\nwant\n%s", step, strings.Join(got, "\n"), strings.Join(want, "\n"))
+					}
+				}
+				if edited == 0 {
+					t.Error("no change was made in place")
+				}
+				return d.Remove()
+			})
+		})
 	}
 }

@@ -3,16 +3,20 @@ package policy
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
@@ -63,14 +67,43 @@ type Loop struct {
 	wanted    uint64        // generation of the endpoint set
 	applied   uint64        // last generation programmed
 	appliedCh chan struct{} // closed and replaced on every apply
-	lastInput uint64        // inputGen at the last sync, for conntrack; sync goroutine only
-	inputGen  atomic.Uint64
-	reread    atomic.Bool // set by the resync timer, honoured by sync
+	dirty     dirtyKeys     // objects changed since the last sync
 	status    Status
 	started   time.Time
-	// Only the sync goroutine touches these caches.
-	policyCache map[string]cachedPolicy
-	podCache    map[string]*Pod
+
+	// Only the sync goroutine touches these.
+	state        *clusterState
+	seenEndpoint uint64 // endpoint generation the state has
+	policyCache  map[string]cachedObject[*Policy]
+	podCache     map[string]cachedObject[*Pod]
+	nsCache      map[string]cachedObject[*Namespace]
+	selectedKeys map[string]bool // policies with a selected-endpoints gauge
+
+	// netns is the network namespace the loop programs; the re-reader
+	// and the connection cutter run in it from their own goroutines.
+	netns    ns.NetNS
+	kernel   chan []KernelState // latest periodic re-read, one per family
+	cutFlows chan cutRequest    // latest conntrack cut to make
+}
+
+// dirtyKeys are the keys of changed objects: "namespace/name" for pods
+// and policies, the name for namespaces.
+type dirtyKeys struct {
+	policies, pods, namespaces map[string]bool
+}
+
+func (d *dirtyKeys) take() dirtyKeys {
+	out := *d
+	*d = dirtyKeys{policies: map[string]bool{}, pods: map[string]bool{}, namespaces: map[string]bool{}}
+	return out
+}
+
+// cachedObject is an object's model and the version it was made from.
+// Reusing the model of an unchanged object keeps its pointer, which is
+// how clusterState tells what changed.
+type cachedObject[T any] struct {
+	version string
+	model   T
 }
 
 // Status is what the loop reports.
@@ -95,17 +128,30 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 	if cfg.AcceptMark == 0 {
 		cfg.AcceptMark = 0x10000
 	}
-	return &Loop{
-		cfg:        cfg,
-		client:     client,
-		recorder:   recorder,
-		endpoints:  map[string]endpointapi.Endpoint{},
-		appliedCh:  make(chan struct{}),
-		dataplanes: map[bool]*Dataplane{},
+	l := &Loop{
+		cfg:          cfg,
+		client:       client,
+		recorder:     recorder,
+		endpoints:    map[string]endpointapi.Endpoint{},
+		appliedCh:    make(chan struct{}),
+		dataplanes:   map[bool]*Dataplane{},
+		policyCache:  map[string]cachedObject[*Policy]{},
+		podCache:     map[string]cachedObject[*Pod]{},
+		nsCache:      map[string]cachedObject[*Namespace]{},
+		selectedKeys: map[string]bool{},
+		kernel:       make(chan []KernelState, 1),
+		cutFlows:     make(chan cutRequest, 1),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 10*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "policy"}),
 	}
+	l.dirty.take()
+	var renderers []*Renderer
+	for _, v6 := range l.families() {
+		renderers = append(renderers, &Renderer{IPv6: v6, AcceptMark: cfg.AcceptMark})
+	}
+	l.state = newClusterState(renderers)
+	return l
 }
 
 // Seed adds endpoints known from before a restart.
@@ -207,16 +253,41 @@ func (l *Loop) Run(ctx context.Context) error {
 		}
 		l.dataplanes[v6] = NewDataplane(r, v6)
 	}
-	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
-	changed := func() { l.inputGen.Add(1); l.queue.Add(syncKey) }
-	enqueue := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { changed() },
-		UpdateFunc: func(any, any) { changed() },
-		DeleteFunc: func(any) { changed() },
+	// The re-reader and the connection cutter run in their own goroutines,
+	// which must enter the namespace this one programs.
+	netns, err := ns.GetCurrentNS()
+	if err != nil {
+		return fmt.Errorf("finding the network namespace to program: %w", err)
 	}
+	defer netns.Close()
+	l.netns = netns
+
+	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
 	pods, nss, nps := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Networking().V1().NetworkPolicies()
-	for _, inf := range []cache.SharedIndexInformer{pods.Informer(), nss.Informer(), nps.Informer()} {
-		if _, err := inf.AddEventHandler(enqueue); err != nil {
+	watch := func(inf cache.SharedIndexInformer, dirty func(*dirtyKeys) map[string]bool) error {
+		mark := func(obj any) {
+			key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+			if err != nil {
+				return
+			}
+			l.mu.Lock()
+			dirty(&l.dirty)[key] = true
+			l.mu.Unlock()
+			l.queue.Add(syncKey)
+		}
+		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    mark,
+			UpdateFunc: func(_, obj any) { mark(obj) },
+			DeleteFunc: mark,
+		})
+		return err
+	}
+	for inf, dirty := range map[cache.SharedIndexInformer]func(*dirtyKeys) map[string]bool{
+		pods.Informer(): func(d *dirtyKeys) map[string]bool { return d.pods },
+		nss.Informer():  func(d *dirtyKeys) map[string]bool { return d.namespaces },
+		nps.Informer():  func(d *dirtyKeys) map[string]bool { return d.policies },
+	} {
+		if err := watch(inf, dirty); err != nil {
 			return err
 		}
 	}
@@ -225,16 +296,78 @@ func (l *Loop) Run(ctx context.Context) error {
 	factory.WaitForCacheSync(ctx.Done())
 	defer factory.Shutdown()
 
-	// The periodic re-read brings back deleted rules, chains and sets. It
-	// runs in the sync goroutine, which alone touches the dataplanes.
-	go wait.UntilWithContext(ctx, func(context.Context) {
-		l.reread.Store(true)
-		l.queue.Add(syncKey)
-	}, l.cfg.ResyncPeriod)
+	// The first sync models everything the caches hold; later ones only
+	// what the event handlers marked.
+	if err := l.markAll(); err != nil {
+		return err
+	}
+	l.queue.Add(syncKey)
+
+	var helpers sync.WaitGroup
+	helpers.Go(func() { wait.UntilWithContext(ctx, l.reread, l.cfg.ResyncPeriod) })
+	helpers.Go(func() { l.runCutter(ctx) })
 	go func() { <-ctx.Done(); l.queue.ShutDown() }()
 	for l.processNext(ctx) {
 	}
+	helpers.Wait() // they use the namespace handle closed on return
 	return nil
+}
+
+// markAll marks every cached object changed. Event handlers may still be
+// delivering the initial adds when the caches report synced, and the
+// first sync must see everything.
+func (l *Loop) markAll() error {
+	pods, err := l.pods.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	nss, err := l.namespaces.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	nps, err := l.policies.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, p := range pods {
+		l.dirty.pods[p.Namespace+"/"+p.Name] = true
+	}
+	for _, n := range nss {
+		l.dirty.namespaces[n.Name] = true
+	}
+	for _, np := range nps {
+		l.dirty.policies[np.Namespace+"/"+np.Name] = true
+	}
+	return nil
+}
+
+// reread reads the kernel's policy chains and sets, away from the sync
+// goroutine, and hands the result to the next sync, which puts right what
+// drifted (a deleted rule, chain or set comes back within ResyncPeriod).
+func (l *Loop) reread(ctx context.Context) {
+	var states []KernelState
+	err := l.netns.Do(func(ns.NetNS) error {
+		for _, v6 := range l.families() {
+			k, err := l.dataplanes[v6].Read()
+			if err != nil {
+				return err
+			}
+			states = append(states, k)
+		}
+		return nil
+	})
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "re-reading the kernel's policy rules")
+		return
+	}
+	select {
+	case <-l.kernel: // replaced by this newer read
+	default:
+	}
+	l.kernel <- states
+	l.queue.Add(syncKey)
 }
 
 func (l *Loop) families() []bool {
@@ -270,121 +403,95 @@ func (l *Loop) processNext(ctx context.Context) bool {
 	return true
 }
 
-// sync renders the whole desired state and applies what differs.
+// sync brings the model up to date with what changed, renders what that
+// touches, and applies what differs from the kernel.
 func (l *Loop) sync(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
 	began := time.Now()
 	defer func() {
 		if d := time.Since(began); d > 100*time.Millisecond {
-			klog.FromContext(ctx).V(2).Info("slow policy sync", "ms", d.Milliseconds())
+			logger.V(2).Info("slow policy sync", "ms", d.Milliseconds())
 		}
 	}()
-	if l.reread.Swap(false) {
-		for _, d := range l.dataplanes {
-			if err := d.ReadKernel(); err != nil {
-				return fmt.Errorf("re-reading the kernel: %w", err)
+	// A periodic re-read, if one is waiting: what it found wrong is put
+	// right by this sync's Apply.
+	repairing := false
+	select {
+	case states := <-l.kernel:
+		for i, v6 := range l.families() {
+			if l.dataplanes[v6].Adopt(states[i]) {
+				repairing = true
+			} else {
+				// A write raced the read: read again soon.
+				go l.reread(ctx)
 			}
 		}
+	default:
 	}
+
 	l.mu.Lock()
 	gen := l.wanted
-	eps := make([]endpointapi.Endpoint, 0, len(l.endpoints))
-	for _, ep := range l.endpoints {
-		eps = append(eps, ep)
+	dirty := l.dirty.take()
+	var eps map[string]endpointapi.Endpoint
+	if gen != l.seenEndpoint {
+		eps = maps.Clone(l.endpoints)
 	}
 	l.mu.Unlock()
-	sort.Slice(eps, func(i, j int) bool { return eps[i].HostVeth < eps[j].HostVeth })
+	inputChanged := len(dirty.policies)+len(dirty.pods)+len(dirty.namespaces) > 0
+	if err := l.updateModel(ctx, dirty); err != nil {
+		return err
+	}
+	if eps != nil {
+		l.state.SetEndpoints(eps)
+	}
+	l.seenEndpoint = gen
 
-	pols, err := l.modelPolicies(ctx)
-	if err != nil {
-		return err
-	}
-	nsList, err := l.namespaces.List(labels.Everything())
-	if err != nil {
-		return err
-	}
-	namespaces := map[string]*Namespace{}
-	for _, ns := range nsList {
-		namespaces[ns.Name] = &Namespace{Name: ns.Name, Labels: ns.Labels}
-	}
-	podList, err := l.pods.List(labels.Everything())
-	if err != nil {
-		return err
-	}
-	byName := map[string]*Pod{}
-	var pods []*Pod
-	podCache := make(map[string]*Pod, len(podList))
-	for _, p := range podList {
-		version := string(p.UID) + "/" + p.ResourceVersion
-		m, ok := l.podCache[version]
-		if !ok {
-			m = modelPod(p)
-		}
-		if m == nil {
-			continue
-		}
-		podCache[version] = m
-		// Local endpoints get their IPs from the registry below: copy
-		// rather than change the cached pod.
-		cp := *m
-		byName[p.Namespace+"/"+p.Name] = &cp
-		pods = append(pods, &cp)
-	}
-	l.podCache = podCache
-	var locals []LocalEndpoint
-	selected := map[string]int{}
-	epPolicies := map[string][]string{}
-	for _, ep := range eps {
-		pod := byName[ep.Namespace+"/"+ep.Pod]
-		if pod == nil {
-			// Not in the cache yet: its labels are unknown, but
-			// namespace-wide policies already apply to it.
-			pod = &Pod{Namespace: ep.Namespace, Name: ep.Pod, Labels: labels.Set{}}
-			pods = append(pods, pod)
-		}
-		pod.IPs = nil
-		for _, s := range ep.IPs {
-			if ip, err := netip.ParseAddr(s); err == nil {
-				pod.IPs = append(pod.IPs, ip)
-			}
-		}
-		in, out := Selecting(pols, pod)
-		for _, k := range append(append([]string{}, in...), out...) {
-			selected[k]++
-		}
-		epPolicies[ep.HostVeth] = uniqueSorted(append(append([]string{}, in...), out...))
-		locals = append(locals, LocalEndpoint{Pod: pod, HostVeth: ep.HostVeth, Ingress: in, Egress: out})
-	}
-	changed := false
 	modelled := time.Now()
-	for _, v6 := range l.families() {
-		r := &Renderer{IPv6: v6, AcceptMark: l.cfg.AcceptMark}
-		rs := r.Render(pols, locals, pods, namespaces)
-		rendered := time.Now()
-		st, err := l.dataplanes[v6].Apply(rs)
+	rulesets := l.state.Commit()
+	rendered := time.Now()
+	changed := false
+	for i, v6 := range l.families() {
+		st, err := l.dataplanes[v6].Apply(rulesets[i])
 		if err != nil {
 			return err
 		}
 		if st.Changed() {
 			changed = true
-			klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", v6, "stats", st,
-				"renderMs", rendered.Sub(modelled).Milliseconds(), "applyMs", time.Since(rendered).Milliseconds())
+			if repairing {
+				metrics.DriftRepairs.WithLabelValues("policy-chain").Add(float64(st.ChainsWritten + st.ChainsDeleted))
+				metrics.DriftRepairs.WithLabelValues("policy-ipset").Add(float64(st.SetsChanged + st.SetsDeleted))
+			}
+			logger.V(2).Info("policy rules written", "ipv6", v6, "stats", st, "repair", repairing,
+				"modelMs", modelled.Sub(began).Milliseconds(), "renderMs", rendered.Sub(modelled).Milliseconds(),
+				"applyMs", time.Since(rendered).Milliseconds())
 		}
 	}
-	// Any pod, namespace or policy event may have narrowed what is allowed.
-	input := l.inputGen.Load()
-	inputChanged := input != l.lastInput && l.lastInput != 0
-	l.lastInput = input
+	pols, pods, namespaces, locals := l.state.Snapshot()
 	if inputChanged && changed {
 		// A change may stop allowing flows that conntrack would let
-		// through as established: cut them.
-		if n, err := cutDeniedFlows(pols, pods, namespaces, locals); err != nil {
-			klog.FromContext(ctx).Error(err, "cutting denied connections")
-		} else if n > 0 {
-			klog.FromContext(ctx).Info("cut connections that policy no longer allows", "flows", n)
+		// through as established: cut them, without holding up the
+		// next change.
+		l.requestCut(cutRequest{pols, pods, namespaces, locals})
+	}
+
+	selected := map[string]int{}
+	epPolicies := map[string][]string{}
+	for _, ep := range locals {
+		all := uniqueSorted(append(slices.Clone(ep.Ingress), ep.Egress...))
+		for _, k := range all {
+			selected[k]++
+		}
+		epPolicies[ep.HostVeth] = all
+	}
+	for k := range l.selectedKeys {
+		if _, ok := selected[k]; !ok {
+			metrics.PolicyEndpoints.DeleteLabelValues(k)
+			delete(l.selectedKeys, k)
 		}
 	}
 	for k, n := range selected {
 		metrics.PolicyEndpoints.WithLabelValues(k).Set(float64(n))
+		l.selectedKeys[k] = true
 	}
 	metrics.EndpointsProgrammed.Set(float64(len(locals)))
 	metrics.PoliciesProgrammed.Set(float64(len(pols)))
@@ -398,41 +505,83 @@ func (l *Loop) sync(ctx context.Context) error {
 	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals)}
 	l.mu.Unlock()
 	if first {
-		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(pols), "pods", len(pods),
+		logger.Info("policy programmed", "endpoints", len(locals), "policies", len(pols), "pods", len(pods),
 			"sinceStartMs", time.Since(l.started).Milliseconds())
 	}
 	return nil
 }
 
-// modelPolicies converts every NetworkPolicy. A policy that cannot be
-// translated still isolates its pods (fails closed), and the operator
-// hears of it as a warning Event.
-func (l *Loop) modelPolicies(ctx context.Context) (map[string]*Policy, error) {
-	list, err := l.policies.List(labels.Everything())
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]*Policy{}
-	cache := map[string]cachedPolicy{}
-	for _, np := range list {
-		// Converting (parsing selectors) is the costly part of a sync at
-		// scale; a policy is converted again only when it changed.
-		version := string(np.UID) + "/" + np.ResourceVersion
-		c, ok := l.policyCache[version]
-		if !ok {
-			c = cachedPolicy{p: FromNetworkPolicy(np)}
-			if c.p.Broken != "" {
-				l.reportBroken(ctx, np, c.p.Broken)
-			}
+// updateModel converts the changed objects into the model. Converting a
+// policy (parsing its selectors) is the costly part, so an object is
+// converted again only when its version changed.
+func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
+	for key := range dirty.policies {
+		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
+		np, err := l.policies.NetworkPolicies(namespace).Get(name)
+		if apierrors.IsNotFound(err) {
+			delete(l.policyCache, key)
+			l.state.SetPolicy(key, nil)
+			continue
+		} else if err != nil {
+			return err
 		}
-		cache[version] = c
-		out[c.p.Key] = c.p
+		version := objectVersion(np)
+		c, ok := l.policyCache[key]
+		if !ok || version == "" || c.version != version {
+			c = cachedObject[*Policy]{version, FromNetworkPolicy(np)}
+			if c.model.Broken != "" {
+				l.reportBroken(ctx, np, c.model.Broken)
+			}
+			l.policyCache[key] = c
+		}
+		l.state.SetPolicy(c.model.Key, c.model)
 	}
-	l.policyCache = cache
-	return out, nil
+	for key := range dirty.namespaces {
+		obj, err := l.namespaces.Get(key)
+		if apierrors.IsNotFound(err) {
+			delete(l.nsCache, key)
+			l.state.SetNamespace(key, nil)
+			continue
+		} else if err != nil {
+			return err
+		}
+		version := objectVersion(obj)
+		c, ok := l.nsCache[key]
+		if !ok || version == "" || c.version != version {
+			c = cachedObject[*Namespace]{version, &Namespace{Name: obj.Name, Labels: obj.Labels}}
+			l.nsCache[key] = c
+		}
+		l.state.SetNamespace(key, c.model)
+	}
+	for key := range dirty.pods {
+		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
+		obj, err := l.pods.Pods(namespace).Get(name)
+		if apierrors.IsNotFound(err) {
+			delete(l.podCache, key)
+			l.state.SetPod(key, nil)
+			continue
+		} else if err != nil {
+			return err
+		}
+		version := objectVersion(obj)
+		c, ok := l.podCache[key]
+		if !ok || version == "" || c.version != version {
+			c = cachedObject[*Pod]{version, modelPod(obj)}
+			l.podCache[key] = c
+		}
+		l.state.SetPod(key, c.model)
+	}
+	return nil
 }
 
-type cachedPolicy struct{ p *Policy }
+// objectVersion identifies an object's content: the API server changes
+// the resourceVersion on every write. Empty means unknown (never cached).
+func objectVersion(obj metav1.Object) string {
+	if obj.GetResourceVersion() == "" {
+		return ""
+	}
+	return string(obj.GetUID()) + "/" + obj.GetResourceVersion()
+}
 
 func (l *Loop) reportBroken(ctx context.Context, np *networkingv1.NetworkPolicy, why string) {
 	klog.FromContext(ctx).Info("policy cannot be rendered; its pods allow nothing it would have allowed", "policy", np.Namespace+"/"+np.Name, "problem", why)

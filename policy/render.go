@@ -56,6 +56,8 @@ type Set struct {
 	Type    SetType
 	IPv6    bool
 	Entries []string // "10.0.0.0/8", "10.0.0.0/24 nomatch", "10.1.2.3,tcp:80"
+	// signature caches setSignature; Entries must not change once it is set.
+	signature string
 }
 
 // Ruleset is everything the policy loop renders for one family.
@@ -133,16 +135,18 @@ func (r *Renderer) namedPortSetName(scope, name string, proto Protocol) string {
 	return setPrefix + "N" + r.fam() + "-" + shortHash(scope+";port="+name+";"+string(proto))
 }
 
-// Render computes the whole ruleset of one family.
+// Render computes the whole ruleset of one family from scratch. The
+// policy loop keeps an incremental copy of the same result (index.go);
+// Render is its reference, and the tests hold the two equal.
 func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint, pods []*Pod, namespaces map[string]*Namespace) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
-	used := map[string]bool{}
+	used := map[usage]bool{}
 	for _, ep := range endpoints {
 		for _, k := range ep.Ingress {
-			used[k+"/in"] = true
+			used[usage{k, false}] = true
 		}
 		for _, k := range ep.Egress {
-			used[k+"/out"] = true
+			used[usage{k, true}] = true
 		}
 	}
 	keys := make([]string, 0, len(policies))
@@ -152,11 +156,17 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 	sort.Strings(keys)
 	for _, k := range keys {
 		p := policies[k]
-		if used[k+"/in"] {
-			rs.Chains[PolicyChain(k, false)] = r.policyRules(rs, p, false, pods, namespaces)
-		}
-		if used[k+"/out"] {
-			rs.Chains[PolicyChain(k, true)] = r.policyRules(rs, p, true, pods, namespaces)
+		for _, egress := range []bool{false, true} {
+			if !used[usage{k, egress}] {
+				continue
+			}
+			rules, defs := r.policyRules(p, egress)
+			rs.Chains[PolicyChain(k, egress)] = rules
+			for _, d := range defs {
+				if _, ok := rs.Sets[d.name]; !ok {
+					rs.Sets[d.name] = r.materialise(d, pods, namespaces)
+				}
+			}
 		}
 	}
 	for _, ep := range endpoints {
@@ -166,6 +176,22 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 	r.dispatch(rs, endpoints, true)
 	r.dispatch(rs, endpoints, false)
 	return rs
+}
+
+// usage is a policy's chain of one direction.
+type usage struct {
+	key    string
+	egress bool
+}
+
+// materialise computes a set's entries over every pod.
+func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Namespace) *Set {
+	set := &Set{Name: d.name, Type: d.typ, IPv6: r.IPv6, Entries: slices.Clone(d.static)}
+	for _, pod := range pods {
+		set.Entries = append(set.Entries, r.podEntries(d, pod, namespaces[pod.Namespace])...)
+	}
+	sortEntries(set)
+	return set
 }
 
 func (r *Renderer) endpointRules(chain string, policies []string, egress bool) []string {
@@ -226,14 +252,64 @@ func (r *Renderer) dispatch(rs *Ruleset, endpoints []LocalEndpoint, egress bool)
 	rs.Chains[top] = topRules
 }
 
-// policyRules renders one policy's chain of a direction: each rule sets
-// the accept mark for the traffic it allows and returns.
-func (r *Renderer) policyRules(rs *Ruleset, p *Policy, egress bool, pods []*Pod, namespaces map[string]*Namespace) []string {
+// setDef says what a set holds: fixed entries (an ipBlock) or entries
+// contributed by each pod (the IPs of the pods a selector matches, or the
+// IP and port of the pods that declare a named port). A set's name is a
+// hash of its definition, so equal names mean equal content, and sets are
+// shared by every policy that needs them.
+type setDef struct {
+	name   string
+	typ    SetType
+	static []string
+	// peer: the IPs of the pods it matches.
+	peer *PodPeer
+	// namedPort: "ip,proto:port" of the pods that declare it; ingress
+	// sets only count the pods the policy selects (selectedBy).
+	namedPort  string
+	proto      Protocol
+	selectedBy *Policy
+}
+
+// podEntries returns what one pod contributes to a set in this family.
+func (r *Renderer) podEntries(d *setDef, pod *Pod, ns *Namespace) []string {
+	var out []string
+	switch {
+	case d.peer != nil:
+		if !d.peer.Matches(pod, ns) {
+			return nil
+		}
+		for _, ip := range pod.IPs {
+			if ip.Is6() == r.IPv6 {
+				out = append(out, netip.PrefixFrom(ip, ip.BitLen()).String())
+			}
+		}
+	case d.namedPort != "":
+		if d.selectedBy != nil && !d.selectedBy.Selects(pod) {
+			return nil
+		}
+		np, ok := pod.NamedPorts[d.namedPort]
+		if !ok || np.Protocol != d.proto {
+			return nil
+		}
+		for _, ip := range pod.IPs {
+			if ip.Is6() == r.IPv6 {
+				out = append(out, fmt.Sprintf("%s,%s:%d", ip, strings.ToLower(string(d.proto)), np.Number))
+			}
+		}
+	}
+	return out
+}
+
+// policyRules renders one policy's chain of a direction, and the sets it
+// refers to: each rule sets the accept mark for the traffic it allows and
+// returns. It depends on the policy alone, so the loop renders a policy
+// again only when the policy changes.
+func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 	chain := PolicyChain(p.Key, egress)
 	if p.Broken != "" {
 		// Fail closed: the chain allows nothing, so the endpoint chain's
 		// final DROP applies.
-		return []string{fmt.Sprintf("-A %s -m comment --comment \"%s\" -j RETURN", chain, comment("broken policy allows nothing: "+p.Broken))}
+		return []string{fmt.Sprintf("-A %s -m comment --comment \"%s\" -j RETURN", chain, comment("broken policy allows nothing: "+p.Broken))}, nil
 	}
 	rules := p.IngressRules
 	peerDir := "src"
@@ -242,14 +318,18 @@ func (r *Renderer) policyRules(rs *Ruleset, p *Policy, egress bool, pods []*Pod,
 		peerDir = "dst"
 	}
 	var out []string
+	var defs []*setDef
 	for i := range rules {
 		rule := &rules[i]
-		peerMatches := r.peerMatches(rs, rule, peerDir, pods, namespaces)
+		peerMatches, peerDefs := r.peerMatches(rule, peerDir)
 		if peerMatches == nil {
 			continue // peers that select nothing in this family
 		}
+		defs = append(defs, peerDefs...)
+		ports, portDefs := r.portMatches(p, rule, egress)
+		defs = append(defs, portDefs...)
 		for _, pm := range peerMatches {
-			for _, port := range r.portMatches(rs, p, rule, egress, pods, namespaces) {
+			for _, port := range ports {
 				// iptables-save's canonical order: protocol, then the
 				// matches in the order given, so a re-read compares equal.
 				parts := []string{"-A", chain}
@@ -263,99 +343,70 @@ func (r *Renderer) policyRules(rs *Ruleset, p *Policy, egress bool, pods []*Pod,
 		}
 	}
 	out = append(out, fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
-	return out
+	return out, defs
 }
 
 // peerMatches returns one match per peer ("" for every peer), or nil when
-// the rule's peers can never match in this family.
-func (r *Renderer) peerMatches(rs *Ruleset, rule *Rule, dir string, pods []*Pod, namespaces map[string]*Namespace) []string {
+// the rule's peers can never match in this family, and the sets they use.
+func (r *Renderer) peerMatches(rule *Rule, dir string) ([]string, []*setDef) {
 	if rule.Peers == nil {
-		return []string{""}
+		return []string{""}, nil
 	}
 	var out []string
+	var defs []*setDef
 	for i := range rule.Peers {
 		peer := &rule.Peers[i]
 		if peer.Pods != nil {
-			name := r.selectorSetName(peer.Pods)
-			if _, ok := rs.Sets[name]; !ok {
-				set := &Set{Name: name, Type: HashNet, IPv6: r.IPv6}
-				for _, pod := range pods {
-					if peer.Pods.Matches(pod, namespaces[pod.Namespace]) {
-						for _, ip := range pod.IPs {
-							if ip.Is6() == r.IPv6 {
-								set.Entries = append(set.Entries, netip.PrefixFrom(ip, ip.BitLen()).String())
-							}
-						}
-					}
-				}
-				sortEntries(set)
-				rs.Sets[name] = set
-			}
-			out = append(out, fmt.Sprintf("-m set --match-set %s %s", name, dir))
+			d := &setDef{name: r.selectorSetName(peer.Pods), typ: HashNet, peer: peer.Pods}
+			defs = append(defs, d)
+			out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 			continue
 		}
 		if peer.CIDR.Addr().Is6() != r.IPv6 {
 			continue
 		}
-		name := r.cidrSetName(peer)
-		if _, ok := rs.Sets[name]; !ok {
-			set := &Set{Name: name, Type: HashNet, IPv6: r.IPv6, Entries: []string{peer.CIDR.String()}}
-			for _, e := range peer.Except {
-				if e.Addr().Is6() == r.IPv6 {
-					set.Entries = append(set.Entries, e.String()+" nomatch")
-				}
+		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: []string{peer.CIDR.String()}}
+		for _, e := range peer.Except {
+			if e.Addr().Is6() == r.IPv6 {
+				d.static = append(d.static, e.String()+" nomatch")
 			}
-			sortEntries(set)
-			rs.Sets[name] = set
 		}
-		out = append(out, fmt.Sprintf("-m set --match-set %s %s", name, dir))
+		defs = append(defs, d)
+		out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 	}
-	return out
+	return out, defs
 }
 
 // portMatch is a rule's port match: the protocol part (which iptables
 // puts first) and the rest.
 type portMatch struct{ proto, rest string }
 
-// portMatches returns one match per port (empty for every port). A named
-// port becomes a hash:ip,port set of the destination pods that declare it:
-// for ingress the policy's own pods, for egress every pod (the peer match
-// narrows it).
-func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, pods []*Pod, namespaces map[string]*Namespace) []portMatch {
+// portMatches returns one match per port (empty for every port), and the
+// sets they use. A named port becomes a hash:ip,port set of the
+// destination pods that declare it: for ingress the pods the policy
+// selects, for egress every pod (the peer match narrows it).
+func (r *Renderer) portMatches(p *Policy, rule *Rule, egress bool) ([]portMatch, []*setDef) {
 	if rule.Ports == nil {
-		return []portMatch{{}}
+		return []portMatch{{}}, nil
 	}
 	var out []portMatch
+	var defs []*setDef
 	for _, pt := range rule.Ports {
 		proto := strings.ToLower(string(pt.Protocol))
 		pm := portMatch{proto: "-p " + proto}
 		switch {
 		case pt.Name != "":
+			d := &setDef{typ: HashIPPort, namedPort: pt.Name, proto: pt.Protocol}
 			scope := "egress"
 			if !egress {
-				scope = "ingress:" + p.Key
+				// Named by the pods the policy selects, so policies with
+				// the same pod selector share the set.
+				d.selectedBy = p
+				scope = "ingress:" + p.Namespace + ";" + p.PodSelector.String()
 			}
-			name := r.namedPortSetName(scope, pt.Name, pt.Protocol)
-			if _, ok := rs.Sets[name]; !ok {
-				set := &Set{Name: name, Type: HashIPPort, IPv6: r.IPv6}
-				for _, pod := range pods {
-					if !egress && !p.Selects(pod) {
-						continue
-					}
-					np, ok := pod.NamedPorts[pt.Name]
-					if !ok || np.Protocol != pt.Protocol {
-						continue
-					}
-					for _, ip := range pod.IPs {
-						if ip.Is6() == r.IPv6 {
-							set.Entries = append(set.Entries, fmt.Sprintf("%s,%s:%d", ip, proto, np.Number))
-						}
-					}
-				}
-				sortEntries(set)
-				rs.Sets[name] = set
-			}
-			pm.rest = fmt.Sprintf("-m set --match-set %s dst,dst", name)
+			d.name = r.namedPortSetName(scope, pt.Name, pt.Protocol)
+			defs = append(defs, d)
+			pm.rest = fmt.Sprintf("-m set --match-set %s dst,dst", d.name)
 		case pt.Number == 0:
 		case pt.EndPort != 0:
 			pm.rest = fmt.Sprintf("-m %s --dport %d:%d", proto, pt.Number, pt.EndPort)
@@ -364,7 +415,7 @@ func (r *Renderer) portMatches(rs *Ruleset, p *Policy, rule *Rule, egress bool, 
 		}
 		out = append(out, pm)
 	}
-	return out
+	return out, defs
 }
 
 func sortEntries(s *Set) { slices.Sort(s.Entries) }

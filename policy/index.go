@@ -1,0 +1,425 @@
+package policy
+
+import (
+	"maps"
+	"net/netip"
+	"slices"
+	"sort"
+
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/sluice-net/sluice/cni/endpointapi"
+)
+
+// clusterState is the policy loop's model of the cluster and of what it
+// renders from it, kept up to date change by change. Renderer.Render
+// computes the same rulesets from scratch; clusterState only redoes the
+// part a change touches: a policy edit re-renders that policy's chains and
+// re-checks it against the local endpoints; a pod edit re-checks that pod
+// against each set. At 5,000 pods and 1,000 policies a full render costs
+// tens of milliseconds, which is what the programming-latency goal cannot
+// afford on every event.
+//
+// Use: record changes with SetPolicy, SetPod, SetNamespace and
+// SetEndpoints, then call Commit for the rulesets. It is not safe for
+// concurrent use.
+type clusterState struct {
+	policies   map[string]*Policy
+	namespaces map[string]*Namespace
+	apiPods    map[string]*Pod // "namespace/name" -> as the API server has it
+	endpoints  map[string]endpointapi.Endpoint
+	// pods are the effective pods: the API's, with the registry's IPs for
+	// pods that have local endpoints, plus placeholders for local
+	// endpoints the API cache does not have yet (their labels are
+	// unknown, but namespace-wide policies already apply to them).
+	pods       map[string]*Pod
+	selections map[string]*selection // by endpoint key
+	// versions numbers selections, never reusing a number, so a cached
+	// endpoint chain is never mistaken for a newer one.
+	versions int
+	families []*familyState
+
+	// Changes since the last Commit.
+	dirtyPolicies   map[string]bool
+	dirtyPods       map[string]bool
+	dirtyNamespaces map[string]bool
+}
+
+// selection is a local endpoint and the policies selecting it.
+type selection struct {
+	ep              endpointapi.Endpoint
+	pod             *Pod
+	ingress, egress []string
+	// rendered endpoint chains are valid while these are unchanged.
+	version int
+}
+
+// familyState is what clusterState renders for one IP family.
+type familyState struct {
+	r              *Renderer
+	policyChains   map[usage]*renderedPolicy
+	sets           map[string]*indexedSet
+	endpointChains map[string]*renderedEndpoint // by host veth
+}
+
+type renderedPolicy struct {
+	policy *Policy // rendered from this version
+	rules  []string
+	defs   []*setDef
+}
+
+type renderedEndpoint struct {
+	version         int
+	ingress, egress []string
+}
+
+// indexedSet is a set and each pod's contribution to it.
+type indexedSet struct {
+	def   *setDef
+	byPod map[string][]string
+	set   *Set // nil when byPod changed since it was built
+}
+
+func newClusterState(families []*Renderer) *clusterState {
+	s := &clusterState{
+		policies: map[string]*Policy{}, namespaces: map[string]*Namespace{}, apiPods: map[string]*Pod{},
+		endpoints: map[string]endpointapi.Endpoint{}, pods: map[string]*Pod{}, selections: map[string]*selection{},
+		dirtyPolicies: map[string]bool{}, dirtyPods: map[string]bool{}, dirtyNamespaces: map[string]bool{},
+	}
+	for _, r := range families {
+		s.families = append(s.families, &familyState{r: r, policyChains: map[usage]*renderedPolicy{},
+			sets: map[string]*indexedSet{}, endpointChains: map[string]*renderedEndpoint{}})
+	}
+	return s
+}
+
+// SetPolicy records a policy, or its deletion with nil. A policy is
+// treated as changed when the pointer differs, so callers keep the same
+// pointer for an unchanged policy.
+func (s *clusterState) SetPolicy(key string, p *Policy) {
+	if s.policies[key] == p {
+		return
+	}
+	if p == nil {
+		delete(s.policies, key)
+	} else {
+		s.policies[key] = p
+	}
+	s.dirtyPolicies[key] = true
+}
+
+// SetPod records a pod ("namespace/name"), or its deletion with nil.
+func (s *clusterState) SetPod(key string, p *Pod) {
+	if s.apiPods[key] == p {
+		return
+	}
+	if p == nil {
+		delete(s.apiPods, key)
+	} else {
+		s.apiPods[key] = p
+	}
+	s.dirtyPods[key] = true
+}
+
+// SetNamespace records a namespace, or its deletion with nil.
+func (s *clusterState) SetNamespace(name string, ns *Namespace) {
+	if s.namespaces[name] == ns {
+		return
+	}
+	if ns == nil {
+		delete(s.namespaces, name)
+	} else {
+		s.namespaces[name] = ns
+	}
+	s.dirtyNamespaces[name] = true
+}
+
+// SetEndpoints replaces the local endpoints with the registry's.
+func (s *clusterState) SetEndpoints(eps map[string]endpointapi.Endpoint) {
+	for k, old := range s.endpoints {
+		if cur, ok := eps[k]; !ok || !sameEndpoint(old, cur) {
+			delete(s.endpoints, k)
+			s.dirtyPods[old.Namespace+"/"+old.Pod] = true
+		}
+	}
+	for k, ep := range eps {
+		if _, ok := s.endpoints[k]; !ok {
+			s.endpoints[k] = ep
+			s.dirtyPods[ep.Namespace+"/"+ep.Pod] = true
+		}
+	}
+}
+
+func sameEndpoint(a, b endpointapi.Endpoint) bool {
+	return a.Namespace == b.Namespace && a.Pod == b.Pod && a.HostVeth == b.HostVeth && slices.Equal(a.IPs, b.IPs)
+}
+
+// effectivePod is the pod as the rules see it.
+func (s *clusterState) effectivePod(key string, eps []endpointapi.Endpoint) *Pod {
+	api := s.apiPods[key]
+	if len(eps) == 0 {
+		return api
+	}
+	var p Pod
+	if api != nil {
+		p = *api
+	} else {
+		p = Pod{Namespace: eps[0].Namespace, Name: eps[0].Pod, Labels: labels.Set{}}
+	}
+	// The registry knows a local pod's IPs before the API server does.
+	p.IPs = nil
+	for _, ep := range eps {
+		for _, ip := range ep.IPs {
+			if a, err := netip.ParseAddr(ip); err == nil && !slices.Contains(p.IPs, a) {
+				p.IPs = append(p.IPs, a)
+			}
+		}
+	}
+	return &p
+}
+
+// podChange is one effective pod before and after a commit.
+type podChange struct {
+	key      string
+	old, new *Pod
+}
+
+// Commit brings everything derived up to date and returns the rulesets,
+// one per family in the order given to newClusterState.
+func (s *clusterState) Commit() []*Ruleset {
+	// Effective pods.
+	var changes []podChange
+	if len(s.dirtyPods) > 0 {
+		epsByPod := map[string][]endpointapi.Endpoint{}
+		for _, ep := range s.endpoints {
+			k := ep.Namespace + "/" + ep.Pod
+			if s.dirtyPods[k] {
+				epsByPod[k] = append(epsByPod[k], ep)
+			}
+		}
+		for k := range s.dirtyPods {
+			eps := epsByPod[k]
+			sort.Slice(eps, func(i, j int) bool { return eps[i].HostVeth < eps[j].HostVeth })
+			old, cur := s.pods[k], s.effectivePod(k, eps)
+			if cur == nil {
+				delete(s.pods, k)
+			} else {
+				s.pods[k] = cur
+			}
+			if old != cur {
+				changes = append(changes, podChange{k, old, cur})
+			}
+		}
+	}
+	s.updateSelections()
+	rulesets := make([]*Ruleset, 0, len(s.families))
+	for _, f := range s.families {
+		rulesets = append(rulesets, s.renderFamily(f, changes))
+	}
+	clear(s.dirtyPolicies)
+	clear(s.dirtyPods)
+	clear(s.dirtyNamespaces)
+	return rulesets
+}
+
+// updateSelections finds the policies selecting each local endpoint: all
+// of them for a new endpoint or a changed pod, only the changed policies
+// for the rest.
+func (s *clusterState) updateSelections() {
+	for k, sel := range s.selections {
+		if ep, ok := s.endpoints[k]; !ok || !sameEndpoint(ep, sel.ep) {
+			delete(s.selections, k)
+		}
+	}
+	for k, ep := range s.endpoints {
+		pod := s.pods[ep.Namespace+"/"+ep.Pod]
+		sel, ok := s.selections[k]
+		if !ok || sel.pod != pod {
+			in, out := Selecting(s.policies, pod)
+			if ok && slices.Equal(in, sel.ingress) && slices.Equal(out, sel.egress) {
+				sel.pod = pod
+				continue
+			}
+			s.versions++
+			s.selections[k] = &selection{ep: ep, pod: pod, ingress: in, egress: out, version: s.versions}
+			continue
+		}
+		if len(s.dirtyPolicies) == 0 {
+			continue
+		}
+		in, out := sel.ingress, sel.egress
+		for key := range s.dirtyPolicies {
+			p := s.policies[key]
+			selects := p != nil && p.Selects(pod)
+			in = setMember(in, key, selects && p.Ingress)
+			out = setMember(out, key, selects && p.Egress)
+		}
+		if !slices.Equal(in, sel.ingress) || !slices.Equal(out, sel.egress) {
+			sel.ingress, sel.egress = in, out
+			s.versions++
+			sel.version = s.versions
+		}
+	}
+}
+
+// setMember returns the sorted list with key present or absent, copying
+// it when it changes.
+func setMember(list []string, key string, present bool) []string {
+	i, found := slices.BinarySearch(list, key)
+	switch {
+	case present && !found:
+		return slices.Insert(slices.Clone(list), i, key)
+	case !present && found:
+		return slices.Delete(slices.Clone(list), i, i+1)
+	}
+	return list
+}
+
+// renderFamily brings one family's chains and sets up to date.
+func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Ruleset {
+	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
+	// Policy chains, for the policies some endpoint uses.
+	used := map[usage]bool{}
+	var locals []LocalEndpoint
+	for _, sel := range s.selections {
+		for _, k := range sel.ingress {
+			used[usage{k, false}] = true
+		}
+		for _, k := range sel.egress {
+			used[usage{k, true}] = true
+		}
+		locals = append(locals, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, Ingress: sel.ingress, Egress: sel.egress})
+	}
+	for u := range f.policyChains {
+		if !used[u] {
+			delete(f.policyChains, u)
+		}
+	}
+	needed := map[string]*setDef{}
+	for u := range used {
+		p := s.policies[u.key]
+		rp := f.policyChains[u]
+		if rp == nil || rp.policy != p {
+			rules, defs := f.r.policyRules(p, u.egress)
+			rp = &renderedPolicy{policy: p, rules: rules, defs: defs}
+			f.policyChains[u] = rp
+		}
+		rs.Chains[PolicyChain(u.key, u.egress)] = rp.rules
+		for _, d := range rp.defs {
+			if _, ok := needed[d.name]; !ok {
+				needed[d.name] = d
+			}
+		}
+	}
+	// Sets: drop the unneeded, update the rest for changed pods and
+	// namespaces, index the new over every pod.
+	for name := range f.sets {
+		if needed[name] == nil {
+			delete(f.sets, name)
+		}
+	}
+	for _, is := range f.sets {
+		if is.def.peer == nil && is.def.namedPort == "" {
+			continue // an ipBlock: no pod contributes
+		}
+		for _, c := range changes {
+			s.reindex(f, is, c.key, c.new)
+		}
+		if is.def.peer != nil && is.def.peer.Namespaces != nil && len(s.dirtyNamespaces) > 0 {
+			for k, pod := range s.pods {
+				if s.dirtyNamespaces[pod.Namespace] {
+					s.reindex(f, is, k, pod)
+				}
+			}
+		}
+	}
+	for name, d := range needed {
+		if _, ok := f.sets[name]; ok {
+			continue
+		}
+		is := &indexedSet{def: d, byPod: map[string][]string{}}
+		for k, pod := range s.pods {
+			if e := f.r.podEntries(d, pod, s.namespaces[pod.Namespace]); len(e) > 0 {
+				is.byPod[k] = e
+			}
+		}
+		f.sets[name] = is
+	}
+	for name, is := range f.sets {
+		if is.set == nil {
+			is.set = &Set{Name: name, Type: is.def.typ, IPv6: f.r.IPv6, Entries: slices.Clone(is.def.static)}
+			for _, e := range is.byPod {
+				is.set.Entries = append(is.set.Entries, e...)
+			}
+			sortEntries(is.set)
+		}
+		rs.Sets[name] = is.set
+	}
+	// Endpoint chains, rendered again only when their policies change.
+	for veth := range f.endpointChains {
+		found := false
+		for _, sel := range s.selections {
+			if sel.ep.HostVeth == veth {
+				found = true
+				break
+			}
+		}
+		if !found {
+			delete(f.endpointChains, veth)
+		}
+	}
+	for _, sel := range s.selections {
+		veth := sel.ep.HostVeth
+		re := f.endpointChains[veth]
+		if re == nil || re.version != sel.version {
+			re = &renderedEndpoint{version: sel.version,
+				ingress: f.r.endpointRules(EndpointChain(veth, false), sel.ingress, false),
+				egress:  f.r.endpointRules(EndpointChain(veth, true), sel.egress, true)}
+			f.endpointChains[veth] = re
+		}
+		rs.Chains[EndpointChain(veth, false)] = re.ingress
+		rs.Chains[EndpointChain(veth, true)] = re.egress
+	}
+	sort.Slice(locals, func(i, j int) bool { return locals[i].HostVeth < locals[j].HostVeth })
+	f.r.dispatch(rs, locals, true)
+	f.r.dispatch(rs, locals, false)
+	return rs
+}
+
+// reindex updates one pod's contribution to a set.
+func (s *clusterState) reindex(f *familyState, is *indexedSet, key string, pod *Pod) {
+	var entries []string
+	if pod != nil {
+		entries = f.r.podEntries(is.def, pod, s.namespaces[pod.Namespace])
+	}
+	if slices.Equal(entries, is.byPod[key]) {
+		return
+	}
+	if len(entries) == 0 {
+		delete(is.byPod, key)
+	} else {
+		is.byPod[key] = entries
+	}
+	is.set = nil
+}
+
+// LocalEndpoints returns the local endpoints with their policies, ordered
+// by host veth.
+func (s *clusterState) LocalEndpoints() []LocalEndpoint {
+	out := make([]LocalEndpoint, 0, len(s.selections))
+	for _, sel := range s.selections {
+		out = append(out, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, Ingress: sel.ingress, Egress: sel.egress})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].HostVeth < out[j].HostVeth })
+	return out
+}
+
+// Snapshot copies the model for work outside the loop (cutting denied
+// flows); the policies and pods themselves are never changed in place.
+func (s *clusterState) Snapshot() (map[string]*Policy, []*Pod, map[string]*Namespace, []LocalEndpoint) {
+	pods := make([]*Pod, 0, len(s.pods))
+	for _, p := range s.pods {
+		pods = append(pods, p)
+	}
+	return maps.Clone(s.policies), pods, maps.Clone(s.namespaces), s.LocalEndpoints()
+}

@@ -1,0 +1,175 @@
+package policy
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"slices"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/cni/endpointapi"
+	"github.com/sluice-net/sluice/internal/forward"
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/nettest"
+)
+
+// scaleObjects builds the API objects of the benchmark's cluster: 5,000
+// pods in 10 namespaces (100 of them local endpoints), 1,000 policies, as
+// the lab benchmark in test/bench/policyscale does.
+func scaleObjects() (objs []*corev1.Pod, nss []*corev1.Namespace, pols []*networkingv1.NetworkPolicy, locals []endpointapi.Endpoint) {
+	const namespaces, total, local, policies = 10, 5000, 100, 1000
+	for i := 0; i < namespaces; i++ {
+		nss = append(nss, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("s%d", i), Labels: map[string]string{"team": fmt.Sprint(i % 5)}}})
+	}
+	for i := 0; i < total; i++ {
+		ip := fmt.Sprintf("10.250.%d.%d", i/250, i%250+1)
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: fmt.Sprintf("s%d", i%namespaces), Name: fmt.Sprintf("pod-%d", i), UID: types.UID("uid-" + ip),
+				Labels: map[string]string{"app": fmt.Sprintf("app%d", i%20)}},
+			Spec:   corev1.PodSpec{NodeName: "far-away", Containers: []corev1.Container{{Name: "c", Ports: []corev1.ContainerPort{{ContainerPort: 80}}}}},
+			Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}},
+		}
+		if i < local {
+			p.Spec.NodeName = "node-1"
+			locals = append(locals, endpointapi.Endpoint{ContainerID: p.Name, Namespace: p.Namespace, Pod: p.Name, IfName: "eth0",
+				HostVeth: "sl" + shortHash(p.Name)[:11], IPs: []string{ip}})
+		}
+		objs = append(objs, p)
+	}
+	tcp := corev1.ProtocolTCP
+	for i := 0; i < policies; i++ {
+		port := intstr.FromInt32(int32(8000 + i%100))
+		pols = append(pols, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: fmt.Sprintf("s%d", i%namespaces), Name: fmt.Sprintf("pol-%d", i)},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": fmt.Sprintf("app%d", i%20)}},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{
+					From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": fmt.Sprintf("app%d", (i+1)%20)}}}, {NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": fmt.Sprint(i % 5)}}}},
+					Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: &port}},
+				}},
+			}})
+	}
+	return objs, nss, pols, locals
+}
+
+// BenchmarkLoopPolicyChange measures the policy loop itself at the scale
+// of issue #5 (a): from a NetworkPolicy created in the API (a fake
+// clientset, so the API server's own latency is not in it) to the loop
+// having applied it to the kernel of a test namespace. The lab benchmark in
+// test/bench/policyscale measures the same end to end with real packets.
+func BenchmarkLoopPolicyChange(b *testing.B) {
+	if v := os.Getenv("SLUICE_TEST_V"); v != "" {
+		// The loop's timing lines (V(2)) say where a slow change went.
+		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+		klog.InitFlags(fs)
+		_ = fs.Set("v", v)
+	}
+	pods, nss, pols, locals := scaleObjects()
+	client := fake.NewClientset()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for _, o := range nss {
+		if _, err := client.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, o := range pods {
+		if _, err := client.CoreV1().Pods(o.Namespace).Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, o := range pols {
+		if _, err := client.NetworkingV1().NetworkPolicies(o.Namespace).Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	n := nettest.NewNS(b)
+	l := NewLoop(Config{NodeName: "node-1", IPv4: true, IPTablesMode: iptables.ModeNFT, ResyncPeriod: 5 * time.Second}, client, nil)
+	l.Seed(locals)
+	done := make(chan error, 1)
+	go func() {
+		done <- n.Do(func(ns.NetNS) error {
+			r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+			if err != nil {
+				return err
+			}
+			if err := forward.Apply(r); err != nil {
+				return err
+			}
+			return l.Run(ctx)
+		})
+	}()
+	for !l.Ready() {
+		select {
+		case err := <-done:
+			b.Fatalf("loop stopped: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	target := locals[0] // app0 in s0
+	gate := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "s0", Name: "gate"}, Spec: networkingv1.NetworkPolicySpec{
+		PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "app0"}},
+		Ingress:     []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "prober"}}}}}},
+	}}
+	// waitFor waits until an apply left the target selected (or not) by
+	// the gate.
+	waitFor := func(selected bool) {
+		timeout := time.After(20 * time.Second)
+		for {
+			l.mu.Lock()
+			ch := l.appliedCh
+			has := slices.Contains(l.status.EndpointPolicies[target.HostVeth], "s0/gate")
+			l.mu.Unlock()
+			if has == selected {
+				return
+			}
+			select {
+			case <-ch:
+			case err := <-done:
+				b.Fatalf("loop stopped: %v", err)
+			case <-timeout:
+				pl, _ := l.policies.List(labels.Everything())
+				st := l.Status()
+				b.Fatalf("the change was never applied: %d policies listed, target %s policies %v; endpoints %d, selected %d, %v", len(pl), target.HostVeth, st.EndpointPolicies[target.HostVeth], st.Endpoints, len(st.Selected), len(st.EndpointPolicies))
+			}
+		}
+	}
+	var lat []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := client.NetworkingV1().NetworkPolicies("s0").Create(ctx, gate, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		// The fake clientset's own Create is slow at this scale (field
+		// management over thousands of objects): time from its return.
+		start := time.Now()
+		waitFor(true)
+		lat = append(lat, time.Since(start))
+		b.StopTimer()
+		if err := client.NetworkingV1().NetworkPolicies("s0").Delete(ctx, "gate", metav1.DeleteOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		waitFor(false)
+		b.StartTimer()
+	}
+	b.StopTimer()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "created-to-applied-p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "created-to-applied-p99-ms")
+	cancel()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+}
