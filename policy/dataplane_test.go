@@ -3,10 +3,10 @@ package policy
 import (
 	"fmt"
 	"io"
-	"math/rand"
-	"slices"
 	"log"
+	"math/rand"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
