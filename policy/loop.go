@@ -18,7 +18,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -81,9 +80,10 @@ type Loop struct {
 
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
-	netns    ns.NetNS
-	kernel   chan []KernelState // latest periodic re-read, one per family
-	cutFlows chan cutRequest    // latest conntrack cut to make
+	netns     ns.NetNS
+	kernel    chan []KernelState // latest periodic re-read, one per family
+	rereadNow chan struct{}
+	cutFlows  chan cutRequest // latest conntrack cut to make
 }
 
 // dirtyKeys are the keys of changed objects: "namespace/name" for pods
@@ -140,6 +140,7 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 		nsCache:      map[string]cachedObject[*Namespace]{},
 		selectedKeys: map[string]bool{},
 		kernel:       make(chan []KernelState, 1),
+		rereadNow:    make(chan struct{}, 1),
 		cutFlows:     make(chan cutRequest, 1),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 10*time.Second),
@@ -304,7 +305,7 @@ func (l *Loop) Run(ctx context.Context) error {
 	l.queue.Add(syncKey)
 
 	var helpers sync.WaitGroup
-	helpers.Go(func() { wait.UntilWithContext(ctx, l.reread, l.cfg.ResyncPeriod) })
+	helpers.Go(func() { l.runRereader(ctx) })
 	helpers.Go(func() { l.runCutter(ctx) })
 	go func() { <-ctx.Done(); l.queue.ShutDown() }()
 	for l.processNext(ctx) {
@@ -341,6 +342,22 @@ func (l *Loop) markAll() error {
 		l.dirty.policies[np.Namespace+"/"+np.Name] = true
 	}
 	return nil
+}
+
+// runRereader re-reads the kernel every ResyncPeriod, and at once when a
+// sync could not use a read because it wrote meanwhile.
+func (l *Loop) runRereader(ctx context.Context) {
+	t := time.NewTicker(l.cfg.ResyncPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-l.rereadNow:
+		}
+		l.reread(ctx)
+	}
 }
 
 // reread reads the kernel's policy chains and sets, away from the sync
@@ -422,8 +439,11 @@ func (l *Loop) sync(ctx context.Context) error {
 			if l.dataplanes[v6].Adopt(states[i]) {
 				repairing = true
 			} else {
-				// A write raced the read: read again soon.
-				go l.reread(ctx)
+				// A write raced the read: read again.
+				select {
+				case l.rereadNow <- struct{}{}:
+				default:
+				}
 			}
 		}
 	default:
