@@ -146,6 +146,15 @@ func TestUninstallLeavesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// While an agent runs, the cleanup refuses: the agent would put
+	// everything back.
+	out, err := l.Exec("node-1", filepath.Join(bins, "sluiced"), "--cleanup", "--kubeconfig", l.NodeKubeconfigAdmin(), "--node-name", "node-1")
+	if err == nil || !strings.Contains(out, "sluiced is still running on this node") {
+		t.Fatalf("sluiced --cleanup beside a running agent: %v\n%s", err, out)
+	}
+	if links, _ := l.Exec("node-1", "ip", "-o", "link", "show"); !strings.Contains(links, "vx-sluice.1") {
+		t.Fatal("the refused cleanup removed the tunnel device")
+	}
 	for _, n := range l.Nodes {
 		if err := l.StopLabAgent(n.Name); err != nil {
 			t.Fatal(err)
