@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"github.com/sluice-net/sluice/internal/atomicfile"
@@ -144,6 +145,47 @@ func Uninstall(confDir string) ([]string, error) {
 	}
 	if err := os.Remove(filepath.Join(confDir, manifestName)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
+	}
+	return removed, errors.Join(errs...)
+}
+
+// networkName is what libcni accepts as a network name; anything else in a
+// conflist must not become part of a path that is removed.
+var networkName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
+
+// InstalledNetwork is the network name of the conflist install wrote, or
+// "sluice" when it is gone or unreadable. Read it before Uninstall.
+func InstalledNetwork(confDir string) string {
+	var c struct {
+		Name string `json:"name"`
+	}
+	b, err := os.ReadFile(filepath.Join(confDir, ConflistName))
+	if err != nil || json.Unmarshal(b, &c) != nil || !networkName.MatchString(c.Name) {
+		return "sluice"
+	}
+	return c.Name
+}
+
+// RemoveState removes what the plugin keeps between calls under the CNI
+// state dir (/var/lib/cni on the host): its IPAM records (dataDir's
+// default, "sluice") and host-local's reservations for the network
+// ("networks/<network>"). Pods still running lose nothing they hold, but
+// their IPs may be handed out again; uninstall after draining.
+func RemoveState(stateDir, network string) ([]string, error) {
+	if !networkName.MatchString(network) {
+		return nil, fmt.Errorf("%q is not a CNI network name", network)
+	}
+	var removed []string
+	var errs []error
+	for _, d := range []string{filepath.Join(stateDir, filepath.Base(DefaultDataDir)), filepath.Join(stateDir, "networks", network)} {
+		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed = append(removed, d)
 	}
 	return removed, errors.Join(errs...)
 }

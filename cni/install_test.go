@@ -90,3 +90,43 @@ func TestInstallRefusesBadConflist(t *testing.T) {
 		t.Errorf("bad conflist: %v", err)
 	}
 }
+
+// TestRemoveState removes the plugin's records and host-local's
+// reservations of the installed network, and nothing else under the state
+// dir.
+func TestRemoveState(t *testing.T) {
+	conf, state := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(conf, ConflistName), []byte(`{"name":"pods","plugins":[]}`), 0o644)
+	for _, d := range []string{"sluice", "networks/pods", "networks/other", "results"} {
+		os.MkdirAll(filepath.Join(state, d), 0o755)
+		os.WriteFile(filepath.Join(state, d, "10.244.1.2"), []byte("x"), 0o644)
+	}
+	network := InstalledNetwork(conf)
+	if network != "pods" {
+		t.Fatalf("network %q, want pods", network)
+	}
+	removed, err := RemoveState(state, network)
+	if err != nil || len(removed) != 2 {
+		t.Fatalf("removed %v, %v", removed, err)
+	}
+	for _, gone := range []string{"sluice", "networks/pods"} {
+		if _, err := os.Stat(filepath.Join(state, gone)); !os.IsNotExist(err) {
+			t.Errorf("%s survived: %v", gone, err)
+		}
+	}
+	for _, kept := range []string{"networks/other/10.244.1.2", "results/10.244.1.2"} {
+		if _, err := os.Stat(filepath.Join(state, kept)); err != nil {
+			t.Errorf("%s is gone: %v", kept, err)
+		}
+	}
+	if again, err := RemoveState(state, network); err != nil || len(again) != 0 {
+		t.Errorf("second run: %v %v", again, err)
+	}
+	if _, err := RemoveState(state, "../.."); err == nil {
+		t.Error("a path as network name was accepted")
+	}
+	os.WriteFile(filepath.Join(conf, ConflistName), []byte(`{"name":"../x"}`), 0o644)
+	if n := InstalledNetwork(conf); n != "sluice" {
+		t.Errorf("a conflist naming ../x gave network %q", n)
+	}
+}

@@ -22,9 +22,16 @@ import (
 // SupportedVersions are the CNI spec versions the plugin speaks.
 var SupportedVersions = version.PluginSupports("0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
-// Funcs are the plugin's verbs for skel.
+// Funcs are the plugin's verbs for skel, each reporting its outcome to the
+// agent.
 func Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, GC: cmdGC, Status: cmdStatus}
+	return skel.CNIFuncs{
+		Add:    reported(endpointapi.VerbAdd, cmdAdd),
+		Del:    reported(endpointapi.VerbDel, cmdDel),
+		Check:  reported(endpointapi.VerbCheck, cmdCheck),
+		GC:     reported(endpointapi.VerbGC, cmdGC),
+		Status: reported(endpointapi.VerbStatus, cmdStatus),
+	}
 }
 
 // k8sArgs are the CNI_ARGS containerd and CRI-O pass.

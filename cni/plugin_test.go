@@ -16,10 +16,13 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/internal/nettest"
 	"github.com/sluice-net/sluice/test/labtest"
 )
@@ -438,4 +441,97 @@ func BenchmarkAdd(b *testing.B) {
 	b.ReportMetric(pct(ours, 50)/pct(ref, 50), "p50-ratio")
 	b.ReportMetric(pct(handoff, 50), "handoff-p50-ms")
 	b.ReportMetric((pct(ours, 50)-pct(handoff, 50))/pct(ref, 50), "p50-ratio-before-handoff")
+}
+
+// counter reads one of the agent's CNI counters.
+func counter(vec *prometheus.CounterVec, labels ...string) float64 {
+	return testutil.ToFloat64(vec.WithLabelValues(labels...))
+}
+
+// TestVerbsAreCountedByTheAgent drives every verb through the plugin
+// binary and reads the counts back from the agent's registry, which served
+// the plugin's reports over its socket.
+func TestVerbsAreCountedByTheAgent(t *testing.T) {
+	h := newHost(t)
+	pod := nettest.NewNS(t)
+	list, r := h.conflist("1.1.0"), rt("c1", pod.Path())
+	before := map[string]float64{}
+	for _, v := range endpointapi.Verbs {
+		before[v+"/ok"] = counter(metrics.CNIRequests, v, "ok")
+		before[v+"/error"] = counter(metrics.CNIRequests, v, "error")
+	}
+	delta := func(verb, result string) float64 {
+		return counter(metrics.CNIRequests, verb, result) - before[verb+"/"+result]
+	}
+	checkDrift0 := counter(metrics.CNIErrors, "CHECK", "999")
+	statusDown0 := counter(metrics.CNIErrors, "STATUS", "50")
+
+	res, err := h.add(list, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.check(list, r); err != nil {
+		t.Fatal(err)
+	}
+	// A drifted pod makes CHECK fail with CNI error 999.
+	nettest.Run(t, "ip", "-n", nettest.Name(h.netns), "route", "del", res.IPs[0].Address.IP.String()+"/32")
+	if err := h.check(list, r); cniCode(err) != types.ErrInternal {
+		t.Fatalf("CHECK of a drifted pod: %v; want CNI error 999", err)
+	}
+	if err := h.in(func() error { return h.cni.GetStatusNetworkList(context.Background(), list) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.in(func() error {
+		return h.cni.GCNetworkList(context.Background(), list, &libcni.GCArgs{ValidAttachments: []types.GCAttachment{{ContainerID: "c1", IfName: "eth0"}}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.del(list, r); err != nil {
+		t.Fatal(err)
+	}
+	// STATUS without subnet.env fails with CNI error 50, and says so.
+	os.Rename(filepath.Join(h.dir, "subnet.env"), filepath.Join(h.dir, "subnet.env.off"))
+	if err := h.in(func() error { return h.cni.GetStatusNetworkList(context.Background(), list) }); cniCode(err) != types.ErrPluginNotAvailable {
+		t.Fatalf("STATUS without subnet.env: %v; want CNI error 50", err)
+	}
+	os.Rename(filepath.Join(h.dir, "subnet.env.off"), filepath.Join(h.dir, "subnet.env"))
+
+	want := map[string]float64{"ADD/ok": 1, "ADD/error": 0, "CHECK/ok": 1, "CHECK/error": 1, "STATUS/ok": 1, "STATUS/error": 1,
+		"GC/ok": 1, "GC/error": 0, "DEL/ok": 1, "DEL/error": 0}
+	for k, n := range want {
+		verb, result, _ := strings.Cut(k, "/")
+		if got := delta(verb, result); got != n {
+			t.Errorf("sluice_cni_requests_total{verb=%q,result=%q} grew by %v, want %v", verb, result, got, n)
+		}
+	}
+	if got := counter(metrics.CNIErrors, "CHECK", "999") - checkDrift0; got != 1 {
+		t.Errorf("sluice_cni_errors_total{verb=CHECK,code=999} grew by %v, want 1", got)
+	}
+	if got := counter(metrics.CNIErrors, "STATUS", "50") - statusDown0; got != 1 {
+		t.Errorf("sluice_cni_errors_total{verb=STATUS,code=50} grew by %v, want 1", got)
+	}
+
+	// With the agent gone, the report finds no socket: DEL still succeeds
+	// and nothing is counted.
+	h.stopAgentNow()
+	delOK := counter(metrics.CNIRequests, "DEL", "ok")
+	if err := h.del(list, r); err != nil {
+		t.Errorf("DEL with the agent down: %v", err)
+	}
+	if got := counter(metrics.CNIRequests, "DEL", "ok"); got != delOK {
+		t.Errorf("a DEL with the agent down was counted")
+	}
+}
+
+// TestReportRefusesUnknownVerbs: the verb is a label value, so the agent
+// accepts only CNI's verbs.
+func TestReportRefusesUnknownVerbs(t *testing.T) {
+	h := newHost(t)
+	c := endpointapi.NewClient(h.socket)
+	if err := c.Report(context.Background(), endpointapi.Outcome{Verb: "VERSION"}); err == nil || !strings.Contains(err.Error(), "unknown CNI verb") {
+		t.Errorf("report of verb VERSION: %v; want a refusal", err)
+	}
+	if err := c.Report(context.Background(), endpointapi.Outcome{Verb: "DEL", Code: 11}); err != nil {
+		t.Errorf("report of a DEL error: %v", err)
+	}
 }

@@ -3,10 +3,11 @@
 // init container, it installs or uninstalls itself:
 //
 //	sluice install [flags]
-//	sluice uninstall [--cni-conf-dir DIR]
+//	sluice uninstall [--cni-conf-dir DIR] [--cni-state-dir DIR]
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -75,10 +76,18 @@ func install(args []string) error {
 func uninstall(args []string) error {
 	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
 	confDir := fs.String("cni-conf-dir", "/host/etc/cni/net.d", "the host's CNI conf dir")
+	stateDir := fs.String("cni-state-dir", "/host/var/lib/cni", "the host's CNI state dir (/var/lib/cni), where the plugin and host-local keep their records; empty keeps them")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// The conflist names the network whose reservations host-local keeps;
+	// read it before it is removed.
+	network := cni.InstalledNetwork(*confDir)
 	removed, err := cni.Uninstall(*confDir)
+	if *stateDir != "" {
+		more, serr := cni.RemoveState(*stateDir, network)
+		removed, err = append(removed, more...), errors.Join(err, serr)
+	}
 	for _, f := range removed {
 		fmt.Println("removed", f)
 	}

@@ -63,6 +63,7 @@ type options struct {
 	podCIDRGrace    time.Duration
 	policyMark      string
 	strictTCP       bool
+	cleanup         bool
 }
 
 func main() {
@@ -87,6 +88,7 @@ func main() {
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
+	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
 	// Sluice logs through klog. The standard logger only carries
@@ -95,6 +97,15 @@ func main() {
 	log.SetOutput(io.Discard)
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
+	if o.cleanup {
+		if err := cleanupNode(ctx, o); err != nil {
+			klog.ErrorS(err, "cleanup incomplete; fix the cause and run it again (it is safe to repeat)")
+			klog.Flush()
+			os.Exit(1)
+		}
+		klog.Flush()
+		return
+	}
 	cfg, err := o.config()
 	if err != nil {
 		// A person has to fix this; say it plainly, not as a log record.
@@ -162,16 +173,25 @@ func (o options) config() (overlay.Config, error) {
 	return cfg, nil
 }
 
-func run(ctx context.Context, o options, cfg overlay.Config) error {
+// restConfig loads API credentials from a kubeconfig, or in-cluster.
+func restConfig(kubeconfig string) (*rest.Config, error) {
 	var rc *rest.Config
 	var err error
-	if o.kubeconfig != "" {
-		rc, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
 	} else {
 		rc, err = rest.InClusterConfig()
 	}
 	if err != nil {
-		return fmt.Errorf("loading API credentials: %w", err)
+		return nil, fmt.Errorf("loading API credentials: %w", err)
+	}
+	return rc, nil
+}
+
+func run(ctx context.Context, o options, cfg overlay.Config) error {
+	rc, err := restConfig(o.kubeconfig)
+	if err != nil {
+		return err
 	}
 	rc.UserAgent = "sluiced/" + cfg.NodeName
 	client, err := kubernetes.NewForConfig(rc)

@@ -44,7 +44,29 @@ const (
 	OpRegister   = "register"
 	OpUnregister = "unregister"
 	OpList       = "list"
+	OpReport     = "report"
 )
+
+// CNI verbs the agent counts. Anything else is refused, so a caller cannot
+// grow the metrics' label sets.
+const (
+	VerbAdd    = "ADD"
+	VerbDel    = "DEL"
+	VerbCheck  = "CHECK"
+	VerbGC     = "GC"
+	VerbStatus = "STATUS"
+)
+
+// Verbs lists the counted verbs.
+var Verbs = []string{VerbAdd, VerbDel, VerbCheck, VerbGC, VerbStatus}
+
+// Outcome is how one CNI call ended, for the agent's metrics. The plugin is
+// a new process per call and keeps no counters; the agent does.
+type Outcome struct {
+	Verb string `json:"verb"`
+	// Code is the CNI error code the call returned; 0 means success.
+	Code uint `json:"code,omitempty"`
+}
 
 // Request is what the plugin sends.
 type Request struct {
@@ -52,6 +74,11 @@ type Request struct {
 	Endpoint *Endpoint `json:"endpoint,omitempty"`
 	// Timeout tells the agent how long the plugin will wait.
 	Timeout time.Duration `json:"timeout,omitempty"`
+	// Outcome is what a report carries. On a register it is the ADD the
+	// registration completes, counted only if the registration succeeds:
+	// that saves the successful ADD, the common and latency-critical case,
+	// a second round trip.
+	Outcome *Outcome `json:"outcome,omitempty"`
 }
 
 // Response is what the agent answers.
@@ -107,9 +134,16 @@ func (c *Client) Ping(ctx context.Context) error {
 }
 
 // Register hands an endpoint to the agent and returns once the agent has
-// programmed it, or when ctx ends.
+// programmed it, or when ctx ends. It is the last step of an ADD, so the
+// agent counts a successful registration as a successful ADD.
 func (c *Client) Register(ctx context.Context, ep Endpoint) error {
-	_, err := c.call(ctx, Request{Op: OpRegister, Endpoint: &ep})
+	_, err := c.call(ctx, Request{Op: OpRegister, Endpoint: &ep, Outcome: &Outcome{Verb: VerbAdd}})
+	return err
+}
+
+// Report tells the agent how a CNI call ended.
+func (c *Client) Report(ctx context.Context, o Outcome) error {
+	_, err := c.call(ctx, Request{Op: OpReport, Outcome: &o})
 	return err
 }
 

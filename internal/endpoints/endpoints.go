@@ -13,7 +13,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -27,6 +29,7 @@ import (
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/atomicfile"
+	"github.com/sluice-net/sluice/internal/metrics"
 )
 
 // PodIPsAnnotation is the annotation the registry writes.
@@ -168,6 +171,20 @@ func (r *Registry) Unregister(ctx context.Context, containerID, ifName string) e
 	return nil
 }
 
+// countOutcome adds a CNI call's outcome to the agent's metrics.
+func countOutcome(o endpointapi.Outcome) error {
+	if !slices.Contains(endpointapi.Verbs, o.Verb) {
+		return fmt.Errorf("unknown CNI verb %q", o.Verb)
+	}
+	if o.Code == 0 {
+		metrics.CNIRequests.WithLabelValues(o.Verb, "ok").Inc()
+		return nil
+	}
+	metrics.CNIRequests.WithLabelValues(o.Verb, "error").Inc()
+	metrics.CNIErrors.WithLabelValues(o.Verb, strconv.FormatUint(uint64(o.Code), 10)).Inc()
+	return nil
+}
+
 // Serve answers the CNI plugin on a unix socket until ctx ends. The socket
 // is only reachable by root on the node.
 func (r *Registry) Serve(ctx context.Context, socket string) error {
@@ -221,7 +238,15 @@ func (r *Registry) serveConn(ctx context.Context, conn net.Conn) {
 			err = errors.New("register needs an endpoint")
 			break
 		}
-		err = r.Register(ctx, *req.Endpoint)
+		if err = r.Register(ctx, *req.Endpoint); err == nil && req.Outcome != nil {
+			err = countOutcome(*req.Outcome)
+		}
+	case endpointapi.OpReport:
+		if req.Outcome == nil {
+			err = errors.New("report needs an outcome")
+			break
+		}
+		err = countOutcome(*req.Outcome)
 	case endpointapi.OpUnregister:
 		if req.Endpoint == nil {
 			err = errors.New("unregister needs an endpoint")

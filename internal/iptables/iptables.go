@@ -186,6 +186,21 @@ func (r *Runner) Rules(table, chain string) ([]string, error) {
 	return rules, nil
 }
 
+// Save returns every table of the family in this backend as iptables-save
+// prints it. Without -t, iptables-save lists only tables that exist, so
+// reading never creates one.
+func (r *Runner) Save() (string, error) {
+	out, err := exec.Command(r.save).Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		return "", fmt.Errorf("%s: %w: %s", r.save, err, strings.TrimSpace(string(stderr)))
+	}
+	return string(out), nil
+}
+
 // KubeMode returns the backend in which the kubelet or kube-proxy made
 // their chains, if they did.
 func KubeMode() (Mode, bool) {

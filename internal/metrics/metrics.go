@@ -42,6 +42,19 @@ var (
 		Name: "sluice_policies_programmed",
 		Help: "Network policies in the last applied state.",
 	})
+	// CNIRequests counts the CNI plugin's calls on this node by verb and
+	// result ("ok" or "error"), as the plugin reports them. Calls made
+	// while the agent was down are not counted.
+	CNIRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_cni_requests_total",
+		Help: "CNI plugin calls on this node, by verb and result (ok, error).",
+	}, []string{"verb", "result"})
+	// CNIErrors counts failed CNI calls by verb and CNI error code (11 is
+	// "try again later", 999 an internal error).
+	CNIErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_cni_errors_total",
+		Help: "Failed CNI plugin calls on this node, by verb and CNI error code.",
+	}, []string{"verb", "code"})
 	// IPTablesRestoreFailures counts failed iptables-restore runs.
 	IPTablesRestoreFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_iptables_restore_failures_total",
@@ -51,6 +64,6 @@ var (
 
 func init() {
 	Registry.MustRegister(ApplyDuration, ApplyErrors, DriftRepairs, IPTablesRestoreFailures,
-		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed,
+		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed, CNIRequests, CNIErrors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }

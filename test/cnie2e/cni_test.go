@@ -375,3 +375,53 @@ func TestSluicectlStatus(t *testing.T) {
 		t.Errorf("table output: %v\n%s", err, table)
 	}
 }
+
+// TestCNIMetrics: the agent's /metrics counts the plugin's calls by verb,
+// result and error code, as reported over the agent's socket.
+func TestCNIMetrics(t *testing.T) {
+	ctx := ctxT(t)
+	const node = "node-2"
+	if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: "metrics", Name: "counted", Node: node}); err != nil {
+		t.Fatal(err)
+	}
+	if err := shared.DeletePod(ctx, "metrics", "counted"); err != nil {
+		t.Fatal(err)
+	}
+	// A CHECK without prevResult is refused with CNI error 7.
+	out, _ := shared.Exec(node, "sh", "-c", `echo '{"cniVersion":"1.0.0","name":"sluice","type":"sluice"}' | `+
+		`CNI_COMMAND=CHECK CNI_CONTAINERID=metrics-probe CNI_NETNS=/proc/self/ns/net CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin /opt/cni/bin/sluice`)
+	if !strings.Contains(out, `"code": 7`) {
+		t.Fatalf("CHECK without prevResult answered %q; want CNI error 7", out)
+	}
+	want := []*regexp.Regexp{
+		regexp.MustCompile(`(?m)^sluice_cni_requests_total\{result="ok",verb="ADD"\} [1-9]`),
+		regexp.MustCompile(`(?m)^sluice_cni_requests_total\{result="ok",verb="DEL"\} [1-9]`),
+		regexp.MustCompile(`(?m)^sluice_cni_requests_total\{result="error",verb="CHECK"\} [1-9]`),
+		regexp.MustCompile(`(?m)^sluice_cni_errors_total\{code="7",verb="CHECK"\} [1-9]`),
+	}
+	err := eventually(func() error {
+		metrics, err := shared.Exec(node, "curl", "-sf", "http://127.0.0.1:9098/metrics")
+		if err != nil {
+			return err
+		}
+		for _, re := range want {
+			if !re.MatchString(metrics) {
+				return fmt.Errorf("/metrics lacks %s; it has:\n%s", re, grepLines(metrics, "sluice_cni_"))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Error(err)
+	}
+}
+
+func grepLines(s, substr string) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}

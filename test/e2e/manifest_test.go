@@ -84,3 +84,61 @@ func TestManifestApplies(t *testing.T) {
 		}
 	}
 }
+
+var cleanupManifest = filepath.Join(labtest.RepoRoot(), "manifests", "sluice-cleanup.yaml")
+
+// TestCleanupManifestApplies validates the uninstall DaemonSet with the API
+// server, checks that its paths match the install's, and that its own
+// ServiceAccount may do what the cleanup needs and no more.
+func TestCleanupManifestApplies(t *testing.T) {
+	ctx := ctxT(t)
+	out, err := shared.Kubectl(ctx, "", "apply", "-f", cleanupManifest)
+	if err != nil {
+		t.Fatalf("apply: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _, _ = shared.Kubectl(ctxT(t), "", "delete", "--wait=false", "-f", cleanupManifest) })
+	ds, err := shared.Client.AppsV1().DaemonSets("kube-system").Get(ctx, "sluice-cleanup", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := ds.Spec.Template.Spec
+	if !spec.HostNetwork || len(spec.Tolerations) != 1 || string(spec.Tolerations[0].Operator) != "Exists" || len(spec.InitContainers) != 2 {
+		t.Fatalf("pod spec: %+v", spec)
+	}
+	uninstall, clean := spec.InitContainers[0], spec.InitContainers[1]
+	// The uninstall reads the record the install wrote, with the paths the
+	// install saw: same flags, same mount points.
+	for _, want := range []string{"uninstall", "--cni-conf-dir=/host/etc/cni/net.d", "--cni-state-dir=/host/var/lib/cni"} {
+		if !strings.Contains(strings.Join(uninstall.Command, " "), want) {
+			t.Errorf("uninstall command %v lacks %s", uninstall.Command, want)
+		}
+	}
+	mounts := map[string]bool{}
+	for _, m := range uninstall.VolumeMounts {
+		mounts[m.MountPath] = true
+	}
+	if !mounts["/host/opt/cni/bin"] || !mounts["/host/etc/cni/net.d"] {
+		t.Errorf("uninstall mounts %v; want the install's /host/opt/cni/bin and /host/etc/cni/net.d", uninstall.VolumeMounts)
+	}
+	if c := strings.Join(clean.Command, " "); !strings.Contains(c, "--cleanup") || clean.Env[0].ValueFrom.FieldRef.FieldPath != "spec.nodeName" {
+		t.Errorf("cleanup container: %v %+v", clean.Command, clean.Env)
+	}
+	for _, c := range []struct {
+		verb, resource, ns string
+		want               bool
+	}{
+		{"patch", "nodes", "", true}, {"delete", "leases.coordination.k8s.io", "kube-system", true},
+		{"delete", "leases.coordination.k8s.io", "default", false}, {"delete", "nodes", "", false}, {"list", "secrets", "kube-system", false},
+	} {
+		args := []string{"auth", "can-i", c.verb, c.resource, "--as=system:serviceaccount:kube-system:sluice-cleanup"}
+		if c.ns != "" {
+			args = append(args, "-n", c.ns)
+		}
+		out, _ := shared.Kubectl(ctx, "", args...)
+		// The answer is the last line; a warning about scope may precede it.
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if got := strings.TrimSpace(lines[len(lines)-1]) == "yes"; got != c.want {
+			t.Errorf("sluice-cleanup can %s %s in %q: %q, want %v", c.verb, c.resource, c.ns, strings.TrimSpace(out), c.want)
+		}
+	}
+}
