@@ -15,6 +15,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes/fake"
@@ -77,24 +78,21 @@ func BenchmarkLoopPolicyChange(b *testing.B) {
 		_ = fs.Set("v", v)
 	}
 	pods, nss, pols, locals := scaleObjects()
-	client := fake.NewClientset()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	// Objects given at construction skip the fake's per-create field
+	// management, which alone would take seconds at this scale.
+	var objs []runtime.Object
 	for _, o := range nss {
-		if _, err := client.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{}); err != nil {
-			b.Fatal(err)
-		}
+		objs = append(objs, o)
 	}
 	for _, o := range pods {
-		if _, err := client.CoreV1().Pods(o.Namespace).Create(ctx, o, metav1.CreateOptions{}); err != nil {
-			b.Fatal(err)
-		}
+		objs = append(objs, o)
 	}
 	for _, o := range pols {
-		if _, err := client.NetworkingV1().NetworkPolicies(o.Namespace).Create(ctx, o, metav1.CreateOptions{}); err != nil {
-			b.Fatal(err)
-		}
+		objs = append(objs, o)
 	}
+	client := fake.NewClientset(objs...)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	n := nettest.NewNS(b)
 	l := NewLoop(Config{NodeName: "node-1", IPv4: true, IPTablesMode: iptables.ModeNFT, ResyncPeriod: 5 * time.Second}, client, nil)
 	l.Seed(locals)
@@ -149,12 +147,10 @@ func BenchmarkLoopPolicyChange(b *testing.B) {
 	var lat []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
+		start := time.Now()
 		if _, err := client.NetworkingV1().NetworkPolicies("s0").Create(ctx, gate, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		// The fake clientset's own Create is slow at this scale (field
-		// management over thousands of objects): time from its return.
-		start := time.Now()
 		waitFor(true)
 		lat = append(lat, time.Since(start))
 		b.StopTimer()
@@ -166,8 +162,8 @@ func BenchmarkLoopPolicyChange(b *testing.B) {
 	}
 	b.StopTimer()
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "created-to-applied-p50-ms")
-	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "created-to-applied-p99-ms")
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "written-to-applied-p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "written-to-applied-p99-ms")
 	cancel()
 	if err := <-done; err != nil {
 		b.Fatal(err)
