@@ -66,4 +66,18 @@ func init() {
 	Registry.MustRegister(ApplyDuration, ApplyErrors, DriftRepairs, IPTablesRestoreFailures,
 		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed, CNIRequests, CNIErrors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Series exist from the start, at zero, so rate() and alerts work
+	// before the first error or repair.
+	for _, loop := range []string{"overlay", "policy"} {
+		ApplyDuration.WithLabelValues(loop)
+		ApplyErrors.WithLabelValues(loop)
+	}
+	for _, kind := range []string{"device", "route", "neighbour", "fdb", "stale", "masquerade", "forward", "policy-chain", "policy-ipset"} {
+		DriftRepairs.WithLabelValues(kind)
+	}
+	for _, verb := range []string{"ADD", "DEL", "CHECK", "GC", "STATUS"} {
+		for _, result := range []string{"ok", "error"} {
+			CNIRequests.WithLabelValues(verb, result)
+		}
+	}
 }

@@ -425,3 +425,34 @@ func grepLines(s, substr string) string {
 	}
 	return strings.Join(keep, "\n")
 }
+
+// TestAgentHealthAndMetrics: the agent answers its probes and /metrics
+// carries every family an operator dashboards on, from the start.
+func TestAgentHealthAndMetrics(t *testing.T) {
+	const node = "node-1"
+	for _, path := range []string{"/healthz", "/readyz"} {
+		if out, err := shared.Exec(node, "curl", "-sf", "http://127.0.0.1:9098"+path); err != nil {
+			t.Errorf("%s: %v %s", path, err, out)
+		}
+	}
+	metrics, err := shared.Exec(node, "curl", "-sf", "http://127.0.0.1:9098/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`sluice_apply_duration_seconds_bucket{loop="overlay",le="0.01"}`,
+		`sluice_apply_duration_seconds_bucket{loop="policy",le="0.01"}`,
+		`sluice_apply_errors_total{loop="policy"}`,
+		`sluice_drift_repairs_total{kind="route"}`,
+		`sluice_drift_repairs_total{kind="policy-chain"}`,
+		`sluice_endpoints_programmed `,
+		`sluice_policies_programmed `,
+		`sluice_cni_requests_total{result="error",verb="ADD"}`,
+		`sluice_iptables_restore_failures_total `,
+		`process_resident_memory_bytes `,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
