@@ -356,15 +356,12 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Rulese
 		rs.Sets[name] = is.set
 	}
 	// Endpoint chains, rendered again only when their policies change.
+	local := make(map[string]bool, len(s.selections))
+	for _, sel := range s.selections {
+		local[sel.ep.HostVeth] = true
+	}
 	for veth := range f.endpointChains {
-		found := false
-		for _, sel := range s.selections {
-			if sel.ep.HostVeth == veth {
-				found = true
-				break
-			}
-		}
-		if !found {
+		if !local[veth] {
 			delete(f.endpointChains, veth)
 		}
 	}
