@@ -32,8 +32,11 @@ type clusterState struct {
 	// pods that have local endpoints, plus placeholders for local
 	// endpoints the API cache does not have yet (their labels are
 	// unknown, but namespace-wide policies already apply to them).
-	pods       map[string]*Pod
-	selections map[string]*selection // by endpoint key
+	pods map[string]*Pod
+	// podsByNamespace indexes pods by namespace: most sets only hold pods
+	// of one namespace, and indexing a new set should not look at all.
+	podsByNamespace map[string]map[string]*Pod
+	selections      map[string]*selection // by endpoint key
 	// versions numbers selections, never reusing a number, so a cached
 	// endpoint chain is never mistaken for a newer one.
 	versions int
@@ -83,7 +86,8 @@ type indexedSet struct {
 func newClusterState(families []*Renderer) *clusterState {
 	s := &clusterState{
 		policies: map[string]*Policy{}, namespaces: map[string]*Namespace{}, apiPods: map[string]*Pod{},
-		endpoints: map[string]endpointapi.Endpoint{}, pods: map[string]*Pod{}, selections: map[string]*selection{},
+		endpoints: map[string]endpointapi.Endpoint{}, pods: map[string]*Pod{}, podsByNamespace: map[string]map[string]*Pod{},
+		selections:    map[string]*selection{},
 		dirtyPolicies: map[string]bool{}, dirtyPods: map[string]bool{}, dirtyNamespaces: map[string]bool{},
 	}
 	for _, r := range families {
@@ -201,10 +205,20 @@ func (s *clusterState) Commit() []*Ruleset {
 			eps := epsByPod[k]
 			sort.Slice(eps, func(i, j int) bool { return eps[i].HostVeth < eps[j].HostVeth })
 			old, cur := s.pods[k], s.effectivePod(k, eps)
+			if old != nil {
+				delete(s.podsByNamespace[old.Namespace], k)
+				if len(s.podsByNamespace[old.Namespace]) == 0 {
+					delete(s.podsByNamespace, old.Namespace)
+				}
+			}
 			if cur == nil {
 				delete(s.pods, k)
 			} else {
 				s.pods[k] = cur
+				if s.podsByNamespace[cur.Namespace] == nil {
+					s.podsByNamespace[cur.Namespace] = map[string]*Pod{}
+				}
+				s.podsByNamespace[cur.Namespace][k] = cur
 			}
 			if old != cur {
 				changes = append(changes, podChange{k, old, cur})
@@ -325,9 +339,9 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Rulese
 		for _, c := range changes {
 			s.reindex(f, is, c.key, c.new)
 		}
-		if is.def.peer != nil && is.def.peer.Namespaces != nil && len(s.dirtyNamespaces) > 0 {
-			for k, pod := range s.pods {
-				if s.dirtyNamespaces[pod.Namespace] {
+		if is.def.peer != nil && is.def.peer.Namespaces != nil {
+			for ns := range s.dirtyNamespaces {
+				for k, pod := range s.podsByNamespace[ns] {
 					s.reindex(f, is, k, pod)
 				}
 			}
@@ -338,11 +352,11 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Rulese
 			continue
 		}
 		is := &indexedSet{def: d, byPod: map[string][]string{}}
-		for k, pod := range s.pods {
+		s.candidates(d, func(k string, pod *Pod) {
 			if e := f.r.podEntries(d, pod, s.namespaces[pod.Namespace]); len(e) > 0 {
 				is.byPod[k] = e
 			}
-		}
+		})
 		f.sets[name] = is
 	}
 	for name, is := range f.sets {
@@ -381,6 +395,27 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Rulese
 	f.r.dispatch(rs, locals, true)
 	f.r.dispatch(rs, locals, false)
 	return rs
+}
+
+// candidates calls fn for every pod that may contribute to a set: those
+// of the one namespace the set is confined to, if it is.
+func (s *clusterState) candidates(d *setDef, fn func(string, *Pod)) {
+	namespace := ""
+	switch {
+	case d.peer != nil && d.peer.Namespaces == nil:
+		namespace = d.peer.Namespace
+	case d.selectedBy != nil:
+		namespace = d.selectedBy.Namespace
+	}
+	if namespace != "" {
+		for k, pod := range s.podsByNamespace[namespace] {
+			fn(k, pod)
+		}
+		return
+	}
+	for k, pod := range s.pods {
+		fn(k, pod)
+	}
 }
 
 // reindex updates one pod's contribution to a set.
