@@ -99,43 +99,29 @@ func newClusterState(families []*Renderer) *clusterState {
 
 // SetPolicy records a policy, or its deletion with nil. A policy is
 // treated as changed when the pointer differs, so callers keep the same
-// pointer for an unchanged policy.
+// pointer for an unchanged policy; the same goes for pods and namespaces.
 func (s *clusterState) SetPolicy(key string, p *Policy) {
-	if s.policies[key] == p {
-		return
-	}
-	if p == nil {
-		delete(s.policies, key)
-	} else {
-		s.policies[key] = p
-	}
-	s.dirtyPolicies[key] = true
+	setModel(s.policies, s.dirtyPolicies, key, p)
 }
 
 // SetPod records a pod ("namespace/name"), or its deletion with nil.
-func (s *clusterState) SetPod(key string, p *Pod) {
-	if s.apiPods[key] == p {
-		return
-	}
-	if p == nil {
-		delete(s.apiPods, key)
-	} else {
-		s.apiPods[key] = p
-	}
-	s.dirtyPods[key] = true
-}
+func (s *clusterState) SetPod(key string, p *Pod) { setModel(s.apiPods, s.dirtyPods, key, p) }
 
 // SetNamespace records a namespace, or its deletion with nil.
 func (s *clusterState) SetNamespace(name string, ns *Namespace) {
-	if s.namespaces[name] == ns {
+	setModel(s.namespaces, s.dirtyNamespaces, name, ns)
+}
+
+func setModel[T any](models map[string]*T, dirty map[string]bool, key string, v *T) {
+	if models[key] == v {
 		return
 	}
-	if ns == nil {
-		delete(s.namespaces, name)
+	if v == nil {
+		delete(models, key)
 	} else {
-		s.namespaces[name] = ns
+		models[key] = v
 	}
-	s.dirtyNamespaces[name] = true
+	dirty[key] = true
 }
 
 // SetEndpoints replaces the local endpoints with the registry's.

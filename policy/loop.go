@@ -537,61 +537,56 @@ func (l *Loop) sync(ctx context.Context) error {
 func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
 	for key := range dirty.policies {
 		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
-		np, err := l.policies.NetworkPolicies(namespace).Get(name)
-		if apierrors.IsNotFound(err) {
-			delete(l.policyCache, key)
-			l.state.SetPolicy(key, nil)
-			continue
-		} else if err != nil {
+		p, err := refresh(l.policyCache, key, func() (*networkingv1.NetworkPolicy, error) {
+			return l.policies.NetworkPolicies(namespace).Get(name)
+		}, func(np *networkingv1.NetworkPolicy) *Policy {
+			p := FromNetworkPolicy(np)
+			if p.Broken != "" {
+				l.reportBroken(ctx, np, p.Broken)
+			}
+			return p
+		})
+		if err != nil {
 			return err
 		}
-		version := objectVersion(np)
-		c, ok := l.policyCache[key]
-		if !ok || version == "" || c.version != version {
-			c = cachedObject[*Policy]{version, FromNetworkPolicy(np)}
-			if c.model.Broken != "" {
-				l.reportBroken(ctx, np, c.model.Broken)
-			}
-			l.policyCache[key] = c
-		}
-		l.state.SetPolicy(c.model.Key, c.model)
+		l.state.SetPolicy(key, p)
 	}
 	for key := range dirty.namespaces {
-		obj, err := l.namespaces.Get(key)
-		if apierrors.IsNotFound(err) {
-			delete(l.nsCache, key)
-			l.state.SetNamespace(key, nil)
-			continue
-		} else if err != nil {
+		ns, err := refresh(l.nsCache, key, func() (*corev1.Namespace, error) { return l.namespaces.Get(key) },
+			func(ns *corev1.Namespace) *Namespace { return &Namespace{Name: ns.Name, Labels: ns.Labels} })
+		if err != nil {
 			return err
 		}
-		version := objectVersion(obj)
-		c, ok := l.nsCache[key]
-		if !ok || version == "" || c.version != version {
-			c = cachedObject[*Namespace]{version, &Namespace{Name: obj.Name, Labels: obj.Labels}}
-			l.nsCache[key] = c
-		}
-		l.state.SetNamespace(key, c.model)
+		l.state.SetNamespace(key, ns)
 	}
 	for key := range dirty.pods {
 		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
-		obj, err := l.pods.Pods(namespace).Get(name)
-		if apierrors.IsNotFound(err) {
-			delete(l.podCache, key)
-			l.state.SetPod(key, nil)
-			continue
-		} else if err != nil {
+		pod, err := refresh(l.podCache, key, func() (*corev1.Pod, error) { return l.pods.Pods(namespace).Get(name) }, modelPod)
+		if err != nil {
 			return err
 		}
-		version := objectVersion(obj)
-		c, ok := l.podCache[key]
-		if !ok || version == "" || c.version != version {
-			c = cachedObject[*Pod]{version, modelPod(obj)}
-			l.podCache[key] = c
-		}
-		l.state.SetPod(key, c.model)
+		l.state.SetPod(key, pod)
 	}
 	return nil
+}
+
+// refresh returns the model of an object from the informer cache, nil if
+// it is gone, converting it only when its version changed.
+func refresh[O metav1.Object, M any](models map[string]cachedObject[*M], key string, get func() (O, error), convert func(O) *M) (*M, error) {
+	obj, err := get()
+	if apierrors.IsNotFound(err) {
+		delete(models, key)
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	version := objectVersion(obj)
+	c, ok := models[key]
+	if !ok || version == "" || c.version != version {
+		c = cachedObject[*M]{version, convert(obj)}
+		models[key] = c
+	}
+	return c.model, nil
 }
 
 // objectVersion identifies an object's content: the API server changes
