@@ -21,6 +21,11 @@ const (
 	CNIReference = "reference"
 	// CNINone leaves the nodes' CNI dirs empty for an installer.
 	CNINone = "none"
+	// CNIManifest stages Sluice's image for the lab kubelets, which then
+	// run the pods of manifests/sluice.yaml's DaemonSet as processes once
+	// it is applied: the install init container, then sluiced with the
+	// manifest's ServiceAccount, configuration and probes.
+	CNIManifest = "manifest"
 )
 
 // Sluice's binaries live next to sluicectl.
@@ -51,6 +56,29 @@ func (s *State) stageSluice() error {
 		conf = fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR, clusterCIDR6)
 	}
 	return WriteFileAtomic(s.NetConfPath(), []byte(conf+"\n"), 0o644)
+}
+
+// ImageDir is the staged filesystem of Sluice's image: what the Dockerfile
+// copies to /opt/sluice/bin.
+func (s *State) ImageDir() string { return s.Path("image") }
+
+// stageImage lays out the image for the lab kubelets.
+func (s *State) stageImage() error {
+	bin := filepath.Join(s.ImageDir(), "opt", "sluice", "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		return err
+	}
+	for _, name := range []string{"sluice", "sluiced"} {
+		if err := copyFile(s.sluiceBin(name), filepath.Join(bin, name), 0o755); err != nil {
+			return fmt.Errorf("%w (build it with 'make build'; sluice and sluiced must sit next to sluicectl)", err)
+		}
+	}
+	for _, p := range []string{"host-local", "portmap", "bandwidth", "loopback"} {
+		if err := copyFile(filepath.Join(CNIToolsPath(s.ToolsDir), p), filepath.Join(bin, p), 0o755); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // AgentDisabledPath is a file that, while it exists, keeps the lab from
