@@ -15,6 +15,7 @@ import (
 
 	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/internal/lab/container"
+	"github.com/sluice-net/sluice/internal/lab/demo"
 	"github.com/sluice-net/sluice/internal/lab/kubelet"
 )
 
@@ -47,7 +48,7 @@ POD means namespace/name. NODE means a node name such as node-1.`,
 	}
 	cmd.PersistentFlags().StringVar(&f.name, "lab", "default", "name of the lab")
 	cmd.PersistentFlags().StringVar(&f.dir, "lab-dir", "", "lab directory (default $SLUICE_LAB_ROOT/NAME, SLUICE_LAB_ROOT defaults to /tmp/sluice-lab)")
-	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet(), labContainerInit())
+	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet(), labContainerInit(), labDemo(f))
 	return cmd
 }
 
@@ -260,6 +261,28 @@ func labKubelet() *cobra.Command {
 	c.Flags().StringVar(&dir, "dir", "", "lab directory")
 	c.Flags().StringVar(&node, "node", "", "node name")
 	return c
+}
+
+func labDemo(f *labFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "demo",
+		Short: "Show NetworkPolicy at work: a connectivity matrix before and after a default deny and an allow",
+		Long: `Creates pods demo/a, demo/b and demo/c on different nodes, each answering
+on TCP 8080, and prints which pod connects to which: first with no policy,
+then with a default-deny NetworkPolicy, then with a policy that lets a reach
+b. Exits non-zero if a matrix differs from what the policies mean (cells
+marked "!"). Running it again starts afresh.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := f.load()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Minute)
+			defer cancel()
+			return demo.Run(ctx, s, cmd.OutOrStdout())
+		},
+	}
 }
 
 func labContainerInit() *cobra.Command {
