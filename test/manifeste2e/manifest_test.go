@@ -326,3 +326,78 @@ func (tr *traffic) stop() []string {
 	close(tr.done)
 	return <-tr.finished
 }
+
+// TestRollingUpgradeKeepsConnections changes the DaemonSet's pod template
+// (a new image tag, which the lab maps to the same staged image, and an
+// annotation). The pods are replaced node by node, never more than one
+// node without a Ready agent (maxUnavailable: 1), while an established
+// connection between pods on two nodes keeps working.
+func TestRollingUpgradeKeepsConnections(t *testing.T) {
+	podsAcrossNodes(t)
+	ctx := ctxT(t)
+	echo := shared.EchoConn(t, "conn/n2", "conn/n3", 9101, 5*time.Second)
+	if err := echo("before"); err != nil {
+		t.Fatal(err)
+	}
+	before, err := shared.AgentPods(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	traffic := startTraffic(echo)
+	const image = "ghcr.io/sluice-net/sluice:v0.1.1-rolling"
+	ds, err := shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Get(ctx, lab.AgentDaemonSet, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &ds.Spec.Template
+	if tmpl.Annotations == nil {
+		tmpl.Annotations = map[string]string{}
+	}
+	tmpl.Annotations["lab.sluice.dev/rolled"] = "1"
+	for i := range tmpl.Spec.InitContainers {
+		tmpl.Spec.InitContainers[i].Image = image
+	}
+	for i := range tmpl.Spec.Containers {
+		tmpl.Spec.Containers[i].Image = image
+	}
+	if ds, err = shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Update(ctx, ds, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	maxDown := 0
+	done := labtest.Eventually(3*time.Minute, func() bool {
+		pods, err := shared.AgentPods(ctx)
+		if err != nil {
+			return false
+		}
+		down, replaced := 0, 0
+		for _, n := range shared.Nodes {
+			p, ok := pods[n.Name]
+			if !ok || !labtest.PodReady(p) || p.DeletionTimestamp != nil {
+				down++
+			}
+			if ok && p.UID != before[n.Name].UID && p.Spec.Containers[0].Image == image && labtest.PodReady(p) {
+				replaced++
+			}
+		}
+		maxDown = max(maxDown, down)
+		cur, err := shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Get(ctx, lab.AgentDaemonSet, metav1.GetOptions{})
+		return err == nil && replaced == len(shared.Nodes) && cur.Generation == ds.Generation && lab.DaemonSetDone(cur, len(shared.Nodes))
+	})
+	failures := traffic.stop()
+	if !done {
+		pods, _ := shared.AgentPods(ctx)
+		t.Fatalf("the rollout did not finish: %+v", pods)
+	}
+	if maxDown > 1 {
+		t.Errorf("%d nodes were without a Ready agent at once; maxUnavailable is 1", maxDown)
+	}
+	if len(failures) > 0 {
+		t.Errorf("the connection failed during the rollout: %v", failures)
+	}
+	if err := echo("after"); err != nil {
+		t.Errorf("echo after the rollout: %v", err)
+	}
+	if err := shared.WaitAgentsReady(ctx); err != nil {
+		t.Error(err)
+	}
+}
