@@ -73,7 +73,7 @@ func labUp(f *labFlags) *cobra.Command {
 	c.Flags().IntVar(&o.Nodes, "nodes", 3, "number of nodes")
 	c.Flags().BoolVar(&o.IPv6, "ipv6", false, "dual-stack cluster: IPv6 pod and service CIDRs as well")
 	c.Flags().BoolVar(&o.NoPodCIDR, "no-pod-cidr", false, "do not allocate node pod CIDRs, like kubeadm init without --pod-network-cidr")
-	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (install Sluice and run sluiced on every node), manifest (run the pods of Sluice's DaemonSet once its manifest is applied), reference (ptp + host-local, one node only) or none")
+	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (apply Sluice's built-in manifest; the lab kubelets run its DaemonSet's pods), manifest (the same once you apply a manifest, or --manifest does), reference (ptp + host-local, one node only) or none")
 	c.Flags().StringVar(&o.Manifest, "manifest", "", "with --cni manifest: kubectl apply this manifest and wait until its DaemonSet is Ready on every node")
 	c.Flags().StringVar(&o.ToolsDir, "tools-dir", lab.DefaultToolsDir(), "cache of the Kubernetes and CNI tools built by 'make tools'")
 	c.Flags().DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the lab to be ready")

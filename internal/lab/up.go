@@ -175,12 +175,7 @@ func (s *State) provision() error {
 			}
 		}
 	}
-	if s.CNI == CNISluice {
-		if err := s.stageSluice(); err != nil {
-			return err
-		}
-	}
-	if s.CNI == CNIManifest {
+	if s.RunsSluiceImage() {
 		if err := s.stageImage(); err != nil {
 			return err
 		}

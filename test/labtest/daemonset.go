@@ -80,9 +80,23 @@ func PodReady(p corev1.Pod) bool {
 	return false
 }
 
-// AgentLog returns what the sluiced container of the agent pod on a node
-// wrote, across its restarts.
+// AgentLog returns what the sluiced container of an agent pod wrote,
+// across its restarts.
 func (l *Lab) AgentLog(pod corev1.Pod) string {
 	b, _ := os.ReadFile(l.Path("logs", fmt.Sprintf("%s_%s_%s_sluiced.log", pod.Spec.NodeName, pod.Namespace, pod.Name)))
 	return string(b)
+}
+
+// AgentLogPath is the log of the sluiced container of the agent pod
+// currently on a node, or "" if it has none.
+func (l *Lab) AgentLogPath(node string) string {
+	matches, _ := filepath.Glob(l.Path("logs", fmt.Sprintf("%s_%s_*_sluiced.log", node, lab.AgentNamespace)))
+	var newest string
+	var newestTime int64
+	for _, m := range matches {
+		if st, err := os.Stat(m); err == nil && st.ModTime().UnixNano() > newestTime {
+			newest, newestTime = m, st.ModTime().UnixNano()
+		}
+	}
+	return newest
 }

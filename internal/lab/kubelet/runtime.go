@@ -36,12 +36,12 @@ const imagePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Restart backoff of a container that exited: doubling from the first
 // delay up to the cap, and back to the first delay after a run that lasted
-// resetAfter. Shorter than the kubelet's 10 s to 5 min, so the lab recovers
-// at the pace of a test.
+// resetAfter. Shorter than the kubelet's 10 s to 5 min (reset after 10
+// min), so the lab recovers at the pace of a test that kills its agents.
 const (
 	firstBackoff = time.Second
 	maxBackoff   = 30 * time.Second
-	resetAfter   = time.Minute
+	resetAfter   = 10 * time.Second
 )
 
 func isSluiceImage(image string) bool {
@@ -55,7 +55,7 @@ func isSluiceImage(image string) bool {
 // runsAsProcesses reports whether the kubelet runs the pod's containers
 // instead of standing in for them with responders.
 func (k *Kubelet) runsAsProcesses(pod *corev1.Pod) bool {
-	if k.lab.CNI != lab.CNIManifest || !pod.Spec.HostNetwork {
+	if !k.lab.RunsSluiceImage() || !pod.Spec.HostNetwork {
 		return false
 	}
 	for _, c := range append(append([]corev1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...) {
@@ -97,6 +97,9 @@ type podRunner struct {
 	mounts  func(c corev1.Container) ([]container.Mount, error)
 	notify  func() // the pod's status changed
 	sluicec string // the binary that runs `lab container-init`
+	// disabled is lab.Node.AgentDisabledPath: while it exists, no
+	// container starts.
+	disabled string
 
 	// grace is how long stop waits between SIGTERM and SIGKILL.
 	grace time.Duration
@@ -131,16 +134,17 @@ func (k *Kubelet) newRunner(ctx context.Context, pod *corev1.Pod, sb *sandbox) (
 	}
 	key := sb.key()
 	return &podRunner{
-		pod:     pod.DeepCopy(),
-		node:    k.node,
-		dir:     dir,
-		logDir:  k.lab.Path("logs"),
-		image:   k.lab.ImageDir(),
-		env:     func(c corev1.Container) ([]string, error) { return k.containerEnv(pod, c) },
-		mounts:  func(c corev1.Container) ([]container.Mount, error) { return containerMounts(c, sources) },
-		notify:  func() { k.queue.Add(key) },
-		sluicec: exe,
-		grace:   grace,
+		pod:      pod.DeepCopy(),
+		node:     k.node,
+		dir:      dir,
+		logDir:   k.lab.Path("logs"),
+		image:    k.lab.ImageDir(),
+		env:      func(c corev1.Container) ([]string, error) { return k.containerEnv(pod, c) },
+		mounts:   func(c corev1.Container) ([]container.Mount, error) { return containerMounts(c, sources) },
+		notify:   func() { k.queue.Add(key) },
+		sluicec:  exe,
+		grace:    grace,
+		disabled: k.node.AgentDisabledPath(),
 	}, nil
 }
 
@@ -235,6 +239,9 @@ func (r *podRunner) backoff(ctx context.Context, cs *containerState, delay *time
 // runOnce runs the container until it exits and returns its exit code. For
 // regular containers it also runs the probes of this run.
 func (r *podRunner) runOnce(ctx context.Context, cs *containerState) (int, error) {
+	if err := r.waitEnabled(ctx); err != nil {
+		return -1, err
+	}
 	cmd, err := r.command(cs.spec)
 	if err != nil {
 		return -1, err
@@ -286,6 +293,21 @@ func (r *podRunner) runOnce(ctx context.Context, cs *containerState) (int, error
 	return code, err
 }
 
+// waitEnabled holds a container back while tests keep the node's agent
+// down.
+func (r *podRunner) waitEnabled(ctx context.Context) error {
+	for {
+		if _, err := os.Stat(r.disabled); err != nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
 // command writes the container's spec and builds the process that becomes
 // the container: `sluicectl lab container-init` in a new mount namespace.
 func (r *podRunner) command(c corev1.Container) (*exec.Cmd, error) {
@@ -300,6 +322,11 @@ func (r *podRunner) command(c corev1.Container) (*exec.Cmd, error) {
 	argv := append(append([]string{}, c.Command...), c.Args...)
 	if len(c.Command) == 0 {
 		argv = append(append([]string{}, imageEntrypoint...), c.Args...)
+	}
+	if v := os.Getenv("SLUICE_LAB_AGENT_V"); v != "" && filepath.Base(argv[0]) == "sluiced" {
+		// The one change to the manifest's command: log verbosity of the
+		// lab's agents, for debugging.
+		argv = append(argv, "-v="+v)
 	}
 	scratch := filepath.Join(r.dir, c.Name+".root")
 	if err := os.MkdirAll(scratch, 0o700); err != nil {

@@ -31,7 +31,7 @@ func TestIsSluiceImage(t *testing.T) {
 	}
 }
 
-func TestRunsAsProcessesOnlyHostNetworkSluicePodsInManifestLabs(t *testing.T) {
+func TestRunsAsProcessesOnlyHostNetworkSluicePodsInSluiceLabs(t *testing.T) {
 	pod := func(hostNetwork bool, images ...string) *corev1.Pod {
 		p := &corev1.Pod{Spec: corev1.PodSpec{HostNetwork: hostNetwork}}
 		p.Spec.InitContainers = []corev1.Container{{Image: images[0]}}
@@ -42,6 +42,7 @@ func TestRunsAsProcessesOnlyHostNetworkSluicePodsInManifestLabs(t *testing.T) {
 	}
 	const img = SluiceImage + ":v0.1.0"
 	manifest := &Kubelet{lab: &lab.State{CNI: lab.CNIManifest}}
+	sluice := &Kubelet{lab: &lab.State{CNI: lab.CNISluice}}
 	other := &Kubelet{lab: &lab.State{CNI: lab.CNIReference}}
 	for _, c := range []struct {
 		k    *Kubelet
@@ -49,6 +50,7 @@ func TestRunsAsProcessesOnlyHostNetworkSluicePodsInManifestLabs(t *testing.T) {
 		want bool
 	}{
 		{manifest, pod(true, img, img), true},
+		{sluice, pod(true, img, img), true},
 		{manifest, pod(false, img, img), false},
 		{manifest, pod(true, img, "busybox"), false},
 		{manifest, pod(true, "busybox", img), false},
