@@ -26,7 +26,13 @@ const networkPolicyRule = `- apiGroups: [networking.k8s.io]
 // turns Ready; applying the real manifest then fixes it, which shows the
 // rule was the cause.
 func TestMissingPermissionKeepsAgentUnready(t *testing.T) {
-	l := labtest.StartT(t, lab.Options{Nodes: 1, CNI: lab.CNIManifest})
+	l, err := labtest.Start(lab.Options{Nodes: 1, CNI: lab.CNIManifest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The containers' mounts live in their own mount namespaces: nothing
+	// of them may outlive the lab, even when its daemon crashed.
+	defer labtest.AssertDownLeavesNothing(t, l, true)
 	ctx := ctxT(t)
 	orig, err := os.ReadFile(labtest.Manifest())
 	if err != nil {
