@@ -82,6 +82,8 @@ type containerState struct {
 	last      *corev1.ContainerStateTerminated
 	// kill ends the current run (a failed liveness probe).
 	kill func()
+	// exited is closed when the current run's process has been reaped.
+	exited chan struct{}
 }
 
 // podRunner runs a pod's init containers to completion in order, then its
@@ -208,7 +210,7 @@ func (r *podRunner) supervise(ctx context.Context, cs *containerState) {
 		runCtx, stopProbes := context.WithCancel(ctx)
 		code, err := r.runOnce(runCtx, cs)
 		stopProbes()
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || r.isStopping() {
 			return
 		}
 		logger.Info("container exited; restarting", "exitCode", code, "err", err, "backoff", backoff)
@@ -258,14 +260,17 @@ func (r *podRunner) runOnce(ctx context.Context, cs *containerState) (int, error
 		return -1, errors.New("pod is stopping")
 	}
 	err = cmd.Start()
+	exited := make(chan struct{})
 	if err == nil {
 		cs.proc, cs.started, cs.waiting, cs.ready = cmd.Process, time.Now(), "", false
 		cs.kill = func() { _ = cmd.Process.Signal(syscall.SIGKILL) }
+		cs.exited = exited
 	}
 	r.mu.Unlock()
 	if err != nil {
 		return -1, fmt.Errorf("starting container %s: %w", cs.spec.Name, err)
 	}
+	defer close(exited)
 	r.notify()
 	if !cs.init {
 		r.startProbes(ctx, cs)
@@ -361,49 +366,48 @@ func (r *podRunner) update(fn func()) {
 	r.notify()
 }
 
+func (r *podRunner) isStopping() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stopping
+}
+
 // stop sends SIGTERM to every running container, and SIGKILL to those still
-// running after grace, then waits for the runner to finish.
+// running after grace, then waits for the runner to finish. Once stopping,
+// no container starts again.
 func (r *podRunner) stop(grace time.Duration) {
 	r.mu.Lock()
 	r.stopping = true
-	var procs []*os.Process
+	type running struct {
+		proc   *os.Process
+		exited chan struct{}
+	}
+	var procs []running
 	for _, cs := range r.containers {
 		if cs.proc != nil {
-			procs = append(procs, cs.proc)
+			procs = append(procs, running{cs.proc, cs.exited})
 		}
 	}
 	r.mu.Unlock()
 	for _, p := range procs {
-		_ = p.Signal(syscall.SIGTERM)
+		_ = p.proc.Signal(syscall.SIGTERM)
 	}
-	done := make(chan struct{})
-	go func() {
-		for _, p := range procs {
-			waitExited(p.Pid, grace)
-		}
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(grace):
-	}
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	expired := false
 	for _, p := range procs {
-		_ = p.Signal(syscall.SIGKILL)
+		if !expired {
+			select {
+			case <-p.exited:
+				continue
+			case <-timer.C:
+				expired = true
+			}
+		}
+		_ = p.proc.Signal(syscall.SIGKILL)
 	}
 	r.cancel()
 	r.wg.Wait()
-}
-
-// waitExited polls, because the process is waited for by its supervising
-// goroutine.
-func waitExited(pid int, timeout time.Duration) {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) && syscall.Kill(pid, 0) == nil {
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || strings.Contains(string(b), ") Z ") {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // snapshot returns the pod's status as the runner sees it.
