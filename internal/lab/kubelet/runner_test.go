@@ -2,15 +2,22 @@ package kubelet
 
 import (
 	"context"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/sluice-net/sluice/internal/lab/container"
 )
@@ -124,4 +131,40 @@ func TestRunnerRestartsExitedContainer(t *testing.T) {
 	if regular[0].Ready {
 		t.Error("a crashing container is Ready")
 	}
+}
+
+// TestRunnerProbes: the readiness probe decides Ready, and a failing
+// liveness probe gets the container killed and restarted. The probes go to
+// servers on loopback.
+func TestRunnerProbes(t *testing.T) {
+	var healthy atomic.Bool
+	healthy.Store(true)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	defer srv.Close()
+	u, _ := url.Parse(srv.URL)
+	host, port, _ := net.SplitHostPort(u.Host)
+	probe := func(failures int32) *corev1.Probe {
+		p, _ := strconv.Atoi(port)
+		return &corev1.Probe{PeriodSeconds: 1, FailureThreshold: failures, ProbeHandler: corev1.ProbeHandler{
+			HTTPGet: &corev1.HTTPGetAction{Host: host, Port: intstr.FromInt(p), Path: "/readyz"}}}
+	}
+	r := newTestRunner(t, nil, "polite")
+	r.pod.Spec.Containers[0].ReadinessProbe = probe(1)
+	r.pod.Spec.Containers[0].LivenessProbe = probe(3)
+	r.start(context.Background())
+	defer r.stop(time.Second)
+	status := func() corev1.ContainerStatus { _, _, regular := r.snapshot(); return regular[0] }
+	waitFor(t, "ready", func() bool { return status().Ready })
+	healthy.Store(false)
+	waitFor(t, "unready", func() bool { return !status().Ready })
+	waitFor(t, "restarted by the liveness probe", func() bool { return status().RestartCount >= 1 })
+	if lt := status().LastTerminationState.Terminated; lt == nil || lt.Signal != int32(syscall.SIGKILL) {
+		t.Errorf("last termination %+v, want SIGKILL", lt)
+	}
+	healthy.Store(true)
+	waitFor(t, "ready again", func() bool { return status().Ready })
 }
