@@ -324,9 +324,16 @@ func (r *podRunner) command(c corev1.Container) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", c.Name, err)
 	}
-	argv := append(append([]string{}, c.Command...), c.Args...)
+	vars := envVars(env)
+	var argv []string
+	for _, a := range c.Command {
+		argv = append(argv, expand(a, vars))
+	}
 	if len(c.Command) == 0 {
-		argv = append(append([]string{}, imageEntrypoint...), c.Args...)
+		argv = append(argv, imageEntrypoint...)
+	}
+	for _, a := range c.Args {
+		argv = append(argv, expand(a, vars))
 	}
 	if v := os.Getenv("SLUICE_LAB_AGENT_V"); v != "" && filepath.Base(argv[0]) == "sluiced" {
 		// The one change to the manifest's command: log verbosity of the

@@ -188,3 +188,32 @@ func TestSameStatusSeesRestartsAndReadiness(t *testing.T) {
 		}
 	}
 }
+
+func TestExpandLikeKubernetes(t *testing.T) {
+	vars := map[string]string{"NODE_NAME": "node-1", "EMPTY": ""}
+	for in, want := range map[string]string{
+		"--node=$(NODE_NAME)":   "--node=node-1",
+		"$(NODE_NAME)$(EMPTY)x": "node-1x",
+		"$(UNDEFINED)":          "$(UNDEFINED)",
+		"$$(NODE_NAME)":         "$(NODE_NAME)",
+		"cost: $5":              "cost: $5",
+		"$(NODE_NAME":           "$(NODE_NAME",
+		"trailing $":            "trailing $",
+	} {
+		if got := expand(in, vars); got != want {
+			t.Errorf("expand(%q) = %q, want %q", in, got, want)
+		}
+	}
+	k := &Kubelet{lab: &lab.State{ControlIP4: "198.18.0.2"}, node: lab.Node{Name: "node-2"}}
+	env, err := k.containerEnv(&corev1.Pod{}, corev1.Container{Env: []corev1.EnvVar{
+		{Name: "A", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "spec.nodeName"}}},
+		{Name: "B", Value: "$(A)-$(KUBERNETES_SERVICE_HOST)-$(C)"},
+		{Name: "C", Value: "late"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(env, "B=node-2-198.18.0.2-$(C)") {
+		t.Errorf("env %v: B refers to earlier variables only", env)
+	}
+}
