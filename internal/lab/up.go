@@ -46,7 +46,7 @@ func Up(o Options) (*State, error) {
 		return nil, fmt.Errorf("--cni must be sluice, reference, none or manifest, got %q", o.CNI)
 	}
 	if o.Manifest != "" && o.CNI != CNIManifest {
-		return nil, fmt.Errorf("--manifest needs --cni manifest (the lab runs the DaemonSet's pods only then)")
+		return nil, fmt.Errorf("--manifest needs --cni manifest (--cni sluice applies the manifest built into sluicectl)")
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -92,9 +92,12 @@ func Up(o Options) (*State, error) {
 	if err := s.startDaemon(o.Timeout); err != nil {
 		return s, err
 	}
-	if s, err = Load(dir); err != nil {
+	// The daemon recorded the API proxy's port.
+	loaded, err := Load(dir)
+	if err != nil {
 		return s, err
 	}
+	s = loaded
 	if o.Manifest != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), o.Timeout)
 		defer cancel()
