@@ -315,7 +315,7 @@ func startTraffic(echo func(string) error) *traffic {
 			case <-time.After(100 * time.Millisecond):
 			}
 			if err := echo(fmt.Sprintf("m%d", i)); err != nil {
-				failures = append(failures, err.Error())
+				failures = append(failures, time.Now().Format("15:04:05.000")+" "+err.Error())
 			}
 		}
 	}()
@@ -364,22 +364,28 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	maxDown := 0
+	var timeline []string // what each sample saw, for the failure message
 	done := labtest.Eventually(3*time.Minute, func() bool {
 		pods, err := shared.AgentPods(ctx)
 		if err != nil {
 			return false
 		}
 		down, replaced := 0, 0
+		sample := time.Now().Format("15:04:05.000")
 		for _, n := range shared.Nodes {
 			p, ok := pods[n.Name]
 			if !ok || !labtest.PodReady(p) || p.DeletionTimestamp != nil {
 				down++
 			}
+			sample += fmt.Sprintf(" %s=%s(ready=%v,deleting=%v)", n.Name, p.Name, labtest.PodReady(p), p.DeletionTimestamp != nil)
 			if ok && p.UID != before[n.Name].UID && p.Spec.Containers[0].Image == image && labtest.PodReady(p) {
 				replaced++
 			}
 		}
 		maxDown = max(maxDown, down)
+		if len(timeline) == 0 || timeline[len(timeline)-1][13:] != sample[13:] {
+			timeline = append(timeline, sample)
+		}
 		cur, err := shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Get(ctx, lab.AgentDaemonSet, metav1.GetOptions{})
 		return err == nil && replaced == len(shared.Nodes) && cur.Generation == ds.Generation && lab.DaemonSetDone(cur, len(shared.Nodes))
 	})
@@ -389,10 +395,10 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 		t.Fatalf("the rollout did not finish: %+v", pods)
 	}
 	if maxDown > 1 {
-		t.Errorf("%d nodes were without a Ready agent at once; maxUnavailable is 1", maxDown)
+		t.Errorf("%d nodes were without a Ready agent at once; maxUnavailable is 1:\n%s", maxDown, strings.Join(timeline, "\n"))
 	}
 	if len(failures) > 0 {
-		t.Errorf("the connection failed during the rollout: %v", failures)
+		t.Errorf("the connection failed during the rollout: %v\n%s", failures, strings.Join(timeline, "\n"))
 	}
 	if err := echo("after"); err != nil {
 		t.Errorf("echo after the rollout: %v", err)
