@@ -32,8 +32,12 @@ bench: tools
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
 	@echo "benchmark report: $(BENCH_OUT)"
 
+# The lab installs Sluice the way a cluster does: kubectl apply of the
+# manifest, whose DaemonSet pods the lab kubelets run as processes. The demo
+# then shows NetworkPolicy at work and fails if it does not.
 lab: build tools
-	$(BIN)/sluicectl lab up --nodes 3
+	$(BIN)/sluicectl lab up --nodes 3 --cni manifest --manifest manifests/sluice.yaml
+	$(BIN)/sluicectl lab demo
 
 lab-down: build
 	$(BIN)/sluicectl lab down

@@ -14,6 +14,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/internal/lab/container"
+	"github.com/sluice-net/sluice/internal/lab/demo"
 	"github.com/sluice-net/sluice/internal/lab/kubelet"
 )
 
@@ -46,7 +48,7 @@ POD means namespace/name. NODE means a node name such as node-1.`,
 	}
 	cmd.PersistentFlags().StringVar(&f.name, "lab", "default", "name of the lab")
 	cmd.PersistentFlags().StringVar(&f.dir, "lab-dir", "", "lab directory (default $SLUICE_LAB_ROOT/NAME, SLUICE_LAB_ROOT defaults to /tmp/sluice-lab)")
-	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet())
+	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet(), labContainerInit(), labDemo(f))
 	return cmd
 }
 
@@ -71,7 +73,8 @@ func labUp(f *labFlags) *cobra.Command {
 	c.Flags().IntVar(&o.Nodes, "nodes", 3, "number of nodes")
 	c.Flags().BoolVar(&o.IPv6, "ipv6", false, "dual-stack cluster: IPv6 pod and service CIDRs as well")
 	c.Flags().BoolVar(&o.NoPodCIDR, "no-pod-cidr", false, "do not allocate node pod CIDRs, like kubeadm init without --pod-network-cidr")
-	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (install Sluice and run sluiced on every node), reference (ptp + host-local, one node only) or none")
+	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (apply Sluice's built-in manifest; the lab kubelets run its DaemonSet's pods), manifest (the same once you apply a manifest, or --manifest does), reference (ptp + host-local, one node only) or none")
+	c.Flags().StringVar(&o.Manifest, "manifest", "", "with --cni manifest: kubectl apply this manifest and wait until its DaemonSet is Ready on every node")
 	c.Flags().StringVar(&o.ToolsDir, "tools-dir", lab.DefaultToolsDir(), "cache of the Kubernetes and CNI tools built by 'make tools'")
 	c.Flags().DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the lab to be ready")
 	return c
@@ -257,6 +260,49 @@ func labKubelet() *cobra.Command {
 	}
 	c.Flags().StringVar(&dir, "dir", "", "lab directory")
 	c.Flags().StringVar(&node, "node", "", "node name")
+	return c
+}
+
+func labDemo(f *labFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "demo",
+		Short: "Show NetworkPolicy at work: a connectivity matrix before and after a default deny and an allow",
+		Long: `Creates pods demo/a, demo/b and demo/c on different nodes, each answering
+on TCP 8080, and prints which pod connects to which: first with no policy,
+then with a default-deny NetworkPolicy, then with a policy that lets a reach
+b. Exits non-zero if a matrix differs from what the policies mean (cells
+marked "!"). Running it again starts afresh.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := f.load()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Minute)
+			defer cancel()
+			return demo.Run(ctx, s, cmd.OutOrStdout())
+		},
+	}
+}
+
+func labContainerInit() *cobra.Command {
+	var spec string
+	c := &cobra.Command{
+		Use:    "container-init",
+		Short:  "Become a container of a lab pod (started by the lab kubelet)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := container.ReadSpec(spec)
+			if err != nil {
+				return err
+			}
+			// Init returns only on error; on success the process is the
+			// container's command.
+			return container.Init(s)
+		},
+	}
+	c.Flags().StringVar(&spec, "spec", "", "container spec written by the kubelet")
 	return c
 }
 

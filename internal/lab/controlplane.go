@@ -60,9 +60,6 @@ type component struct {
 	// privateMounts gives the process its own mount namespace, in which a
 	// lab kubelet binds the node's private host paths.
 	privateMounts bool
-	// mountOf runs the process in that node's mount namespace (its
-	// kubelet's), so it sees the node's host paths.
-	mountOf *Node
 }
 
 func (s *State) k8sTool(name string) string {

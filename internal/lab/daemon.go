@@ -75,11 +75,7 @@ func RunDaemon(ctx context.Context, dir string) error {
 		return err
 	}
 
-	if err := s.waitNodesReady(ctx, func(n Node) {
-		if s.CNI == CNISluice {
-			sup.start(ctx, s.agentComponent(n))
-		}
-	}); err != nil {
+	if err := s.waitNodesReady(ctx); err != nil {
 		return err
 	}
 	if err := WriteFileAtomic(s.Path(readyFileName), []byte(time.Now().Format(time.RFC3339)), 0o644); err != nil {
@@ -131,19 +127,7 @@ func (sup *supervisor) runOnce(ctx context.Context, c component) error {
 		return err
 	}
 	defer logf.Close()
-	if c.mountOf != nil {
-		if _, err := os.Stat(c.mountOf.AgentDisabledPath()); err == nil {
-			return fmt.Errorf("%s is disabled by %s", c.name, c.mountOf.AgentDisabledPath())
-		}
-	}
 	nsArgs := []string{"--net=" + netnsPath(c.netns)}
-	if c.mountOf != nil {
-		pid := c.mountOf.KubeletPID()
-		if !processAlive(pid) {
-			return fmt.Errorf("node %s has no kubelet to share a mount namespace with", c.mountOf.Name)
-		}
-		nsArgs = append(nsArgs, fmt.Sprintf("--mount=/proc/%d/ns/mnt", pid))
-	}
 	args := append(append(nsArgs, "--"), c.args...)
 	cmd := exec.Command("nsenter", args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -278,36 +262,28 @@ func (s *State) Client() (kubernetes.Interface, error) {
 }
 
 // waitNodesReady waits for every node to register and turn Ready, and, when
-// pod CIDRs are allocated, for each to get one. Then it writes the reference
-// CNI config where the lab runs with it, and waits for the default
-// ServiceAccount without which no pod passes admission.
-func (s *State) waitNodesReady(ctx context.Context, startAgent func(Node)) error {
+// pod CIDRs are allocated, for each to get one. With CNISluice it applies
+// Sluice's manifest once every node is Ready and waits for its agents to
+// bring each node's network up; with CNIReference it writes the reference
+// CNI config. Then it waits for the default ServiceAccount without which no
+// pod passes admission.
+func (s *State) waitNodesReady(ctx context.Context) error {
 	cs, err := s.Client()
 	if err != nil {
 		return err
 	}
 	written := map[string]bool{}
-	installed := map[string]bool{}
+	installed := false
 	for {
-		ready := 0
+		ready, registered := 0, 0
 		for _, n := range s.Nodes {
 			node, err := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 			if err != nil || !nodeReady(node) {
 				continue
 			}
-			if s.CNI == CNISluice {
-				// Sluice installs itself as the DaemonSet's init container
-				// would, then its agent gives the node its network.
-				if !installed[n.Name] {
-					if err := s.installSluice(ctx, n); err != nil {
-						return err
-					}
-					installed[n.Name] = true
-					startAgent(n)
-				}
-				if !sluiceReady(node) {
-					continue
-				}
+			registered++
+			if s.CNI == CNISluice && !sluiceReady(node) {
+				continue
 			}
 			if !s.NoPodCIDR && len(node.Spec.PodCIDRs) == 0 {
 				continue
@@ -319,6 +295,15 @@ func (s *State) waitNodesReady(ctx context.Context, startAgent func(Node)) error
 				written[n.Name] = true
 			}
 			ready++
+		}
+		if s.CNI == CNISluice && !installed && registered == len(s.Nodes) {
+			// The DaemonSet's pods land on every node; its agents give each
+			// node its network.
+			if err := s.installManifest(ctx); err != nil {
+				return err
+			}
+			klog.InfoS("sluice manifest applied")
+			installed = true
 		}
 		if ready == len(s.Nodes) {
 			if _, err := cs.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{}); err == nil {

@@ -1,92 +1,116 @@
 package lab
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/klog/v2"
+	"sigs.k8s.io/yaml"
+
+	"github.com/sluice-net/sluice/manifests"
 )
 
 // CNI modes of a lab.
 const (
-	// CNISluice installs Sluice on every node: `sluice install` puts the
-	// plugins and 10-sluice.conflist in the node's CNI dirs, and sluiced
-	// runs on the node.
+	// CNISluice installs Sluice from manifests/sluice.yaml (embedded in
+	// sluicectl) once the nodes are Ready, and lab up returns when its
+	// agents have the network up on every node. The lab kubelets run the
+	// DaemonSet's pods as in CNIManifest.
 	CNISluice = "sluice"
 	// CNIReference writes a ptp + host-local conflist once a node has its
 	// podCIDR: pods on one node reach each other, nothing more.
 	CNIReference = "reference"
 	// CNINone leaves the nodes' CNI dirs empty for an installer.
 	CNINone = "none"
+	// CNIManifest stages Sluice's image for the lab kubelets, which then
+	// run the pods of manifests/sluice.yaml's DaemonSet as processes once
+	// it is applied: the install init container, then sluiced with the
+	// manifest's ServiceAccount, configuration and probes.
+	CNIManifest = "manifest"
 )
+
+// RunsSluiceImage reports whether the lab's kubelets run pods of Sluice's
+// image as processes.
+func (s *State) RunsSluiceImage() bool { return s.CNI == CNISluice || s.CNI == CNIManifest }
 
 // Sluice's binaries live next to sluicectl.
 func (s *State) sluiceBin(name string) string {
 	return filepath.Join(filepath.Dir(s.Sluicectl), name)
 }
 
-// NetConfPath is the net-conf.json the lab's agents use.
-func (s *State) NetConfPath() string { return s.Path("net-conf.json") }
+// ImageDir is the staged filesystem of Sluice's image: what the Dockerfile
+// copies to /opt/sluice/bin.
+func (s *State) ImageDir() string { return s.Path("image") }
 
-// stageSluice copies what `sluice install` installs into one directory, as
-// the DaemonSet's image would hold it, and writes the lab's net-conf.json.
-func (s *State) stageSluice() error {
-	stage := s.Path("stage")
-	if err := os.MkdirAll(stage, 0o755); err != nil {
+// stageImage lays out the image for the lab kubelets.
+func (s *State) stageImage() error {
+	bin := filepath.Join(s.ImageDir(), "opt", "sluice", "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
 		return err
 	}
-	if err := copyFile(s.sluiceBin("sluice"), filepath.Join(stage, "sluice"), 0o755); err != nil {
-		return fmt.Errorf("%w (build it with 'make build'; sluice and sluiced must sit next to sluicectl)", err)
+	for _, name := range []string{"sluice", "sluiced"} {
+		if err := copyFile(s.sluiceBin(name), filepath.Join(bin, name), 0o755); err != nil {
+			return fmt.Errorf("%w (build it with 'make build'; sluice and sluiced must sit next to sluicectl)", err)
+		}
 	}
 	for _, p := range []string{"host-local", "portmap", "bandwidth", "loopback"} {
-		if err := copyFile(filepath.Join(CNIToolsPath(s.ToolsDir), p), filepath.Join(stage, p), 0o755); err != nil {
+		if err := copyFile(filepath.Join(CNIToolsPath(s.ToolsDir), p), filepath.Join(bin, p), 0o755); err != nil {
 			return err
 		}
 	}
-	conf := fmt.Sprintf(`{"Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR)
-	if s.IPv6 {
-		conf = fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR, clusterCIDR6)
-	}
-	return WriteFileAtomic(s.NetConfPath(), []byte(conf+"\n"), 0o644)
-}
-
-// AgentDisabledPath is a file that, while it exists, keeps the lab from
-// (re)starting sluiced on a node, so tests can hold an agent down.
-func (n Node) AgentDisabledPath() string { return filepath.Join(n.Dir, "agent.disabled") }
-
-// installSluice runs `sluice install` in the node's namespaces.
-func (s *State) installSluice(ctx context.Context, n Node) error {
-	pid := n.KubeletPID()
-	if !processAlive(pid) {
-		return fmt.Errorf("node %s has no kubelet yet", n.Name)
-	}
-	place := Place{NetNSPath: netnsPath(n.NetNS), MountPID: pid}
-	out, err := place.Command(filepath.Join(s.Path("stage"), "sluice"), "install", "--src-bin-dir", s.Path("stage"),
-		"--cni-bin-dir", "/opt/cni/bin", "--cni-conf-dir", "/etc/cni/net.d", "--token-file", "").CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("sluice install on %s: %v: %s", n.Name, err, out)
-	}
-	klog.InfoS("sluice installed", "node", n.Name)
 	return nil
 }
 
-func (s *State) agentComponent(n Node) component {
-	c := component{name: "sluiced-" + n.Name, netns: n.NetNS, mountOf: &n, args: []string{
-		s.sluiceBin("sluiced"), "--kubeconfig", s.NodeKubeconfigAdmin(), "--node-name", n.Name,
-		"--net-conf", s.NetConfPath(), "--health-addr", "127.0.0.1:9098",
-	}}
-	if v := os.Getenv("SLUICE_LAB_AGENT_V"); v != "" {
-		// Log verbosity of the lab's agents, for debugging.
-		c.args = append(c.args, "-v="+v)
+// AgentDisabledPath is a file that, while it exists, keeps the node's
+// kubelet from (re)starting the containers of Sluice's pod, so tests can
+// hold an agent down.
+func (n Node) AgentDisabledPath() string { return filepath.Join(n.Dir, "agent.disabled") }
+
+// installManifest applies the embedded manifest, as an operator would after
+// setting net-conf.json to the cluster's pod networks: on a dual-stack lab
+// it adds the IPv6 network.
+func (s *State) installManifest(ctx context.Context) error {
+	m := manifests.Sluice
+	if s.IPv6 {
+		conf := fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR, clusterCIDR6)
+		var err error
+		if m, err = withNetConf(m, conf); err != nil {
+			return err
+		}
 	}
-	if s.NoPodCIDR {
-		// The lab knows its controller-manager allocates nothing.
-		c.args = append(c.args, "--pod-cidr-wait=0s")
+	cmd := exec.CommandContext(ctx, KubectlPath(s.ToolsDir), "--kubeconfig", s.AdminKubeconfig(), "apply", "-f", "-")
+	cmd.Stdin = bytes.NewReader(m)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("kubectl apply of the sluice manifest: %w: %s", err, out)
 	}
-	return c
+	return nil
+}
+
+// withNetConf replaces net-conf.json in the manifest's ConfigMap.
+func withNetConf(manifest []byte, conf string) ([]byte, error) {
+	docs := strings.Split(string(manifest), "\n---\n")
+	for i, doc := range docs {
+		var cm corev1.ConfigMap
+		if err := yaml.Unmarshal([]byte(doc), &cm); err != nil {
+			return nil, fmt.Errorf("reading the sluice manifest: %w", err)
+		}
+		if cm.Kind != "ConfigMap" || cm.Name != "sluice" {
+			continue
+		}
+		cm.Data["net-conf.json"] = conf
+		b, err := yaml.Marshal(&cm)
+		if err != nil {
+			return nil, err
+		}
+		docs[i] = string(b)
+		return []byte(strings.Join(docs, "\n---\n")), nil
+	}
+	return nil, fmt.Errorf("the sluice manifest has no ConfigMap sluice")
 }
 
 func sluiceReady(n *corev1.Node) bool {

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -23,8 +24,11 @@ type Options struct {
 	IPv6      bool
 	NoPodCIDR bool
 	// CNI selects the network nodes start with: CNISluice (the default),
-	// CNIReference or CNINone.
-	CNI       string
+	// CNIReference, CNINone or CNIManifest.
+	CNI string
+	// Manifest, with CNIManifest, is applied with kubectl once the nodes
+	// are Ready, and Up returns when its DaemonSet is Ready on every node.
+	Manifest  string
 	ToolsDir  string
 	Sluicectl string // the binary that runs the daemon and kubelets
 	Timeout   time.Duration
@@ -38,8 +42,11 @@ func Up(o Options) (*State, error) {
 	if o.CNI == "" {
 		o.CNI = CNISluice
 	}
-	if o.CNI != CNISluice && o.CNI != CNIReference && o.CNI != CNINone {
-		return nil, fmt.Errorf("--cni must be sluice, reference or none, got %q", o.CNI)
+	if o.CNI != CNISluice && o.CNI != CNIReference && o.CNI != CNINone && o.CNI != CNIManifest {
+		return nil, fmt.Errorf("--cni must be sluice, reference, none or manifest, got %q", o.CNI)
+	}
+	if o.Manifest != "" && o.CNI != CNIManifest {
+		return nil, fmt.Errorf("--manifest needs --cni manifest (--cni sluice applies the manifest built into sluicectl)")
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -85,7 +92,23 @@ func Up(o Options) (*State, error) {
 	if err := s.startDaemon(o.Timeout); err != nil {
 		return s, err
 	}
-	return Load(dir)
+	// The daemon recorded the API proxy's port.
+	loaded, err := Load(dir)
+	if err != nil {
+		return s, err
+	}
+	s = loaded
+	if o.Manifest != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), o.Timeout)
+		defer cancel()
+		if out, err := s.ApplyManifest(ctx, o.Manifest); err != nil {
+			return s, fmt.Errorf("%w\n%s", err, out)
+		}
+		if err := s.WaitAgentsReady(ctx); err != nil {
+			return s, err
+		}
+	}
+	return s, nil
 }
 
 func newState(o Options, dir string) *State {
@@ -155,8 +178,8 @@ func (s *State) provision() error {
 			}
 		}
 	}
-	if s.CNI == CNISluice {
-		if err := s.stageSluice(); err != nil {
+	if s.RunsSluiceImage() {
+		if err := s.stageImage(); err != nil {
 			return err
 		}
 	}

@@ -157,7 +157,7 @@ func TestAgentDownThenBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.Remove(node.AgentDisabledPath())
-	if _, err := shared.Exec("node-2", "pkill", "-KILL", "-x", "sluiced"); err != nil {
+	if err := shared.KillAgent("node-2"); err != nil {
 		t.Fatal(err)
 	}
 	if err := shared.EnsureNamespace(ctx, "down"); err != nil {
@@ -217,7 +217,7 @@ func countSluiceVeths(t *testing.T, node string) int {
 	return len(podVeth.FindAllString(out, -1))
 }
 
-// TestNothingLeftAfterDeletion deletes every pod and checks each node: no
+// TestNothingLeftAfterDeletion deletes every pod but Sluice's and checks each node: no
 // reserved IP, no Sluice veth, no pod route, no IPAM or endpoint record.
 // It runs last (the tests above leave pods behind on purpose).
 func TestZNothingLeftAfterDeletion(t *testing.T) {
@@ -226,11 +226,16 @@ func TestZNothingLeftAfterDeletion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Sluice's own pods (hostNetwork, in kube-system) stay: the agents
+	// must serve the CNI DELs.
+	notAgents := metav1.ListOptions{FieldSelector: "metadata.namespace!=" + lab.AgentNamespace}
 	for _, ns := range nsList.Items {
-		_ = shared.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{})
+		if ns.Name != lab.AgentNamespace {
+			_ = shared.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{})
+		}
 	}
 	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
-		pods, err := shared.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+		pods, err := shared.Client.CoreV1().Pods("").List(ctx, notAgents)
 		return err == nil && len(pods.Items) == 0, nil
 	}); err != nil {
 		t.Fatal(err)

@@ -19,8 +19,9 @@ import (
 	"github.com/sluice-net/sluice/internal/lab"
 )
 
-// Agents runs sluiced on lab nodes as plain processes, until the
-// DaemonSet-in-the-lab runs them from the manifest.
+// Agents runs sluiced on lab nodes as plain processes, for tests that
+// start agents with their own net-conf.json on labs without Sluice
+// (lab.CNIReference).
 type Agents struct {
 	lab     *Lab
 	netConf string

@@ -31,7 +31,7 @@ func TestNewDenyCutsEstablishedConnection(t *testing.T) {
 	for echo() == nil {
 		if time.Now().After(deadline) {
 			for _, n := range shared.Nodes {
-				b, _ := os.ReadFile(shared.Path("logs", "sluiced-"+n.Name+".log"))
+				b, _ := os.ReadFile(shared.AgentLogPath(n.Name))
 				t.Logf("%s agent log:\n%s", n.Name, lastLines(string(b), 15))
 			}
 			t.Fatal("the established connection still works 10 s after a deny")
@@ -182,7 +182,7 @@ func TestAgentRestartRewritesNothing(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if _, err := shared.Exec(node.Name, "pkill", "-KILL", "-x", "sluiced"); err != nil {
+	if err := shared.KillAgent(node.Name); err != nil {
 		t.Fatal(err)
 	}
 	// The lab restarts the agent; wait for its report.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/libcni"
 	cnitypes100 "github.com/containernetworking/cni/pkg/types/100"
@@ -44,6 +45,9 @@ type sandbox struct {
 	CapabilityArgs map[string]any `json:"capabilityArgs,omitempty"`
 
 	responders []*lab.Responder
+	// runner runs the containers of a pod of Sluice's image; such pods get
+	// no responders.
+	runner *podRunner
 }
 
 func (sb *sandbox) key() string { return sb.Namespace + "/" + sb.Name }
@@ -68,6 +72,9 @@ func (k *Kubelet) syncPod(ctx context.Context, key string) error {
 
 	stale := sb != nil && (pod == nil || pod.UID != sb.UID || pod.DeletionTimestamp != nil || podFinished(pod))
 	if stale {
+		if sb.runner != nil && pod != nil && pod.UID == sb.UID && pod.DeletionGracePeriodSeconds != nil {
+			sb.runner.grace = time.Duration(*pod.DeletionGracePeriodSeconds) * time.Second
+		}
 		if err := k.teardown(ctx, sb); err != nil {
 			return err
 		}
@@ -154,7 +161,15 @@ func (k *Kubelet) setup(ctx context.Context, pod *corev1.Pod) (_ *sandbox, err e
 			return nil, fmt.Errorf("CNI ADD %s returned no IP", list.Name)
 		}
 	}
+	if k.runsAsProcesses(pod) {
+		if sb.runner, err = k.newRunner(ctx, pod, sb); err != nil {
+			return nil, err
+		}
+	}
 	for _, port := range containerPorts(pod) {
+		if sb.runner != nil {
+			break // the containers serve their own ports
+		}
 		reply := pod.Namespace + "/" + pod.Name
 		r, err := lab.ListenResponder(sb.NetNS, port, func(net.Addr) string { return reply })
 		if err != nil {
@@ -171,6 +186,9 @@ func (k *Kubelet) setup(ctx context.Context, pod *corev1.Pod) (_ *sandbox, err e
 	k.mu.Lock()
 	k.sandboxes[sb.key()] = sb
 	k.mu.Unlock()
+	if sb.runner != nil {
+		sb.runner.start(ctx)
+	}
 	klog.FromContext(ctx).Info("pod sandbox ready", "pod", sb.key(), "ips", sb.IPs)
 	return sb, nil
 }
@@ -178,6 +196,12 @@ func (k *Kubelet) setup(ctx context.Context, pod *corev1.Pod) (_ *sandbox, err e
 // teardown is idempotent: every step tolerates what is already gone, so it
 // also releases a half-made sandbox or one left by a previous kubelet.
 func (k *Kubelet) teardown(ctx context.Context, sb *sandbox) error {
+	if sb.runner != nil {
+		sb.runner.stop(sb.runner.grace)
+	}
+	if err := os.RemoveAll(k.podDir(sb.UID)); err != nil {
+		return fmt.Errorf("removing the files of pod %s: %w", sb.key(), err)
+	}
 	for _, r := range sb.responders {
 		r.Close()
 	}
@@ -267,12 +291,9 @@ func (k *Kubelet) publish(sb *sandbox) error {
 	return lab.WriteFileAtomic(k.node.PodRecordPath(sb.Namespace, sb.Name), b, 0o644)
 }
 
-// reportRunning writes the pod's IPs and Running phase, unless they are
-// already there.
+// reportRunning writes the pod's IPs, phase, conditions and container
+// statuses, unless they are already there.
 func (k *Kubelet) reportRunning(ctx context.Context, pod *corev1.Pod, sb *sandbox) error {
-	if pod.Status.Phase == corev1.PodRunning && pod.Status.PodIP == sb.IPs[0] && len(pod.Status.PodIPs) == len(sb.IPs) {
-		return nil
-	}
 	now := metav1.Now()
 	p := pod.DeepCopy()
 	p.Status.Phase = corev1.PodRunning
@@ -286,26 +307,89 @@ func (k *Kubelet) reportRunning(ctx context.Context, pod *corev1.Pod, sb *sandbo
 	if p.Status.StartTime == nil {
 		p.Status.StartTime = &now
 	}
-	p.Status.Conditions = nil
-	for _, t := range []corev1.PodConditionType{corev1.PodScheduled, corev1.PodReadyToStartContainers, corev1.PodInitialized, corev1.ContainersReady, corev1.PodReady} {
-		p.Status.Conditions = append(p.Status.Conditions, corev1.PodCondition{Type: t, Status: corev1.ConditionTrue, LastTransitionTime: now})
+	initialized, ready := true, true
+	if sb.runner != nil {
+		initialized, p.Status.InitContainerStatuses, p.Status.ContainerStatuses = sb.runner.snapshot()
+		for _, c := range p.Status.ContainerStatuses {
+			ready = ready && c.Ready
+		}
+		if !initialized {
+			p.Status.Phase = corev1.PodPending
+		}
+	} else {
+		p.Status.ContainerStatuses = nil
+		for _, c := range pod.Spec.Containers {
+			p.Status.ContainerStatuses = append(p.Status.ContainerStatuses, corev1.ContainerStatus{
+				Name:        c.Name,
+				Image:       c.Image,
+				ImageID:     "lab://" + c.Image,
+				ContainerID: "lab://" + sb.ID,
+				Ready:       true,
+				Started:     ptr.To(true),
+				State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+			})
+		}
 	}
-	p.Status.ContainerStatuses = nil
-	for _, c := range pod.Spec.Containers {
-		p.Status.ContainerStatuses = append(p.Status.ContainerStatuses, corev1.ContainerStatus{
-			Name:        c.Name,
-			Image:       c.Image,
-			ImageID:     "lab://" + c.Image,
-			ContainerID: "lab://" + sb.ID,
-			Ready:       true,
-			Started:     ptr.To(true),
-			State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
-		})
+	status := func(b bool) corev1.ConditionStatus {
+		if b {
+			return corev1.ConditionTrue
+		}
+		return corev1.ConditionFalse
+	}
+	p.Status.Conditions = nil
+	for _, c := range []struct {
+		t  corev1.PodConditionType
+		ok bool
+	}{{corev1.PodScheduled, true}, {corev1.PodReadyToStartContainers, true}, {corev1.PodInitialized, initialized}, {corev1.ContainersReady, ready}, {corev1.PodReady, ready}} {
+		cond := corev1.PodCondition{Type: c.t, Status: status(c.ok), LastTransitionTime: now}
+		// Keep the transition time of a condition that did not change.
+		for _, old := range pod.Status.Conditions {
+			if old.Type == c.t && old.Status == cond.Status {
+				cond.LastTransitionTime = old.LastTransitionTime
+			}
+		}
+		p.Status.Conditions = append(p.Status.Conditions, cond)
+	}
+	if sameStatus(pod.Status, p.Status) {
+		return nil
 	}
 	if _, err := k.client.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
-		return fmt.Errorf("reporting pod running: %w", err)
+		return fmt.Errorf("reporting pod status: %w", err)
 	}
 	return nil
+}
+
+// sameStatus compares what the kubelet reports, ignoring timestamps, so
+// that a sync that changes nothing writes nothing.
+func sameStatus(a, b corev1.PodStatus) bool {
+	if a.Phase != b.Phase || a.PodIP != b.PodIP || len(a.PodIPs) != len(b.PodIPs) || len(a.Conditions) != len(b.Conditions) {
+		return false
+	}
+	for i := range a.Conditions {
+		if a.Conditions[i].Type != b.Conditions[i].Type || a.Conditions[i].Status != b.Conditions[i].Status {
+			return false
+		}
+	}
+	return sameContainers(a.InitContainerStatuses, b.InitContainerStatuses) && sameContainers(a.ContainerStatuses, b.ContainerStatuses)
+}
+
+func sameContainers(a, b []corev1.ContainerStatus) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		x, y := a[i], b[i]
+		if x.Name != y.Name || x.Ready != y.Ready || x.RestartCount != y.RestartCount ||
+			(x.State.Running == nil) != (y.State.Running == nil) || (x.State.Terminated == nil) != (y.State.Terminated == nil) ||
+			(x.State.Waiting == nil) != (y.State.Waiting == nil) {
+			return false
+		}
+		// A restarted container has a new ID.
+		if x.ContainerID != y.ContainerID {
+			return false
+		}
+	}
+	return true
 }
 
 // runtimeConf carries what containerd passes to CNI for a pod sandbox.

@@ -209,7 +209,7 @@ func BenchmarkProgrammingAtScale(b *testing.B) {
 			b.Log(line)
 		}
 	}
-	if data, err := os.ReadFile(l.Path("logs", "sluiced-node-1.log")); err == nil {
+	if data, err := os.ReadFile(l.AgentLogPath("node-1")); err == nil {
 		for _, line := range regexp.MustCompile(`(?m)^E.*$`).FindAllString(string(data), 5) {
 			b.Log(line)
 		}
@@ -226,13 +226,13 @@ func BenchmarkProgrammingAtScale(b *testing.B) {
 	if err := os.WriteFile(node.AgentDisabledPath(), nil, 0o644); err != nil {
 		b.Fatal(err)
 	}
-	if _, err := l.Exec("node-1", "pkill", "-x", "sluiced"); err != nil {
+	if err := l.KillAgent("node-1"); err != nil {
 		b.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond)
 	os.Remove(node.AgentDisabledPath())
 	re := regexp.MustCompile(`"policy programmed".*sinceStartMs=(\d+)`)
-	logPath := l.Path("logs", "sluiced-node-1.log")
+	logPath := l.AgentLogPath("node-1")
 	deadline = time.Now().Add(time.Minute)
 	for {
 		data, _ := os.ReadFile(logPath)
