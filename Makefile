@@ -10,7 +10,7 @@ export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
 TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
-.PHONY: all build tools test bench lab lab-down lint clean
+.PHONY: all build deps tools test bench lab lab-down lint clean
 
 all: build
 
@@ -19,15 +19,20 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
 
+# The Debian packages the lab and the tests use (iproute2, iptables, ipset,
+# conntrack, iperf3, ...), installed with apt-get when missing.
+deps:
+	test/tools/deps.sh
+
 # The lab's control plane and the reference CNI plugins, built from the Go
 # module proxy and cached by version in $(TOOLS_DIR).
 tools:
 	test/tools/build.sh
 
-test: tools
+test: deps tools
 	$(GO) test $(TEST_FLAGS) ./...
 
-bench: tools
+bench: deps tools
 	@mkdir -p $(dir $(BENCH_OUT))
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
 	@echo "benchmark report: $(BENCH_OUT)"
@@ -35,7 +40,7 @@ bench: tools
 # The lab installs Sluice the way a cluster does: kubectl apply of the
 # manifest, whose DaemonSet pods the lab kubelets run as processes. The demo
 # then shows NetworkPolicy at work and fails if it does not.
-lab: build tools
+lab: deps build tools
 	$(BIN)/sluicectl lab up --nodes 3 --cni manifest --manifest manifests/sluice.yaml
 	$(BIN)/sluicectl lab demo
 

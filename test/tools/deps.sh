@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the lab and the tests use, when a command of
+# theirs is missing. One list for `make lab`, `make test` and CI.
+set -euo pipefail
+
+# command -> package
+declare -A need=(
+	[ip]=iproute2 [iptables-nft]=iptables [ipset]=ipset [conntrack]=conntrack
+	[iperf3]=iperf3 [ethtool]=ethtool [ping]=iputils-ping [nc]=netcat-openbsd
+	[nsenter]=util-linux [pkill]=procps [gcc]=gcc [make]=make [curl]=curl
+)
+missing=()
+for cmd in "${!need[@]}"; do
+	command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+	echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+	exit 1
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
