@@ -53,8 +53,31 @@ type InstallOptions struct {
 
 type manifest struct {
 	// Created are the files install made that did not exist before;
-	// uninstall removes exactly these.
+	// uninstall removes exactly these. Each is "bin/NAME" or "conf/NAME",
+	// relative to the CNI bin or conf dir: the installer (a DaemonSet's
+	// init container) sees those dirs at other paths than the host or an
+	// uninstalling container does. Records of older versions hold
+	// absolute paths.
 	Created []string `json:"created"`
+}
+
+// Record prefixes of the two dirs install writes to.
+const (
+	recordBin  = "bin/"
+	recordConf = "conf/"
+)
+
+// installedPath resolves a record entry against the dirs as seen now.
+func installedPath(entry, binDir, confDir string) (string, bool) {
+	switch {
+	case filepath.IsAbs(entry):
+		return entry, true
+	case strings.HasPrefix(entry, recordBin) && filepath.Base(entry) == entry[len(recordBin):]:
+		return filepath.Join(binDir, entry[len(recordBin):]), true
+	case strings.HasPrefix(entry, recordConf) && filepath.Base(entry) == entry[len(recordConf):]:
+		return filepath.Join(confDir, entry[len(recordConf):]), true
+	}
+	return "", false // not ours to interpret: never remove it
 }
 
 // Install copies the plugins and writes the conflist and kubeconfig, each
@@ -77,22 +100,22 @@ func Install(o InstallOptions) ([]string, error) {
 	for _, f := range m.Created {
 		created[f] = true
 	}
-	note := func(path string) {
+	note := func(path, entry string) {
 		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-			created[path] = true
+			created[entry] = true
 		}
 	}
 	var written []string
 	for _, p := range Plugins {
 		src, dst := filepath.Join(o.SrcBinDir, p), filepath.Join(o.BinDir, p)
-		note(dst)
+		note(dst, recordBin+p)
 		if err := copyAtomic(src, dst); err != nil {
 			return written, err
 		}
 		written = append(written, dst)
 	}
 	conflist := filepath.Join(o.ConfDir, ConflistName)
-	note(conflist)
+	note(conflist, recordConf+ConflistName)
 	if err := atomicfile.Write(conflist, []byte(o.Conflist), 0o644); err != nil {
 		return written, err
 	}
@@ -104,7 +127,7 @@ func Install(o InstallOptions) ([]string, error) {
 				return written, err
 			}
 			path := filepath.Join(o.ConfDir, KubeconfigName)
-			note(path)
+			note(path, recordConf+KubeconfigName)
 			if err := atomicfile.Write(path, kc, 0o600); err != nil {
 				return written, err
 			}
@@ -132,11 +155,15 @@ func readManifest(confDir string) manifest {
 
 // Uninstall removes exactly the files Install created. Files that existed
 // before (a reference plugin the distribution installed) stay.
-func Uninstall(confDir string) ([]string, error) {
+func Uninstall(binDir, confDir string) ([]string, error) {
 	m := readManifest(confDir)
 	var removed []string
 	var errs []error
-	for _, f := range m.Created {
+	for _, entry := range m.Created {
+		f, ok := installedPath(entry, binDir, confDir)
+		if !ok {
+			continue
+		}
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 			continue

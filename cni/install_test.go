@@ -60,7 +60,17 @@ func TestInstallAndUninstall(t *testing.T) {
 	if _, err := Install(InstallOptions{SrcBinDir: src, BinDir: bin, ConfDir: conf, TokenFile: token, CAFile: ca, Server: "https://10.0.0.1:6443"}); err != nil {
 		t.Fatal(err)
 	}
-	removed, err := Uninstall(conf)
+	// The installer (an init container) sees the host's dirs at other
+	// paths than the uninstaller: the record must not depend on them.
+	seen := t.TempDir()
+	for _, d := range []*string{&bin, &conf} {
+		moved := filepath.Join(seen, filepath.Base(*d))
+		if err := os.Rename(*d, moved); err != nil {
+			t.Fatal(err)
+		}
+		*d = moved
+	}
+	removed, err := Uninstall(bin, conf)
 	if err != nil {
 		t.Fatal(err)
 	}

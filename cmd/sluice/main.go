@@ -3,7 +3,7 @@
 // init container, it installs or uninstalls itself:
 //
 //	sluice install [flags]
-//	sluice uninstall [--cni-conf-dir DIR] [--cni-state-dir DIR]
+//	sluice uninstall [--cni-bin-dir DIR] [--cni-conf-dir DIR] [--cni-state-dir DIR]
 package main
 
 import (
@@ -75,6 +75,7 @@ func install(args []string) error {
 
 func uninstall(args []string) error {
 	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
+	binDir := fs.String("cni-bin-dir", "/host/opt/cni/bin", "the host's CNI bin dir")
 	confDir := fs.String("cni-conf-dir", "/host/etc/cni/net.d", "the host's CNI conf dir")
 	stateDir := fs.String("cni-state-dir", "/host/var/lib/cni", "the host's CNI state dir (/var/lib/cni), where the plugin and host-local keep their records; empty keeps them")
 	if err := fs.Parse(args); err != nil {
@@ -83,7 +84,7 @@ func uninstall(args []string) error {
 	// The conflist names the network whose reservations host-local keeps;
 	// read it before it is removed.
 	network := cni.InstalledNetwork(*confDir)
-	removed, err := cni.Uninstall(*confDir)
+	removed, err := cni.Uninstall(*binDir, *confDir)
 	if *stateDir != "" {
 		more, serr := cni.RemoveState(*stateDir, network)
 		removed, err = append(removed, more...), errors.Join(err, serr)

@@ -165,7 +165,7 @@ func TestUninstallLeavesNothing(t *testing.T) {
 		if out, err := l.Exec(n.Name, cleanupCmd...); err != nil {
 			t.Fatalf("sluiced --cleanup on %s: %v\n%s", n.Name, err, out)
 		}
-		if out, err := l.Exec(n.Name, filepath.Join(bins, "sluice"), "uninstall", "--cni-conf-dir", "/etc/cni/net.d", "--cni-state-dir", "/var/lib/cni"); err != nil {
+		if out, err := l.Exec(n.Name, filepath.Join(bins, "sluice"), "uninstall", "--cni-bin-dir", "/opt/cni/bin", "--cni-conf-dir", "/etc/cni/net.d", "--cni-state-dir", "/var/lib/cni"); err != nil {
 			t.Fatalf("sluice uninstall on %s: %v\n%s", n.Name, err, out)
 		}
 		// Running the cleanup again is harmless.
