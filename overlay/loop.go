@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -71,6 +72,9 @@ type Loop struct {
 	// offloadDone records devices whose checksum offload was applied; only
 	// the sync goroutine touches it.
 	offloadDone map[string]bool
+	// nodesChanged is set by Node events. A sync that follows none, after
+	// the first, writes only what drifted: those writes are repairs.
+	nodesChanged atomic.Bool
 
 	mu     sync.RWMutex
 	status Status
@@ -163,9 +167,9 @@ func (l *Loop) Run(ctx context.Context) error {
 	nodeInformer := factory.Core().V1().Nodes()
 	l.nodes = nodeInformer.Lister()
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { l.queue.Add(syncKey) },
+		AddFunc:    func(any) { l.nodeChanged() },
 		UpdateFunc: func(old, cur any) { l.onNodeUpdate(old, cur) },
-		DeleteFunc: func(any) { l.queue.Add(syncKey) },
+		DeleteFunc: func(any) { l.nodeChanged() },
 	}); err != nil {
 		return err
 	}
@@ -186,9 +190,20 @@ func (l *Loop) Run(ctx context.Context) error {
 func (l *Loop) onNodeUpdate(old, cur any) {
 	o, ok1 := old.(*corev1.Node)
 	c, ok2 := cur.(*corev1.Node)
-	if ok1 && ok2 && o.Name != l.cfg.NodeName && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) {
+	if ok1 && ok2 && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) {
+		if o.Name == l.cfg.NodeName {
+			// The own node's status updates still get a sync (it reads
+			// more of its own node), but not as a change of input.
+			l.queue.Add(syncKey)
+		}
 		return
 	}
+	l.nodeChanged()
+}
+
+func (l *Loop) nodeChanged() {
+	klog.V(4).InfoS("node changed")
+	l.nodesChanged.Store(true)
 	l.queue.Add(syncKey)
 }
 
@@ -213,6 +228,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 	}
 	defer l.queue.Done(key)
 	start := time.Now()
+	repair := !l.nodesChanged.Swap(false) && l.Ready()
 	ch, err := l.sync(ctx)
 	l.setStatus(func(s *Status) {
 		s.LastSync = time.Now()
@@ -221,13 +237,15 @@ func (l *Loop) processNext(ctx context.Context) bool {
 		} else {
 			s.LastError = ""
 		}
-		s.Repairs.Device += ch.Device
-		s.Repairs.Routes += ch.Routes
-		s.Repairs.Neighbours += ch.Neighbours
-		s.Repairs.FDB += ch.FDB
-		s.Repairs.Removed += ch.Removed
+		if repair {
+			s.Repairs.Device += ch.Device
+			s.Repairs.Routes += ch.Routes
+			s.Repairs.Neighbours += ch.Neighbours
+			s.Repairs.FDB += ch.FDB
+			s.Repairs.Removed += ch.Removed
+		}
 	})
-	observeSync(time.Since(start), ch, err)
+	observeSync(time.Since(start), ch, err, repair)
 	if err != nil {
 		klog.FromContext(ctx).Error(err, "overlay sync failed; will retry")
 		l.queue.AddRateLimited(key)
@@ -389,8 +407,8 @@ func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
 				}
 				if status.Ready {
 					logger.Info("masquerade rules repaired", "ipv6", v6)
+					countRepair("masquerade")
 				}
-				countRepair("masquerade")
 			}
 		}
 		if !forward.Check(l.ipt[v6]) {
@@ -399,8 +417,8 @@ func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
 			}
 			if status.Ready {
 				logger.Info("forwarding rules repaired", "ipv6", v6)
+				countRepair("forward")
 			}
-			countRepair("forward")
 		}
 		peers = append(peers, tab.Peers...)
 	}

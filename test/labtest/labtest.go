@@ -103,6 +103,7 @@ func Start(o lab.Options) (*Lab, error) {
 // copied there first, for a post-mortem.
 func (l *Lab) Stop() error {
 	if dst := os.Getenv("SLUICE_KEEP_LOGS"); dst != "" {
+		_ = os.MkdirAll(dst, 0o755)
 		_ = exec.Command("cp", "-r", l.Path("logs"), filepath.Join(dst, l.Name)).Run()
 	}
 	err := lab.Down(l.Dir)

@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -167,32 +168,65 @@ func TestKernelEntriesComeBack(t *testing.T) {
 		name   string
 		break_ []string
 		check  func() error
+		// kind is the sluice_drift_repairs_total series the repair counts in.
+		kind string
 	}{
-		{"route", []string{"ip", "route", "del", subnet}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route")},
-		{"blackhole", []string{"ip", "route", "del", "blackhole", own}, contains("node-1", "blackhole "+own, "ip", "route")},
-		{"neighbour", []string{"ip", "neigh", "del", vtep, "dev", "vx-sluice.1"}, contains("node-1", vtep+" lladdr "+mac2, "ip", "neigh", "show", "dev", "vx-sluice.1")},
-		{"fdb", []string{"bridge", "fdb", "del", mac2, "dev", "vx-sluice.1", "dst", "198.18.0.12"}, contains("node-1", mac2+" dst 198.18.0.12", "bridge", "fdb", "show", "dev", "vx-sluice.1")},
-		{"device", []string{"ip", "link", "del", "vx-sluice.1"}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route")},
-		{"masquerade-rule", []string{"iptables", "-t", "nat", "-F", "SLUICE-POSTROUTING"}, contains("node-1", "MASQUERADE", "iptables", "-t", "nat", "-S", "SLUICE-POSTROUTING")},
+		{"route", []string{"ip", "route", "del", subnet}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route"), "route"},
+		{"blackhole", []string{"ip", "route", "del", "blackhole", own}, contains("node-1", "blackhole "+own, "ip", "route"), "route"},
+		{"neighbour", []string{"ip", "neigh", "del", vtep, "dev", "vx-sluice.1"}, contains("node-1", vtep+" lladdr "+mac2, "ip", "neigh", "show", "dev", "vx-sluice.1"), "neighbour"},
+		{"fdb", []string{"bridge", "fdb", "del", mac2, "dev", "vx-sluice.1", "dst", "198.18.0.12"}, contains("node-1", mac2+" dst 198.18.0.12", "bridge", "fdb", "show", "dev", "vx-sluice.1"), "fdb"},
+		{"device", []string{"ip", "link", "del", "vx-sluice.1"}, contains("node-1", subnet+" via "+vtep+" dev vx-sluice.1", "ip", "route"), "device"},
+		{"masquerade-rule", []string{"iptables", "-t", "nat", "-F", "SLUICE-POSTROUTING"}, contains("node-1", "MASQUERADE", "iptables", "-t", "nat", "-S", "SLUICE-POSTROUTING"), "masquerade"},
 		{"masquerade-jump", []string{"iptables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "sluice: masquerade pod traffic leaving the cluster network", "-j", "SLUICE-POSTROUTING"},
-			contains("node-1", "-j SLUICE-POSTROUTING", "iptables", "-t", "nat", "-S", "POSTROUTING")},
+			contains("node-1", "-j SLUICE-POSTROUTING", "iptables", "-t", "nat", "-S", "POSTROUTING"), "masquerade"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.check(); err != nil {
 				t.Fatalf("entry missing before the test: %v", err)
 			}
+			before := repairs(t, "node-1", c.kind)
 			if _, err := shared.Exec("node-1", c.break_...); err != nil {
 				t.Fatal(err)
 			}
 			if err := eventually(c.check); err != nil {
 				t.Fatalf("%s did not come back within 10s: %v", c.name, err)
 			}
+			// The sync that repaired the entry counts it when it ends.
+			if err := eventually(func() error {
+				if after := repairs(t, "node-1", c.kind); after <= before {
+					return fmt.Errorf("sluice_drift_repairs_total{kind=%q} stayed at %v after the repair", c.kind, after)
+				}
+				return nil
+			}); err != nil {
+				t.Error(err)
+			}
 			if got, err := shared.ProbeEventually("ov/a", "ov/b", 80, false, false, 5*time.Second); err != nil || got != "ov/b" {
 				t.Errorf("a -> b after repairing the %s: %q %v", c.name, got, err)
 			}
 		})
 	}
+}
+
+// repairs reads a node agent's sluice_drift_repairs_total of one kind.
+func repairs(t *testing.T, node, kind string) float64 {
+	t.Helper()
+	out, err := shared.Exec(node, "curl", "-sf", "http://127.0.0.1:9098/metrics")
+	if err != nil {
+		t.Fatalf("metrics of %s: %v", node, err)
+	}
+	prefix := fmt.Sprintf("sluice_drift_repairs_total{kind=%q} ", kind)
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, prefix); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("%s's /metrics has no %s", node, prefix)
+	return 0
 }
 
 func macOf(t *testing.T, n *corev1.Node) string {
