@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"sort"
@@ -71,11 +72,15 @@ func scaleObjects() (objs []*corev1.Pod, nss []*corev1.Namespace, pols []*networ
 // having applied it to the kernel of a test namespace. The lab benchmark in
 // test/bench/policyscale measures the same end to end with real packets.
 func BenchmarkLoopPolicyChange(b *testing.B) {
+	fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(fs)
 	if v := os.Getenv("SLUICE_TEST_V"); v != "" {
 		// The loop's timing lines (V(2)) say where a slow change went.
-		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
-		klog.InitFlags(fs)
 		_ = fs.Set("v", v)
+	} else {
+		// Keep the benchmark report clean.
+		_ = fs.Set("logtostderr", "false")
+		klog.SetOutput(io.Discard)
 	}
 	pods, nss, pols, locals := scaleObjects()
 	// Objects given at construction skip the fake's per-create field
