@@ -225,6 +225,7 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	policyLoop.Seed(registry.List())
 	errc := make(chan error, 3)
 	go func() { errc <- registry.Serve(ctx, filepath.Join(o.runDir, "sluiced.sock")) }()
+	go registry.RunGC(ctx, 10*o.resync)
 	go func() { errc <- loop.Run(ctx) }()
 	go func() { errc <- policyLoop.Run(ctx) }()
 	// Any part failing for good stops the agent, so the DaemonSet

@@ -171,6 +171,49 @@ func (r *Registry) Unregister(ctx context.Context, containerID, ifName string) e
 	return nil
 }
 
+// ForgetVanished unregisters the endpoints whose host veth is gone: their
+// pods went without a DEL reaching this agent (the agent was busy or
+// restarting, or the runtime removed the sandbox's namespace). Left in
+// place, such an endpoint would keep claiming its IPs for its old pod's
+// identity after IPAM gave them to a new pod. The plugin creates the veth
+// before it registers, so a registered endpoint without one is dead.
+func (r *Registry) ForgetVanished(ctx context.Context) (int, error) {
+	var errs []error
+	n := 0
+	for _, ep := range r.List() {
+		if _, err := netlink.LinkByName(ep.HostVeth); err == nil || !errors.As(err, &netlink.LinkNotFoundError{}) {
+			continue
+		}
+		r.mu.Lock()
+		cur, ok := r.eps[ep.Key()]
+		r.mu.Unlock()
+		// An ADD retried for the same container may have registered
+		// again meanwhile, with a new veth.
+		if !ok || cur.HostVeth != ep.HostVeth || !slices.Equal(cur.IPs, ep.IPs) {
+			continue
+		}
+		if _, err := netlink.LinkByName(ep.HostVeth); err == nil {
+			continue
+		}
+		klog.InfoS("forgetting endpoint whose veth is gone", "pod", ep.Namespace+"/"+ep.Pod, "veth", ep.HostVeth, "ips", ep.IPs)
+		if err := r.Unregister(ctx, ep.ContainerID, ep.IfName); err != nil {
+			errs = append(errs, fmt.Errorf("forgetting endpoint of %s/%s: %w", ep.Namespace, ep.Pod, err))
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
+// RunGC calls ForgetVanished every period until ctx ends.
+func (r *Registry) RunGC(ctx context.Context, period time.Duration) {
+	wait.UntilWithContext(ctx, func(ctx context.Context) {
+		if _, err := r.ForgetVanished(ctx); err != nil {
+			klog.ErrorS(err, "forgetting endpoints whose veth is gone")
+		}
+	}, period)
+}
+
 // countOutcome adds a CNI call's outcome to the agent's metrics.
 func countOutcome(o endpointapi.Outcome) error {
 	if !slices.Contains(endpointapi.Verbs, o.Verb) {
