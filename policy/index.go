@@ -40,6 +40,8 @@ type clusterState struct {
 	// versions numbers selections, never reusing a number, so a cached
 	// endpoint chain is never mistaken for a newer one.
 	versions int
+	// locals are the local endpoints as of the last Commit.
+	locals   []LocalEndpoint
 	families []*familyState
 
 	// Changes since the last Commit.
@@ -212,9 +214,19 @@ func (s *clusterState) Commit() []*Ruleset {
 		}
 	}
 	s.updateSelections()
+	s.locals = s.localEndpoints()
+	used := map[usage]bool{}
+	for _, ep := range s.locals {
+		for _, k := range ep.Ingress {
+			used[usage{k, false}] = true
+		}
+		for _, k := range ep.Egress {
+			used[usage{k, true}] = true
+		}
+	}
 	rulesets := make([]*Ruleset, 0, len(s.families))
 	for _, f := range s.families {
-		rulesets = append(rulesets, s.renderFamily(f, changes))
+		rulesets = append(rulesets, s.renderFamily(f, changes, used, s.locals))
 	}
 	clear(s.dirtyPolicies)
 	clear(s.dirtyPods)
@@ -275,21 +287,12 @@ func setMember(list []string, key string, present bool) []string {
 	return list
 }
 
-// renderFamily brings one family's chains and sets up to date.
-func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Ruleset {
+// renderFamily brings one family's chains and sets up to date. used are
+// the policy chains some local endpoint jumps to, and locals the endpoints
+// ordered by host veth; both are the same for every family.
+func (s *clusterState) renderFamily(f *familyState, changes []podChange, used map[usage]bool, locals []LocalEndpoint) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
 	// Policy chains, for the policies some endpoint uses.
-	used := map[usage]bool{}
-	var locals []LocalEndpoint
-	for _, sel := range s.selections {
-		for _, k := range sel.ingress {
-			used[usage{k, false}] = true
-		}
-		for _, k := range sel.egress {
-			used[usage{k, true}] = true
-		}
-		locals = append(locals, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, Ingress: sel.ingress, Egress: sel.egress})
-	}
 	for u := range f.policyChains {
 		if !used[u] {
 			delete(f.policyChains, u)
@@ -377,7 +380,6 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange) *Rulese
 		rs.Chains[EndpointChain(veth, false)] = re.ingress
 		rs.Chains[EndpointChain(veth, true)] = re.egress
 	}
-	sort.Slice(locals, func(i, j int) bool { return locals[i].HostVeth < locals[j].HostVeth })
 	f.r.dispatch(rs, locals, true)
 	f.r.dispatch(rs, locals, false)
 	return rs
@@ -422,8 +424,11 @@ func (s *clusterState) reindex(f *familyState, is *indexedSet, key string, pod *
 }
 
 // LocalEndpoints returns the local endpoints with their policies, ordered
-// by host veth.
-func (s *clusterState) LocalEndpoints() []LocalEndpoint {
+// by host veth, as of the last Commit. Callers must not change it.
+func (s *clusterState) LocalEndpoints() []LocalEndpoint { return s.locals }
+
+// localEndpoints lists the selections, ordered by host veth.
+func (s *clusterState) localEndpoints() []LocalEndpoint {
 	out := make([]LocalEndpoint, 0, len(s.selections))
 	for _, sel := range s.selections {
 		out = append(out, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, Ingress: sel.ingress, Egress: sel.egress})

@@ -486,13 +486,14 @@ func (l *Loop) sync(ctx context.Context) error {
 				"applyMs", time.Since(rendered).Milliseconds())
 		}
 	}
-	pols, pods, namespaces, locals := l.state.Snapshot()
 	if inputChanged && changed {
 		// A change may stop allowing flows that conntrack would let
 		// through as established: cut them, without holding up the
 		// next change.
+		pols, pods, namespaces, locals := l.state.Snapshot()
 		l.requestCut(cutRequest{pols, pods, namespaces, locals})
 	}
+	locals := l.state.LocalEndpoints()
 
 	selected := map[string]int{}
 	epPolicies := map[string][]string{}
@@ -514,7 +515,7 @@ func (l *Loop) sync(ctx context.Context) error {
 		l.selectedKeys[k] = true
 	}
 	metrics.EndpointsProgrammed.Set(float64(len(locals)))
-	metrics.PoliciesProgrammed.Set(float64(len(pols)))
+	metrics.PoliciesProgrammed.Set(float64(len(l.state.policies)))
 	l.mu.Lock()
 	if gen > l.applied {
 		l.applied = gen
@@ -525,7 +526,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals)}
 	l.mu.Unlock()
 	if first {
-		logger.Info("policy programmed", "endpoints", len(locals), "policies", len(pols), "pods", len(pods),
+		logger.Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),
 			"sinceStartMs", time.Since(l.started).Milliseconds())
 	}
 	return nil
