@@ -63,15 +63,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	k8s, err := parseArgs(args.Args)
+	plan, err := planPod(conf, args)
 	if err != nil {
 		return err
 	}
-	subnets, ipamType, ipamConf, err := conf.delegation()
-	if err != nil {
-		return err
-	}
-	mtu := conf.mtu(subnets)
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	agent := endpointapi.NewClient(conf.AgentSocket)
@@ -95,13 +90,13 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			}
 		}
 	}()
-	ipamRes, err := invoke.DelegateAdd(ctx, ipamType, ipamConf, nil)
+	ipamRes, err := invoke.DelegateAdd(ctx, plan.ipamType, plan.ipamConf, nil)
 	if err != nil {
-		return types.NewError(types.ErrInternal, "sluice: IPAM plugin "+ipamType+" failed to allocate", err.Error())
+		return types.NewError(types.ErrInternal, "sluice: IPAM plugin "+plan.ipamType+" failed to allocate", err.Error())
 	}
-	undo = append(undo, func() { _ = invoke.DelegateDel(context.Background(), ipamType, ipamConf, nil) })
+	undo = append(undo, func() { _ = invoke.DelegateDel(context.Background(), plan.ipamType, plan.ipamConf, nil) })
 	// DEL must release this allocation even if subnet.env is gone by then.
-	if err := saveIPAMConf(conf.DataDir, args.ContainerID, args.IfName, ipamType, ipamConf); err != nil {
+	if err := saveIPAMConf(conf.DataDir, args.ContainerID, args.IfName, plan.ipamType, plan.ipamConf); err != nil {
 		return types.NewError(types.ErrIOFailure, "sluice: saving the IPAM configuration", err.Error())
 	}
 	undo = append(undo, func() { removeIPAMConf(conf.DataDir, args.ContainerID, args.IfName) })
@@ -110,10 +105,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return types.NewError(types.ErrDecodingFailure, "sluice: reading the IPAM result", err.Error())
 	}
 	if len(res.IPs) == 0 {
-		return types.NewError(types.ErrInternal, "sluice: IPAM plugin "+ipamType+" returned no IP", "")
+		return types.NewError(types.ErrInternal, "sluice: IPAM plugin "+plan.ipamType+" returned no IP", "")
 	}
-	hostVeth := HostVethName(string(k8s.K8S_POD_NAMESPACE), string(k8s.K8S_POD_NAME), args.ContainerID)
-	hostIface, contIface, err := wire(netns, args.IfName, hostVeth, mtu, res)
+	hostVeth := plan.hostVeth
+	hostIface, contIface, err := wire(netns, args.IfName, hostVeth, plan.mtu, res)
 	undo = append(undo, func() { _ = unwire(args.Netns, args.IfName, hostVeth) })
 	if err != nil {
 		return types.NewError(types.ErrInternal, "sluice: wiring the pod", err.Error())
@@ -134,8 +129,8 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	res.DNS = conf.DNS
 
 	ep := endpointapi.Endpoint{
-		ContainerID: args.ContainerID, Namespace: string(k8s.K8S_POD_NAMESPACE), Pod: string(k8s.K8S_POD_NAME),
-		PodUID: string(k8s.K8S_POD_UID), IfName: args.IfName, HostVeth: hostVeth, IPs: ips, NetNS: args.Netns,
+		ContainerID: args.ContainerID, Namespace: string(plan.k8s.K8S_POD_NAMESPACE), Pod: string(plan.k8s.K8S_POD_NAME),
+		PodUID: string(plan.k8s.K8S_POD_UID), IfName: args.IfName, HostVeth: hostVeth, IPs: ips, NetNS: args.Netns,
 	}
 	if err := agent.Register(ctx, ep); err != nil {
 		if errors.Is(err, endpointapi.ErrUnreachable) || errors.Is(err, context.DeadlineExceeded) {
@@ -144,6 +139,33 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return types.NewError(types.ErrInternal, "sluice: sluiced refused the pod's endpoint", err.Error())
 	}
 	return types.PrintResult(res, conf.CNIVersion)
+}
+
+// podPlan is what ADD and CHECK derive from a call before they touch
+// anything: the pod's identity and host veth name, the delegated IPAM
+// plugin and its config, and the MTU.
+type podPlan struct {
+	k8s      *k8sArgs
+	hostVeth string
+	ipamType string
+	ipamConf []byte
+	mtu      int
+}
+
+func planPod(conf *NetConf, args *skel.CmdArgs) (*podPlan, error) {
+	k8s, err := parseArgs(args.Args)
+	if err != nil {
+		return nil, err
+	}
+	subnets, ipamType, ipamConf, err := conf.delegation()
+	if err != nil {
+		return nil, err
+	}
+	return &podPlan{
+		k8s:      k8s,
+		hostVeth: HostVethName(string(k8s.K8S_POD_NAMESPACE), string(k8s.K8S_POD_NAME), args.ContainerID),
+		ipamType: ipamType, ipamConf: ipamConf, mtu: conf.mtu(subnets),
+	}, nil
 }
 
 // delegation reads the node's subnets and builds the IPAM plugin's type and
@@ -259,18 +281,13 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "sluice: reading prevResult", err.Error())
 	}
-	k8s, err := parseArgs(args.Args)
+	plan, err := planPod(conf, args)
 	if err != nil {
 		return err
 	}
-	subnets, ipamType, ipamConf, err := conf.delegation()
-	if err != nil {
-		return err
-	}
-	mtu := conf.mtu(subnets)
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
-	if err := invoke.DelegateCheck(ctx, ipamType, ipamConf, nil); err != nil {
+	if err := invoke.DelegateCheck(ctx, plan.ipamType, plan.ipamConf, nil); err != nil {
 		return types.NewError(types.ErrInternal, "sluice: IPAM check failed", err.Error())
 	}
 	netns, err := ns.GetNS(args.Netns)
@@ -278,8 +295,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("sluice: opening netns %q", args.Netns), err.Error())
 	}
 	defer netns.Close()
-	hostVeth := HostVethName(string(k8s.K8S_POD_NAMESPACE), string(k8s.K8S_POD_NAME), args.ContainerID)
-	if err := check(netns, args.IfName, hostVeth, mtu, res); err != nil {
+	if err := check(netns, args.IfName, plan.hostVeth, plan.mtu, res); err != nil {
 		return types.NewError(types.ErrInternal, "sluice: the pod's network drifted: "+err.Error(), "")
 	}
 	return nil
