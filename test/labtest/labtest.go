@@ -275,15 +275,34 @@ func Eventually(timeout time.Duration, cond func() bool) bool {
 }
 
 // Main is a TestMain for packages whose tests share one lab: it starts the
-// lab into *shared, runs the tests, removes the lab, and exits.
-func Main(m *testing.M, o lab.Options, shared **Lab) {
+// lab into *shared, runs each setup (which may return a cleanup, run after
+// the tests in reverse order), runs the tests, removes the lab, and exits.
+func Main(m *testing.M, o lab.Options, shared **Lab, setups ...func(*Lab) (func(), error)) {
 	l, err := Start(o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting the shared lab:", err)
 		os.Exit(1)
 	}
 	*shared = l
-	code := m.Run()
+	var cleanups []func()
+	for _, setup := range setups {
+		var cleanup func()
+		if cleanup, err = setup(l); cleanup != nil {
+			cleanups = append(cleanups, cleanup)
+		}
+		if err != nil {
+			break
+		}
+	}
+	code := 1
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "setting up the shared lab:", err)
+	} else {
+		code = m.Run()
+	}
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
 	if err := l.Stop(); err != nil {
 		fmt.Fprintln(os.Stderr, "lab down:", err)
 		code = 1

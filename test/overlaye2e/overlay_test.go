@@ -7,7 +7,6 @@ package overlaye2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -30,42 +29,32 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	code, err := setup(m)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		code = 1
-	}
-	os.Exit(code)
+	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, startAgentsAndPods)
 }
 
-func setup(m *testing.M) (int, error) {
-	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference})
-	if err != nil {
-		return 1, err
-	}
-	defer shared.Stop()
+// startAgentsAndPods runs sluiced on every node and a pod on each.
+func startAgentsAndPods(l *labtest.Lab) (func(), error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	agents, err = shared.StartAgentsNoT(dualStackNetConf)
+	var err error
+	agents, err = l.StartAgentsNoT(dualStackNetConf)
 	if err != nil {
-		return 1, err
+		return nil, err
 	}
-	defer agents.StopAll()
 	if err := agents.WaitReady(ctx); err != nil {
-		return 1, fmt.Errorf("agents not ready: %w", err)
+		return agents.StopAll, fmt.Errorf("agents not ready: %w", err)
 	}
 	if err := agents.WriteConflists(ctx); err != nil {
-		return 1, err
+		return agents.StopAll, err
 	}
 	for i, p := range pods {
 		nsName, name, _ := strings.Cut(p, "/")
-		if _, err := shared.CreatePod(ctx, labtest.PodSpec{Namespace: nsName, Name: name, Node: shared.Nodes[i].Name,
+		if _, err := l.CreatePod(ctx, labtest.PodSpec{Namespace: nsName, Name: name, Node: l.Nodes[i].Name,
 			Ports: []corev1.ContainerPort{{ContainerPort: 80}, {ContainerPort: 81}}}); err != nil {
-			return 1, err
+			return agents.StopAll, err
 		}
 	}
-	return m.Run(), nil
+	return agents.StopAll, nil
 }
 
 func ctxT(t *testing.T) context.Context {

@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -32,28 +31,17 @@ var (
 	pods   []string // namespace/name
 )
 
-func TestMain(m *testing.M) {
-	code, err := setup(m)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		code = 1
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { labtest.Main(m, lab.Options{Nodes: 3}, &shared, startPods) }
 
-func setup(m *testing.M) (int, error) {
-	var err error
-	shared, err = labtest.Start(lab.Options{Nodes: 3})
-	if err != nil {
-		return 1, err
-	}
-	defer shared.Stop()
+// startPods starts pods a, b and c in namespaces x, y and z, spread over
+// the nodes, each serving TCP and UDP on 80 and 81 under named ports.
+func startPods(l *labtest.Lab) (func(), error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	i := 0
 	for _, ns := range []string{"x", "y", "z"} {
-		if _, err := shared.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"ns": ns}}}, metav1.CreateOptions{}); err != nil {
-			return 1, err
+		if _, err := l.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"ns": ns}}}, metav1.CreateOptions{}); err != nil {
+			return nil, err
 		}
 		for _, name := range []string{"a", "b", "c"} {
 			var ports []corev1.ContainerPort
@@ -62,15 +50,15 @@ func setup(m *testing.M) (int, error) {
 					ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("serve-%d-%s", p, strings.ToLower(string(proto))), ContainerPort: p, Protocol: proto})
 				}
 			}
-			spec := labtest.PodSpec{Namespace: ns, Name: name, Node: shared.Nodes[i%3].Name, Labels: map[string]string{"pod": name}, Ports: ports}
+			spec := labtest.PodSpec{Namespace: ns, Name: name, Node: l.Nodes[i%3].Name, Labels: map[string]string{"pod": name}, Ports: ports}
 			i++
-			if _, err := shared.CreatePod(ctx, spec); err != nil {
-				return 1, err
+			if _, err := l.CreatePod(ctx, spec); err != nil {
+				return nil, err
 			}
 			pods = append(pods, ns+"/"+name)
 		}
 	}
-	return m.Run(), nil
+	return nil, nil
 }
 
 type probeKey struct {
