@@ -365,12 +365,11 @@ func (r *Renderer) peerMatches(rule *Rule, dir string) ([]string, []*setDef) {
 		if peer.CIDR.Addr().Is6() != r.IPv6 {
 			continue
 		}
-		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: []string{peer.CIDR.String()}}
-		for _, e := range peer.Except {
-			if e.Addr().Is6() == r.IPv6 {
-				d.static = append(d.static, e.String()+" nomatch")
-			}
+		entries := ipBlockEntries(peer.CIDR, peer.Except)
+		if entries == nil {
+			continue // its excepts cover the whole block: it matches nothing
 		}
+		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: entries}
 		defs = append(defs, d)
 		out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 	}
@@ -448,4 +447,74 @@ func Selecting(policies map[string]*Policy, pod *Pod) (ingress, egress []string)
 	sort.Strings(ingress)
 	sort.Strings(egress)
 	return ingress, egress
+}
+
+// ipBlockEntries returns the hash:net entries of an ipBlock: the block,
+// then each except as a nomatch entry (hash:net picks the most specific
+// entry, so an address in an except does not match). It returns nil when
+// the excepts leave nothing.
+//
+// A hash:net set cannot hold a /0, so 0.0.0.0/0 and ::/0 become their two
+// /1 halves: the set stays the one way every ipBlock is matched, and the
+// except entries keep working inside it. Excepts that lie outside the
+// block, or in another family, change nothing and are left out; an except
+// that covers the block (or one half of a /0) removes it.
+func ipBlockEntries(cidr netip.Prefix, except []netip.Prefix) []string {
+	blocks := []netip.Prefix{cidr}
+	if cidr.Bits() == 0 {
+		blocks = halves(cidr)
+	}
+	var excepts []netip.Prefix
+	for _, e := range except {
+		e = e.Masked()
+		keep := blocks[:0]
+		for _, b := range blocks {
+			if !e.Overlaps(b) || e.Bits() > b.Bits() {
+				keep = append(keep, b)
+			}
+		}
+		blocks = keep
+		if e.Addr().Is6() == cidr.Addr().Is6() && cidr.Contains(e.Addr()) && e.Bits() > cidr.Bits() {
+			excepts = append(excepts, e)
+		}
+	}
+	if len(blocks) == 0 {
+		return nil
+	}
+	seen := map[netip.Prefix]bool{}
+	var out []string
+	for _, b := range blocks {
+		seen[b] = true
+		out = append(out, b.String())
+	}
+	for _, e := range excepts {
+		if seen[e] || !coveredBy(blocks, e) {
+			continue // a duplicate, or inside a half an except removed
+		}
+		seen[e] = true
+		out = append(out, e.String()+" nomatch")
+	}
+	return out
+}
+
+// halves splits a /0 into its two /1 halves.
+func halves(all netip.Prefix) []netip.Prefix {
+	lo := netip.PrefixFrom(all.Addr(), 1)
+	hi := netip.IPv4Unspecified()
+	if all.Addr().Is6() {
+		hi = netip.IPv6Unspecified()
+	}
+	b := hi.AsSlice()
+	b[0] = 0x80
+	hiAddr, _ := netip.AddrFromSlice(b)
+	return []netip.Prefix{lo, netip.PrefixFrom(hiAddr, 1)}
+}
+
+func coveredBy(blocks []netip.Prefix, p netip.Prefix) bool {
+	for _, b := range blocks {
+		if b.Contains(p.Addr()) && p.Bits() >= b.Bits() {
+			return true
+		}
+	}
+	return false
 }
