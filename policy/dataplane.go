@@ -3,11 +3,14 @@ package policy
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"os/exec"
 	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
+
+	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/ipset"
 	"github.com/sluice-net/sluice/internal/iptables"
@@ -26,6 +29,10 @@ type Dataplane struct {
 	// gen counts writes to the kernel, so a concurrent Read can tell
 	// whether it saw the latest.
 	gen atomic.Uint64
+	// refusedSets and refusedChains are what the kernel would not take.
+	refusedSets, refusedChains map[string]refusal
+	// syncSet writes a set; ipset.Sync unless a test poisons it.
+	syncSet func(name, typ string, ipv6 bool, want []ipset.Entry) (int, error)
 }
 
 // NewDataplane returns a writer that starts by reading the kernel.
@@ -38,6 +45,9 @@ type Stats struct {
 	ChainsWritten, ChainsDeleted int
 	SetsChanged, SetsDeleted     int
 	Payload                      int // bytes sent to iptables-restore
+	// Failed lists the policy chains that fail closed because the kernel
+	// refused them or a set they use.
+	Failed []Failure
 }
 
 // Changed reports whether anything was written.
@@ -46,17 +56,7 @@ func (s Stats) Changed() bool {
 }
 
 // ownedChain says which filter chains the policy loop owns.
-func ownedChain(name string) bool {
-	if name == FromPodChain || name == ToPodChain {
-		return true
-	}
-	for _, p := range []string{FromPodChain + "-", ToPodChain + "-", chainPrefix + "FW-", chainPrefix + "TW-", chainPrefix + "PI-", chainPrefix + "PE-"} {
-		if strings.HasPrefix(name, p) {
-			return true
-		}
-	}
-	return false
-}
+func ownedChain(name string) bool { return chainKindOf(name).rank >= 0 }
 
 func ownedSet(name string) bool {
 	for _, p := range []string{"S", "C", "N"} {
@@ -144,6 +144,8 @@ func (d *Dataplane) Adopt(k KernelState) bool {
 		return false
 	}
 	d.chains, d.sets = k.chains, k.sets
+	// What the kernel refused is tried again: the cause may be gone.
+	d.refusedSets, d.refusedChains = nil, nil
 	return true
 }
 
@@ -156,7 +158,13 @@ func setSignature(s *Set) string {
 	return s.signature
 }
 
-// Apply makes the kernel hold the ruleset.
+// Apply makes the kernel hold the ruleset. What the kernel refuses stays
+// with the object that caused it: a set that cannot be written, or a
+// policy chain iptables-restore rejects, turns that policy's chain into
+// one that allows nothing (the pods it selects fail closed, as for a
+// policy that cannot be converted), Stats.Failed says so, and everything
+// else is programmed as usual. Only a failure of Sluice's own structure
+// (endpoint and dispatch chains) fails the whole Apply.
 func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 	var st Stats
 	if d.chains == nil || d.sets == nil {
@@ -164,98 +172,22 @@ func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 			return st, err
 		}
 	}
-	// 1. Sets first: a rule may only reference a set that exists.
-	names := make([]string, 0, len(rs.Sets))
-	for n := range rs.Sets {
-		names = append(names, n)
+	if d.refusedSets == nil {
+		d.refusedSets, d.refusedChains = map[string]refusal{}, map[string]refusal{}
 	}
-	sort.Strings(names)
-	for _, n := range names {
-		s := rs.Sets[n]
-		sig := setSignature(s)
-		if d.sets[n] == sig {
-			continue
-		}
-		var entries []ipset.Entry
-		for _, e := range s.Entries {
-			en, err := ipset.ParseEntry(e)
-			if err != nil {
+	// 1. Sets first: a rule may only reference a set that exists.
+	failedSets := d.applySets(rs.Sets, &st)
+	// 2. Chains: what references a failed set, or what the kernel refused
+	// before in the same form, fails closed instead.
+	want := d.isolate(rs.Chains, failedSets, &st)
+	changed, stale := d.diffChains(want)
+	if len(changed)+len(stale) > 0 {
+		if err := d.commit(want, changed, stale, &st); err != nil {
+			klog.V(2).InfoS("policy rules refused as one transaction; writing each policy on its own", "ipv6", d.ipv6, "err", err)
+			if err := d.commitEach(want, changed, stale, &st); err != nil {
 				return st, err
 			}
-			entries = append(entries, en)
 		}
-		d.gen.Add(1)
-		changes, err := ipset.Sync(n, string(s.Type), d.ipv6, entries)
-		if err != nil {
-			return st, err
-		}
-		if changes > 0 {
-			st.SetsChanged++
-		}
-		d.sets[n] = sig
-	}
-	// 2. Chains: one transaction with every changed chain, then the
-	// deletion of stale ones, once nothing references them.
-	var changed []string
-	for name, rules := range rs.Chains {
-		if cur, ok := d.chains[name]; !ok || !slices.Equal(cur, rules) {
-			changed = append(changed, name)
-		}
-	}
-	var stale []string
-	for name := range d.chains {
-		if _, ok := rs.Chains[name]; !ok {
-			stale = append(stale, name)
-		}
-	}
-	if len(changed)+len(stale) > 0 {
-		sort.Slice(changed, func(i, j int) bool {
-			return chainOrder(changed[i]) < chainOrder(changed[j]) || chainOrder(changed[i]) == chainOrder(changed[j]) && changed[i] < changed[j]
-		})
-		sort.Slice(stale, func(i, j int) bool {
-			return chainOrder(stale[i]) > chainOrder(stale[j]) || chainOrder(stale[i]) == chainOrder(stale[j]) && stale[i] < stale[j]
-		})
-		var b bytes.Buffer
-		// Declaring a chain creates it, or flushes it for a full rewrite;
-		// a chain whose old content is known is edited in place instead.
-		edits := map[string][]string{}
-		for _, name := range changed {
-			if cur, ok := d.chains[name]; ok {
-				if ops, ok := editChain(name, cur, rs.Chains[name]); ok {
-					edits[name] = ops
-					continue
-				}
-			}
-			fmt.Fprintf(&b, ":%s - [0:0]\n", name)
-		}
-		for _, name := range stale {
-			fmt.Fprintf(&b, ":%s - [0:0]\n", name)
-		}
-		for _, name := range changed {
-			rules := rs.Chains[name]
-			if ops, ok := edits[name]; ok {
-				rules = ops
-			}
-			for _, r := range rules {
-				b.WriteString(r + "\n")
-			}
-		}
-		for _, name := range stale {
-			fmt.Fprintf(&b, "-X %s\n", name)
-		}
-		st.Payload = b.Len()
-		d.gen.Add(1)
-		if err := d.ipt.Restore("filter", b.Bytes()); err != nil {
-			d.chains = nil // unknown now: re-read before the next try
-			return st, err
-		}
-		for _, name := range changed {
-			d.chains[name] = slices.Clone(rs.Chains[name])
-		}
-		for _, name := range stale {
-			delete(d.chains, name)
-		}
-		st.ChainsWritten, st.ChainsDeleted = len(changed), len(stale)
 	}
 	// 3. Sets no rule references any more.
 	for n := range d.sets {
@@ -267,9 +199,248 @@ func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 			return st, err
 		}
 		delete(d.sets, n)
+		delete(d.refusedSets, n)
 		st.SetsDeleted++
 	}
 	return st, nil
+}
+
+// refusal is what the kernel would not take, and why: a set's signature,
+// or a chain's rules. The same content is not tried again until the
+// next re-read (Adopt forgets refusals), so a poisoned object costs one
+// failed write per resync period, not one per change.
+type refusal struct {
+	content string
+	reason  string
+}
+
+// Failure is an object the kernel would not take.
+type Failure struct {
+	// Chain is the policy chain that now allows nothing.
+	Chain string
+	// Set is the set that could not be written, when that was the cause.
+	Set    string
+	Reason string
+}
+
+// failClosed is the content of a policy chain that could not be
+// programmed: it allows nothing, so only the endpoint chain's final DROP
+// and the other policies decide. The comment is fixed, so the chain is
+// not rewritten on every sync.
+func failClosed(chain string) []string {
+	return []string{fmt.Sprintf("-A %s -m comment --comment \"sluice could not program this policy; it allows nothing (see sluicectl status)\" -j RETURN", chain)}
+}
+
+// applySets writes the sets that changed and returns the ones that could
+// not be written, with the reason.
+func (d *Dataplane) applySets(sets map[string]*Set, st *Stats) map[string]string {
+	failed := map[string]string{}
+	names := make([]string, 0, len(sets))
+	for n := range sets {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		s := sets[n]
+		sig := setSignature(s)
+		if d.sets[n] == sig {
+			continue
+		}
+		if r, ok := d.refusedSets[n]; ok && r.content == sig {
+			failed[n] = r.reason
+			continue
+		}
+		delete(d.refusedSets, n)
+		changes, err := d.writeSet(s)
+		if err != nil {
+			// Unknown content now (it may exist half written, and is
+			// destroyed once unused); the chains that use it fail closed.
+			d.sets[n] = "?"
+			d.refusedSets[n] = refusal{sig, err.Error()}
+			failed[n] = err.Error()
+			continue
+		}
+		if changes > 0 {
+			st.SetsChanged++
+		}
+		d.sets[n] = sig
+	}
+	return failed
+}
+
+func (d *Dataplane) writeSet(s *Set) (int, error) {
+	entries := make([]ipset.Entry, 0, len(s.Entries))
+	for _, e := range s.Entries {
+		en, err := ipset.ParseEntry(e)
+		if err != nil {
+			return 0, err
+		}
+		entries = append(entries, en)
+	}
+	d.gen.Add(1)
+	sync := ipset.Sync
+	if d.syncSet != nil {
+		sync = d.syncSet
+	}
+	return sync(s.Name, string(s.Type), d.ipv6, entries)
+}
+
+// isolate returns the chains to write: the wanted ones, except that a
+// policy chain that references a failed set, or that the kernel refused
+// in this very form before, is replaced by one that allows nothing.
+func (d *Dataplane) isolate(chains map[string][]string, failedSets map[string]string, st *Stats) map[string][]string {
+	if len(failedSets) == 0 && len(d.refusedChains) == 0 {
+		return chains
+	}
+	out := maps.Clone(chains)
+	for name, rules := range chains {
+		if chainKindOf(name).rank != rankPolicy {
+			continue
+		}
+		if r, ok := d.refusedChains[name]; ok {
+			if r.content == strings.Join(rules, "\n") {
+				out[name] = failClosed(name)
+				st.Failed = append(st.Failed, Failure{Chain: name, Reason: r.reason})
+				continue
+			}
+			delete(d.refusedChains, name) // changed since: try it again
+		}
+		if len(failedSets) == 0 {
+			continue
+		}
+		for _, set := range referencedSets(rules) {
+			if why, ok := failedSets[set]; ok {
+				out[name] = failClosed(name)
+				st.Failed = append(st.Failed, Failure{Chain: name, Set: set, Reason: why})
+				break
+			}
+		}
+	}
+	for name := range d.refusedChains {
+		if _, ok := chains[name]; !ok {
+			delete(d.refusedChains, name) // gone: nothing to remember
+		}
+	}
+	sort.Slice(st.Failed, func(i, j int) bool { return st.Failed[i].Chain < st.Failed[j].Chain })
+	return out
+}
+
+// referencedSets lists the sets a chain's rules match on.
+func referencedSets(rules []string) []string {
+	var out []string
+	for _, r := range rules {
+		f := strings.Fields(r)
+		for i := 0; i+1 < len(f); i++ {
+			if f[i] == "--match-set" {
+				out = append(out, f[i+1])
+			}
+		}
+	}
+	return out
+}
+
+// diffChains returns the chains whose kernel content differs from want,
+// in write order, and the stale ones, in deletion order.
+func (d *Dataplane) diffChains(want map[string][]string) (changed, stale []string) {
+	for name, rules := range want {
+		if cur, ok := d.chains[name]; !ok || !slices.Equal(cur, rules) {
+			changed = append(changed, name)
+		}
+	}
+	for name := range d.chains {
+		if _, ok := want[name]; !ok {
+			stale = append(stale, name)
+		}
+	}
+	sort.Slice(changed, func(i, j int) bool {
+		ri, rj := chainKindOf(changed[i]).rank, chainKindOf(changed[j]).rank
+		return ri < rj || ri == rj && changed[i] < changed[j]
+	})
+	sort.Slice(stale, func(i, j int) bool {
+		ri, rj := chainKindOf(stale[i]).rank, chainKindOf(stale[j]).rank
+		return ri > rj || ri == rj && stale[i] < stale[j]
+	})
+	return changed, stale
+}
+
+// commit writes changed chains and deletes stale ones in one
+// iptables-restore transaction, which the kernel takes whole or not at
+// all.
+func (d *Dataplane) commit(want map[string][]string, changed, stale []string, st *Stats) error {
+	var b bytes.Buffer
+	// Declaring a chain creates it, or flushes it for a full rewrite; a
+	// chain whose old content is known is edited in place instead.
+	edits := map[string][]string{}
+	for _, name := range changed {
+		if cur, ok := d.chains[name]; ok {
+			if ops, ok := editChain(name, cur, want[name]); ok {
+				edits[name] = ops
+				continue
+			}
+		}
+		fmt.Fprintf(&b, ":%s - [0:0]\n", name)
+	}
+	for _, name := range stale {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", name)
+	}
+	for _, name := range changed {
+		rules := want[name]
+		if ops, ok := edits[name]; ok {
+			rules = ops
+		}
+		for _, r := range rules {
+			b.WriteString(r + "\n")
+		}
+	}
+	for _, name := range stale {
+		fmt.Fprintf(&b, "-X %s\n", name)
+	}
+	st.Payload += b.Len()
+	d.gen.Add(1)
+	if err := d.ipt.Restore("filter", b.Bytes()); err != nil {
+		return err
+	}
+	for _, name := range changed {
+		d.chains[name] = slices.Clone(want[name])
+	}
+	for _, name := range stale {
+		delete(d.chains, name)
+	}
+	st.ChainsWritten += len(changed)
+	st.ChainsDeleted += len(stale)
+	return nil
+}
+
+// commitEach is the way out when the transaction was refused: each
+// changed policy chain is written on its own, one the kernel refuses
+// fails closed and is remembered, and then Sluice's own chains go in one
+// transaction. A failed transaction changes nothing in the kernel, so
+// what the writer knows still holds.
+func (d *Dataplane) commitEach(want map[string][]string, changed, stale []string, st *Stats) error {
+	var rest []string
+	for _, name := range changed {
+		if chainKindOf(name).rank != rankPolicy {
+			rest = append(rest, name)
+			continue
+		}
+		err := d.commit(want, []string{name}, nil, st)
+		if err == nil {
+			continue
+		}
+		klog.InfoS("the kernel refused a policy chain; it allows nothing until the policy changes", "chain", name, "ipv6", d.ipv6, "err", err)
+		d.refusedChains[name] = refusal{strings.Join(want[name], "\n"), err.Error()}
+		st.Failed = append(st.Failed, Failure{Chain: name, Reason: err.Error()})
+		closed := maps.Clone(want)
+		closed[name] = failClosed(name)
+		if err := d.commit(closed, []string{name}, nil, st); err != nil {
+			return fmt.Errorf("writing the fail-closed chain %s: %w", name, err)
+		}
+		want[name] = closed[name]
+	}
+	if len(rest)+len(stale) == 0 {
+		return nil
+	}
+	return d.commit(want, rest, stale, st)
 }
 
 // editChain returns the iptables-restore lines that turn a chain's rules
@@ -306,18 +477,43 @@ func editChain(name string, cur, want []string) ([]string, bool) {
 	return ops, true
 }
 
-// chainOrder ranks chains for writing: what is referenced comes first.
-func chainOrder(name string) int {
-	switch {
-	case strings.HasPrefix(name, chainPrefix+"PI-"), strings.HasPrefix(name, chainPrefix+"PE-"):
-		return 0
-	case strings.HasPrefix(name, chainPrefix+"FW-"), strings.HasPrefix(name, chainPrefix+"TW-"):
-		return 1
-	case name == FromPodChain, name == ToPodChain:
-		return 3
-	default:
-		return 2 // dispatch buckets
+// chainKind is one kind of chain the policy loop owns: its name prefix,
+// and its rank in the order of writing (what is referenced first) and of
+// deleting (the other way).
+type chainKind struct {
+	prefix string
+	exact  bool // the name is the prefix itself
+	rank   int
+}
+
+const (
+	rankPolicy = iota
+	rankEndpoint
+	rankDispatch
+	rankTop
+)
+
+// chainKinds is every chain the policy loop owns.
+var chainKinds = []chainKind{
+	{chainPrefix + "PI-", false, rankPolicy},
+	{chainPrefix + "PE-", false, rankPolicy},
+	{chainPrefix + "FW-", false, rankEndpoint},
+	{chainPrefix + "TW-", false, rankEndpoint},
+	{FromPodChain + "-", false, rankDispatch},
+	{ToPodChain + "-", false, rankDispatch},
+	{FromPodChain, true, rankTop},
+	{ToPodChain, true, rankTop},
+}
+
+// chainKindOf returns the kind of a chain, or one with rank -1 for a chain
+// the policy loop does not own.
+func chainKindOf(name string) chainKind {
+	for _, k := range chainKinds {
+		if k.exact && name == k.prefix || !k.exact && strings.HasPrefix(name, k.prefix) {
+			return k
+		}
 	}
+	return chainKind{rank: -1}
 }
 
 // Remove deletes every chain and set of the policy loop in this family.
