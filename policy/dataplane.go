@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"maps"
-	"os/exec"
 	"slices"
 	"sort"
 	"strings"
@@ -26,6 +25,8 @@ type Dataplane struct {
 	// chains and sets are what the kernel holds, as far as we know.
 	chains map[string][]string
 	sets   map[string]string // name -> type and entries, joined
+	// setKeys are the keySignature of what was written to each set.
+	setKeys map[string]string
 	// gen counts writes to the kernel, so a concurrent Read can tell
 	// whether it saw the latest.
 	gen atomic.Uint64
@@ -78,36 +79,37 @@ func (d *Dataplane) ReadKernel() error {
 	if err != nil {
 		return err
 	}
-	d.chains, d.sets = k.chains, k.sets
+	d.chains, d.sets = k.chains, map[string]string{}
+	for n := range k.setKeys {
+		d.sets[n] = "?" // the next Apply compares members
+	}
 	return nil
 }
 
 // KernelState is what Read found in the kernel.
 type KernelState struct {
 	chains map[string][]string
-	sets   map[string]string
+	// setKeys are the sets' types and entry keys (keySignature).
+	setKeys map[string]string
+	hooks   hookState
 	// gen is the writer's generation when the read began.
 	gen uint64
 }
 
-// Read reads the policy loop's chains and sets from the kernel without
-// touching the writer, so it may run beside Apply (the periodic re-read
-// that brings back a deleted rule, chain or set runs so, because
-// iptables-save of thousands of rules takes tens of milliseconds that a
-// policy change should not wait for). Adopt decides whether the result
-// is still current.
+// Read reads the policy loop's chains, sets and hooks from the kernel
+// without touching the writer, so it may run beside Apply: the periodic
+// re-read that brings back a deleted rule, chain, set or set entry runs
+// so, because iptables-save and set dumps of thousands of entries take
+// tens of milliseconds that a policy change should not wait for. Adopt
+// decides whether the result is still current.
 func (d *Dataplane) Read() (KernelState, error) {
 	k := KernelState{gen: d.gen.Load()}
-	bin := "iptables-" + string(d.ipt.Mode()) + "-save"
-	if d.ipv6 {
-		bin = "ip6tables-" + string(d.ipt.Mode()) + "-save"
-	}
-	out, err := exec.Command(bin, "-t", "filter").Output()
+	out, err := d.ipt.SaveTable("filter", false)
 	if err != nil {
-		return k, fmt.Errorf("%s: %w", bin, err)
+		return k, err
 	}
 	k.chains = map[string][]string{}
-	for _, l := range strings.Split(string(out), "\n") {
+	for _, l := range strings.Split(out, "\n") {
 		switch {
 		case strings.HasPrefix(l, ":"):
 			name := strings.Fields(l[1:])[0]
@@ -121,29 +123,50 @@ func (d *Dataplane) Read() (KernelState, error) {
 			}
 		}
 	}
+	if k.hooks, err = readHooks(d.ipt, out); err != nil {
+		return k, err
+	}
 	names, err := ipset.Names(setPrefix)
 	if err != nil {
 		return k, err
 	}
-	k.sets = map[string]string{}
+	k.setKeys = map[string]string{}
 	for _, n := range names {
 		if !ownedSet(n) || strings.Contains(n, "6-") != d.ipv6 {
 			continue
 		}
-		// Unknown content: the next Apply compares members.
-		k.sets[n] = "?"
+		typ, keys, err := ipset.Content(n)
+		if err != nil {
+			return k, err
+		}
+		k.setKeys[n] = keySignature(typ, keys)
 	}
 	return k, nil
 }
 
+// keySignature identifies a set's type and entries without the nomatch
+// flag, which is all a dump of the kernel tells.
+func keySignature(typ string, keys []string) string {
+	return typ + "|" + strings.Join(keys, ",")
+}
+
 // Adopt makes a Read the writer's belief, unless the writer wrote since
-// the read began (the read may then predate that write). It reports
-// whether it adopted the state.
+// the read began (the read may then predate that write). A set whose
+// entries are as written keeps its belief; any other is synced again by
+// the next Apply. It reports whether it adopted the state.
 func (d *Dataplane) Adopt(k KernelState) bool {
 	if k.gen != d.gen.Load() {
 		return false
 	}
-	d.chains, d.sets = k.chains, k.sets
+	sets := make(map[string]string, len(k.setKeys))
+	for n, keys := range k.setKeys {
+		if d.setKeys[n] == keys && d.sets[n] != "" {
+			sets[n] = d.sets[n]
+		} else {
+			sets[n] = "?"
+		}
+	}
+	d.chains, d.sets = k.chains, sets
 	// What the kernel refused is tried again: the cause may be gone.
 	d.refusedSets, d.refusedChains = nil, nil
 	return true
@@ -199,6 +222,7 @@ func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 			return st, err
 		}
 		delete(d.sets, n)
+		delete(d.setKeys, n)
 		delete(d.refusedSets, n)
 		st.SetsDeleted++
 	}
@@ -277,6 +301,15 @@ func (d *Dataplane) writeSet(s *Set) (int, error) {
 		}
 		entries = append(entries, en)
 	}
+	keys := make([]string, 0, len(entries))
+	for _, e := range entries {
+		keys = append(keys, e.Key())
+	}
+	slices.Sort(keys)
+	if d.setKeys == nil {
+		d.setKeys = map[string]string{}
+	}
+	d.setKeys[s.Name] = keySignature(string(s.Type), slices.Compact(keys))
 	d.gen.Add(1)
 	sync := ipset.Sync
 	if d.syncSet != nil {

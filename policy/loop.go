@@ -77,6 +77,19 @@ type Loop struct {
 	podCache     map[string]cachedObject[*Pod]
 	nsCache      map[string]cachedObject[*Namespace]
 	selectedKeys map[string]bool // policies with a selected-endpoints gauge
+	// invalid are the policies that could not be converted, and
+	// refused the ones the kernel would not take, with the reason; both
+	// fail closed. refused is what has been reported in Events.
+	invalid, refused map[string]string
+	// dataplaneHook lets a test poison a dataplane.
+	dataplaneHook func(*Dataplane)
+	// hooks is, per family (by ipv6), what the last re-read found of the
+	// jumps into the policy chains; hooksWritten whether they were
+	// written since the agent started; spoofDrops the anti-spoofing
+	// counter last read.
+	hooks        map[bool]hookState
+	hooksWritten map[bool]bool
+	spoofDrops   map[bool]uint64
 
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
@@ -98,6 +111,13 @@ func (d *dirtyKeys) take() dirtyKeys {
 	return out
 }
 
+// restore puts back keys a failed sync took, so its retry sees them.
+func (d *dirtyKeys) restore(taken dirtyKeys) {
+	maps.Copy(d.policies, taken.policies)
+	maps.Copy(d.pods, taken.pods)
+	maps.Copy(d.namespaces, taken.namespaces)
+}
+
 // cachedObject is an object's model and the version it was made from.
 // Reusing the model of an unchanged object keeps its pointer, which is
 // how clusterState tells what changed.
@@ -116,6 +136,13 @@ type Status struct {
 	LastSync         time.Time
 	LastError        string
 	Endpoints        int
+	// NotProgrammed lists the policies that fail closed on this node,
+	// with the reason: they could not be converted, or the kernel
+	// refused them or a set they use.
+	NotProgrammed map[string]string
+	// Hooks says what is wrong with the jumps into the policy chains
+	// (and anti-spoofing), while it is; the loop is not ready then.
+	Hooks string
 }
 
 const syncKey = "policy"
@@ -139,6 +166,11 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 		podCache:     map[string]cachedObject[*Pod]{},
 		nsCache:      map[string]cachedObject[*Namespace]{},
 		selectedKeys: map[string]bool{},
+		invalid:      map[string]string{},
+		refused:      map[string]string{},
+		hooks:        map[bool]hookState{},
+		hooksWritten: map[bool]bool{},
+		spoofDrops:   map[bool]uint64{},
 		kernel:       make(chan []KernelState, 1),
 		rereadNow:    make(chan struct{}, 1),
 		cutFlows:     make(chan cutRequest, 1),
@@ -212,6 +244,7 @@ func (l *Loop) Status() Status {
 	for k, v := range l.status.EndpointPolicies {
 		s.EndpointPolicies[k] = append([]string(nil), v...)
 	}
+	s.NotProgrammed = maps.Clone(l.status.NotProgrammed)
 	return s
 }
 
@@ -226,8 +259,12 @@ func uniqueSorted(in []string) []string {
 	return out
 }
 
-// Ready reports whether the policy loop has programmed the node once.
-func (l *Loop) Ready() bool { return l.Status().Ready }
+// Ready reports whether the policy loop has programmed the node, hooks
+// included: without them pod traffic would bypass policy.
+func (l *Loop) Ready() bool {
+	s := l.Status()
+	return s.Ready && s.Hooks == ""
+}
 
 // Run runs the loop until ctx ends.
 func (l *Loop) Run(ctx context.Context) error {
@@ -253,6 +290,9 @@ func (l *Loop) Run(ctx context.Context) error {
 			return err
 		}
 		l.dataplanes[v6] = NewDataplane(r, v6)
+		if l.dataplaneHook != nil {
+			l.dataplaneHook(l.dataplanes[v6])
+		}
 	}
 	// The re-reader and the connection cutter run in their own goroutines,
 	// which must enter the namespace this one programs.
@@ -436,6 +476,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	select {
 	case states := <-l.kernel:
 		for i, v6 := range l.families() {
+			l.noteHooks(v6, states[i].hooks)
 			if l.dataplanes[v6].Adopt(states[i]) {
 				repairing = true
 			} else {
@@ -459,6 +500,11 @@ func (l *Loop) sync(ctx context.Context) error {
 	l.mu.Unlock()
 	inputChanged := len(dirty.policies)+len(dirty.pods)+len(dirty.namespaces) > 0
 	if err := l.updateModel(ctx, dirty); err != nil {
+		// Converting again is harmless; losing a key would leave its
+		// object unprogrammed until the informers' resync.
+		l.mu.Lock()
+		l.dirty.restore(dirty)
+		l.mu.Unlock()
 		return err
 	}
 	if eps != nil {
@@ -470,9 +516,16 @@ func (l *Loop) sync(ctx context.Context) error {
 	rulesets := l.state.Commit()
 	rendered := time.Now()
 	changed := false
+	var failed []Failure
 	for i, v6 := range l.families() {
 		st, err := l.dataplanes[v6].Apply(rulesets[i])
 		if err != nil {
+			return err
+		}
+		failed = append(failed, st.Failed...)
+		// After the chains, so a new node's first pod packet already
+		// meets the endpoint dispatch when the jump to it appears.
+		if err := l.ensureHooks(ctx, v6); err != nil {
 			return err
 		}
 		if st.Changed() {
@@ -494,6 +547,11 @@ func (l *Loop) sync(ctx context.Context) error {
 		l.requestCut(cutRequest{pols, pods, namespaces, locals})
 	}
 	locals := l.state.LocalEndpoints()
+	l.reportRefused(ctx, failed, locals)
+	notProgrammed := maps.Clone(l.invalid)
+	maps.Copy(notProgrammed, l.refused)
+	metrics.PoliciesNotProgrammed.WithLabelValues("invalid").Set(float64(len(l.invalid)))
+	metrics.PoliciesNotProgrammed.WithLabelValues("kernel").Set(float64(len(l.refused)))
 
 	selected := map[string]int{}
 	epPolicies := map[string][]string{}
@@ -523,7 +581,8 @@ func (l *Loop) sync(ctx context.Context) error {
 	close(l.appliedCh)
 	l.appliedCh = make(chan struct{})
 	first := !l.status.Ready
-	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals)}
+	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
+		NotProgrammed: notProgrammed, Hooks: l.hookProblems()}
 	l.mu.Unlock()
 	if first {
 		logger.Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),
@@ -549,6 +608,11 @@ func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
 		})
 		if err != nil {
 			return err
+		}
+		if p != nil && p.Broken != "" {
+			l.invalid[key] = p.Broken
+		} else {
+			delete(l.invalid, key)
 		}
 		l.state.SetPolicy(key, p)
 	}
@@ -638,4 +702,147 @@ func modelPod(p *corev1.Pod) *Pod {
 		}
 	}
 	return m
+}
+
+// reportRefused turns the dataplanes' failures into per-policy reasons,
+// and reports each change once: a Warning Event PolicyNotRendered naming
+// the field and the reason when a policy starts failing closed, a Normal
+// Event PolicyProgrammed when it is programmed again.
+func (l *Loop) reportRefused(ctx context.Context, failed []Failure, locals []LocalEndpoint) {
+	now := map[string]string{}
+	if len(failed) > 0 {
+		owners := map[string]usage{}
+		for _, ep := range locals {
+			for _, k := range ep.Ingress {
+				owners[PolicyChain(k, false)] = usage{k, false}
+			}
+			for _, k := range ep.Egress {
+				owners[PolicyChain(k, true)] = usage{k, true}
+			}
+		}
+		for _, f := range failed {
+			u, ok := owners[f.Chain]
+			if !ok {
+				continue
+			}
+			if _, dup := now[u.key]; dup {
+				continue
+			}
+			now[u.key] = l.refusalReason(u, f)
+		}
+	}
+	logger := klog.FromContext(ctx)
+	for key, why := range now {
+		if l.refused[key] == why {
+			continue
+		}
+		logger.Info("the kernel refused a policy; its pods allow nothing it would have allowed", "policy", key, "problem", why)
+		l.policyEvent(key, corev1.EventTypeWarning, "PolicyNotRendered",
+			fmt.Sprintf("sluice on %s cannot program this policy (%s); the pods it selects fail closed", l.cfg.NodeName, why))
+	}
+	for key := range l.refused {
+		if _, still := now[key]; !still {
+			logger.Info("policy programmed again", "policy", key)
+			l.policyEvent(key, corev1.EventTypeNormal, "PolicyProgrammed", fmt.Sprintf("sluice on %s programmed this policy", l.cfg.NodeName))
+		}
+	}
+	l.refused = now
+}
+
+// refusalReason says what in a policy the kernel refused.
+func (l *Loop) refusalReason(u usage, f Failure) string {
+	reason, _, _ := strings.Cut(f.Reason, "\n") // iptables-restore quotes the payload after
+	if f.Set == "" {
+		return "the kernel refused its rules: " + reason
+	}
+	field := ""
+	if p := l.state.policies[u.key]; p != nil {
+		for _, fam := range l.state.families {
+			if field = fam.r.SetField(p, u.egress, f.Set); field != "" {
+				break
+			}
+		}
+	}
+	if field == "" {
+		return fmt.Sprintf("ipset %s could not be written: %s", f.Set, reason)
+	}
+	return fmt.Sprintf("%s: ipset %s could not be written: %s", field, f.Set, reason)
+}
+
+// policyEvent records an Event on a networking/v1 policy, if it still
+// exists.
+func (l *Loop) policyEvent(key, typ, reason, msg string) {
+	if l.recorder == nil {
+		return
+	}
+	namespace, name, _ := cache.SplitMetaNamespaceKey(key)
+	np, err := l.policies.NetworkPolicies(namespace).Get(name)
+	if err != nil {
+		return
+	}
+	l.recorder.Event(np, typ, reason, msg)
+}
+
+// noteHooks takes what a re-read found of one family's hooks.
+func (l *Loop) noteHooks(v6 bool, hs hookState) {
+	if hs.flushed {
+		// The writer's belief is void: read everything again.
+		l.dataplanes[v6].chains = nil
+	}
+	l.hooks[v6] = hs
+	fam := "ipv4"
+	if v6 {
+		fam = "ipv6"
+	}
+	last := l.spoofDrops[v6]
+	switch {
+	case hs.problem != "":
+	case hs.spoofDrops >= last:
+		metrics.SpoofedPacketsDropped.WithLabelValues(fam).Add(float64(hs.spoofDrops - last))
+		l.spoofDrops[v6] = hs.spoofDrops
+	default: // the rule was written again: its counter restarted
+		metrics.SpoofedPacketsDropped.WithLabelValues(fam).Add(float64(hs.spoofDrops))
+		l.spoofDrops[v6] = hs.spoofDrops
+	}
+}
+
+// ensureHooks writes one family's hooks when the agent starts and when a
+// re-read found them wrong.
+func (l *Loop) ensureHooks(ctx context.Context, v6 bool) error {
+	hs := l.hooks[v6]
+	if l.hooksWritten[v6] && hs.problem == "" {
+		return nil
+	}
+	if err := applyHooks(l.dataplanes[v6].ipt); err != nil {
+		if hs.problem == "" {
+			hs.problem = "not written yet"
+		}
+		l.hooks[v6] = hs
+		return fmt.Errorf("writing the jumps into the policy chains: %w", err)
+	}
+	if l.hooksWritten[v6] {
+		klog.FromContext(ctx).Info("policy hooks repaired", "ipv6", v6, "problem", hs.problem)
+		metrics.DriftRepairs.WithLabelValues("policy-hook").Inc()
+	}
+	if hs.problem != "" {
+		l.spoofDrops[v6] = 0 // written again: the counter starts over
+	}
+	l.hooksWritten[v6] = true
+	l.hooks[v6] = hookState{spoofDrops: hs.spoofDrops}
+	return nil
+}
+
+// hookProblems says what is wrong with the hooks of any family.
+func (l *Loop) hookProblems() string {
+	var out []string
+	for _, v6 := range l.families() {
+		if p := l.hooks[v6].problem; p != "" {
+			fam := "ipv4"
+			if v6 {
+				fam = "ipv6"
+			}
+			out = append(out, fam+": "+p)
+		}
+	}
+	return strings.Join(out, "; ")
 }

@@ -268,6 +268,8 @@ type setDef struct {
 	namedPort  string
 	proto      Protocol
 	selectedBy *Policy
+	// field is where in the policy the set comes from, for reports.
+	field string
 }
 
 // podEntries returns what one pod contributes to a set in this family.
@@ -312,21 +314,22 @@ func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 		return []string{fmt.Sprintf("-A %s -m comment --comment \"%s\" -j RETURN", chain, comment("broken policy allows nothing: "+p.Broken))}, nil
 	}
 	rules := p.IngressRules
-	peerDir := "src"
+	peerDir, field, peersField := "src", "spec.ingress", "from"
 	if egress {
 		rules = p.EgressRules
-		peerDir = "dst"
+		peerDir, field, peersField = "dst", "spec.egress", "to"
 	}
 	var out []string
 	var defs []*setDef
 	for i := range rules {
 		rule := &rules[i]
-		peerMatches, peerDefs := r.peerMatches(rule, peerDir)
+		ruleField := fmt.Sprintf("%s[%d]", field, i)
+		peerMatches, peerDefs := r.peerMatches(rule, peerDir, ruleField+"."+peersField)
 		if peerMatches == nil {
 			continue // peers that select nothing in this family
 		}
 		defs = append(defs, peerDefs...)
-		ports, portDefs := r.portMatches(p, rule, egress)
+		ports, portDefs := r.portMatches(p, rule, egress, ruleField+".ports")
 		defs = append(defs, portDefs...)
 		for _, pm := range peerMatches {
 			for _, port := range ports {
@@ -348,7 +351,7 @@ func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 
 // peerMatches returns one match per peer ("" for every peer), or nil when
 // the rule's peers can never match in this family, and the sets they use.
-func (r *Renderer) peerMatches(rule *Rule, dir string) ([]string, []*setDef) {
+func (r *Renderer) peerMatches(rule *Rule, dir, field string) ([]string, []*setDef) {
 	if rule.Peers == nil {
 		return []string{""}, nil
 	}
@@ -357,7 +360,7 @@ func (r *Renderer) peerMatches(rule *Rule, dir string) ([]string, []*setDef) {
 	for i := range rule.Peers {
 		peer := &rule.Peers[i]
 		if peer.Pods != nil {
-			d := &setDef{name: r.selectorSetName(peer.Pods), typ: HashNet, peer: peer.Pods}
+			d := &setDef{name: r.selectorSetName(peer.Pods), typ: HashNet, peer: peer.Pods, field: fmt.Sprintf("%s[%d]", field, i)}
 			defs = append(defs, d)
 			out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 			continue
@@ -369,7 +372,7 @@ func (r *Renderer) peerMatches(rule *Rule, dir string) ([]string, []*setDef) {
 		if entries == nil {
 			continue // its excepts cover the whole block: it matches nothing
 		}
-		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: entries}
+		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: entries, field: fmt.Sprintf("%s[%d].ipBlock", field, i)}
 		defs = append(defs, d)
 		out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 	}
@@ -384,18 +387,18 @@ type portMatch struct{ proto, rest string }
 // sets they use. A named port becomes a hash:ip,port set of the
 // destination pods that declare it: for ingress the pods the policy
 // selects, for egress every pod (the peer match narrows it).
-func (r *Renderer) portMatches(p *Policy, rule *Rule, egress bool) ([]portMatch, []*setDef) {
+func (r *Renderer) portMatches(p *Policy, rule *Rule, egress bool, field string) ([]portMatch, []*setDef) {
 	if rule.Ports == nil {
 		return []portMatch{{}}, nil
 	}
 	var out []portMatch
 	var defs []*setDef
-	for _, pt := range rule.Ports {
+	for i, pt := range rule.Ports {
 		proto := strings.ToLower(string(pt.Protocol))
 		pm := portMatch{proto: "-p " + proto}
 		switch {
 		case pt.Name != "":
-			d := &setDef{typ: HashIPPort, namedPort: pt.Name, proto: pt.Protocol}
+			d := &setDef{typ: HashIPPort, namedPort: pt.Name, proto: pt.Protocol, field: fmt.Sprintf("%s[%d]", field, i)}
 			scope := "egress"
 			if !egress {
 				// Named by the pods the policy selects, so policies with
@@ -517,4 +520,16 @@ func coveredBy(blocks []netip.Prefix, p netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// SetField says where in a policy a set comes from ("spec.ingress[0].from[1]"),
+// for reporting a set the kernel refused; "" if the policy uses no such set.
+func (r *Renderer) SetField(p *Policy, egress bool, set string) string {
+	_, defs := r.policyRules(p, egress)
+	for _, d := range defs {
+		if d.name == set {
+			return d.field
+		}
+	}
+	return ""
 }

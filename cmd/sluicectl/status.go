@@ -104,6 +104,20 @@ func printReport(w io.Writer, r *status.Report) {
 	if pl.LastError != "" {
 		fmt.Fprintf(w, "  last error: %s\n", pl.LastError)
 	}
+	if pl.Hooks != "" {
+		fmt.Fprintf(w, "  hooks: %s\n", pl.Hooks)
+	}
+	if len(pl.NotProgrammed) > 0 {
+		fmt.Fprintf(w, "  %d policies fail closed (their pods allow nothing these policies would allow):\n", len(pl.NotProgrammed))
+		keys := make([]string, 0, len(pl.NotProgrammed))
+		for k := range pl.NotProgrammed {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			fmt.Fprintf(w, "    %s: %s\n", k, pl.NotProgrammed[k])
+		}
+	}
 	fmt.Fprintf(w, "%-30s %-15s %-32s %s\n", "ENDPOINT", "VETH", "IPS", "POLICIES")
 	sort.Slice(r.Endpoints, func(i, j int) bool { return r.Endpoints[i].Pod < r.Endpoints[j].Pod })
 	for _, e := range r.Endpoints {

@@ -1,5 +1,6 @@
-// Command sluiced is Sluice's node agent. It runs the overlay loop (and, as
-// they land, the policy loop and the CNI hand-off) in one process.
+// Command sluiced is Sluice's node agent. It runs the overlay loop, the
+// policy loop and the endpoint registry the CNI plugin hands pods to, in
+// one process.
 package main
 
 import (
@@ -210,10 +211,7 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		return fmt.Errorf("--policy-mark %q must be a single bit outside kube-proxy's 0x4000 and 0x8000", o.policyMark)
 	}
 	loop := overlay.New(cfg, client, recorder)
-	policyLoop := policy.NewLoop(policy.Config{
-		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
-		AcceptMark: uint32(mark), IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
-	}, client, recorder)
+	policyLoop := policy.NewLoop(policyConfig(o, cfg, uint32(mark)), client, recorder)
 	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, policyLoop)
 	if err != nil {
 		return err
@@ -236,6 +234,15 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		}
 	}
 	return nil
+}
+
+// policyConfig is the policy loop's share of the flags.
+func policyConfig(o options, cfg overlay.Config, mark uint32) policy.Config {
+	return policy.Config{
+		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
+		AcceptMark: mark, IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
+		ResyncPeriod: o.resync,
+	}
 }
 
 func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report) {
@@ -266,7 +273,8 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 	r := status.Report{Node: node,
 		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
-		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError},
+		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError,
+			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks},
 	}
 	for _, l := range ovs.Lease {
 		r.Overlay.Lease = append(r.Overlay.Lease, l.String())

@@ -32,6 +32,12 @@ const (
 	jumpComment   = "sluice: forwarding decision for pod traffic"
 )
 
+// Rules are the rules of SLUICE-FORWARD, as iptables-save prints them.
+func Rules() []string { return rules() }
+
+// JumpComment is the comment of the jump from FORWARD.
+const JumpComment = jumpComment
+
 func rules() []string {
 	return []string{
 		fmt.Sprintf("-A %s -i %s -m comment --comment \"egress policy of the sending pod\" -j %s", Chain, PodInterfaces, FromPodChain),
@@ -81,17 +87,23 @@ func Apply(r *iptables.Runner) error {
 	if err := r.Restore("filter", Render()); err != nil {
 		return fmt.Errorf("writing the forwarding chain: %w", err)
 	}
-	jumps, err := r.Rules("filter", "FORWARD")
+	return EnsureFirstJump(r, "filter", "FORWARD", Chain, jumpComment)
+}
+
+// EnsureFirstJump makes a built-in chain's first rule the jump to one of
+// Sluice's chains, moving it back to the top when someone inserted a rule
+// above it: a blanket accept above it would skip Sluice's decision.
+func EnsureFirstJump(r *iptables.Runner, table, from, to, comment string) error {
+	jumps, err := r.Rules(table, from)
 	if err != nil {
 		return err
 	}
-	if len(jumps) > 0 && !strings.HasSuffix(jumps[0], "-j "+Chain) {
-		// Someone inserted a rule above ours: move ours back to the top.
-		if err := r.DeleteJump("filter", "FORWARD", Chain, jumpComment); err != nil {
+	if len(jumps) > 0 && !strings.HasSuffix(jumps[0], "-j "+to) {
+		if err := r.DeleteJump(table, from, to, comment); err != nil {
 			return err
 		}
 	}
-	return r.EnsureJump("filter", "FORWARD", Chain, jumpComment)
+	return r.EnsureJump(table, from, to, comment)
 }
 
 // Remove deletes the jump and the chains.

@@ -281,3 +281,22 @@ func Sync(name, typ string, ipv6 bool, want []Entry) (int, error) {
 	}
 	return changes, nil
 }
+
+// Content returns a set's type and its entries' keys (Entry.Key: the
+// nomatch flag, which dumps lose, is not part of it), sorted.
+func Content(name string) (string, []string, error) {
+	res, err := netlink.IpsetList(name)
+	if err != nil {
+		return "", nil, fmt.Errorf("listing ipset %s: %w", name, err)
+	}
+	members, err := Members(name)
+	if err != nil {
+		return "", nil, err
+	}
+	keys := make([]string, 0, len(members))
+	for _, e := range members {
+		keys = append(keys, e.Key())
+	}
+	sort.Strings(keys)
+	return res.TypeName, keys, nil
+}

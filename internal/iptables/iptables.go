@@ -201,6 +201,24 @@ func (r *Runner) Save() (string, error) {
 	return string(out), nil
 }
 
+// SaveTable returns one table as iptables-save prints it, with the packet
+// and byte counters when counters is set.
+func (r *Runner) SaveTable(table string, counters bool) (string, error) {
+	args := []string{"-t", table}
+	if counters {
+		args = append(args, "-c")
+	}
+	out, err := exec.Command(r.save, args...).Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		return "", fmt.Errorf("%s -t %s: %w: %s", r.save, table, err, strings.TrimSpace(string(stderr)))
+	}
+	return string(out), nil
+}
+
 // KubeMode returns the backend in which the kubelet or kube-proxy made
 // their chains, if they did.
 func KubeMode() (Mode, bool) {

@@ -55,6 +55,19 @@ var (
 		Name: "sluice_cni_errors_total",
 		Help: "Failed CNI plugin calls on this node, by verb and CNI error code.",
 	}, []string{"verb", "code"})
+	// PoliciesNotProgrammed counts the policies that fail closed on this
+	// node: "invalid" ones could not be converted, "kernel" ones were
+	// refused by the kernel (a rule or a set).
+	PoliciesNotProgrammed = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sluice_policies_not_programmed",
+		Help: "Policies that fail closed on this node, by reason (invalid, kernel).",
+	}, []string{"reason"})
+	// SpoofedPacketsDropped counts packets from pod veths whose source
+	// address was not the pod's, by family.
+	SpoofedPacketsDropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_spoofed_packets_dropped_total",
+		Help: "Packets from pods dropped because their source address was not the pod's own, by family (read every resync period).",
+	}, []string{"family"})
 	// IPTablesRestoreFailures counts failed iptables-restore runs.
 	IPTablesRestoreFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_iptables_restore_failures_total",
@@ -63,6 +76,11 @@ var (
 )
 
 func init() {
+	Registry.MustRegister(PoliciesNotProgrammed, SpoofedPacketsDropped)
+	DriftRepairs.WithLabelValues("policy-hook")
+	for _, fam := range []string{"ipv4", "ipv6"} {
+		SpoofedPacketsDropped.WithLabelValues(fam)
+	}
 	Registry.MustRegister(ApplyDuration, ApplyErrors, DriftRepairs, IPTablesRestoreFailures,
 		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed, CNIRequests, CNIErrors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -74,6 +92,9 @@ func init() {
 	}
 	for _, kind := range []string{"device", "route", "neighbour", "fdb", "stale", "masquerade", "forward", "policy-chain", "policy-ipset"} {
 		DriftRepairs.WithLabelValues(kind)
+	}
+	for _, reason := range []string{"invalid", "kernel"} {
+		PoliciesNotProgrammed.WithLabelValues(reason)
 	}
 	for _, verb := range []string{"ADD", "DEL", "CHECK", "GC", "STATUS"} {
 		for _, result := range []string{"ok", "error"} {

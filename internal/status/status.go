@@ -44,6 +44,12 @@ type Policy struct {
 	Selected  map[string]int `json:"selectedEndpointsPerPolicy"`
 	LastSync  time.Time      `json:"lastSync"`
 	LastError string         `json:"lastError,omitempty"`
+	// NotProgrammed lists the policies that fail closed on this node,
+	// with the reason.
+	NotProgrammed map[string]string `json:"notProgrammed,omitempty"`
+	// Hooks says what is wrong with the jumps that send pod traffic
+	// through policy, when something is.
+	Hooks string `json:"hooks,omitempty"`
 }
 
 // Endpoint is a local pod endpoint.

@@ -1,0 +1,238 @@
+package policy
+
+import (
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/sluice-net/sluice/cni/endpointapi"
+	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/nettest"
+)
+
+// loopHarness runs a policy loop against a fake clientset, programming a
+// test network namespace.
+type loopHarness struct {
+	t      *testing.T
+	ns     ns.NetNS
+	client *fake.Clientset
+	events *record.FakeRecorder
+	loop   *Loop
+	done   chan error
+}
+
+// apiObjects is namespaces x and y and pods x/a, x/b (local) and y/a.
+func apiObjects() []runtime.Object {
+	var objs []runtime.Object
+	for _, n := range []string{"x", "y"} {
+		objs = append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: n, Labels: map[string]string{"ns": n}}})
+	}
+	for i, key := range []string{"x/a", "x/b", "y/a"} {
+		ip := []string{"10.244.1.2", "10.244.1.3", "10.244.2.2"}[i]
+		objs = append(objs, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: key[:1], Name: key[2:], UID: types.UID("uid-" + key[2:] + key[:1]), ResourceVersion: "1", Labels: map[string]string{"pod": key[2:]}},
+			Spec:       corev1.PodSpec{NodeName: "node-1"},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}},
+		})
+	}
+	return objs
+}
+
+func localEndpoint(key, ip string) endpointapi.Endpoint {
+	return endpointapi.Endpoint{ContainerID: "c-" + key, Namespace: key[:1], Pod: key[2:], IfName: "eth0", HostVeth: vethOf(key), IPs: []string{ip}}
+}
+
+func startLoop(t *testing.T, cfg Config, hook func(*Dataplane), objs ...runtime.Object) *loopHarness {
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2"), localEndpoint("x/b", "10.244.1.3")}
+	return startLoopIn(t, nettest.NewNS(t), cfg, hook, eps, objs...)
+}
+
+// startLoopIn runs a loop in a namespace, with local endpoints, and waits
+// for its first sync. The loop writes its own hooks: nothing else runs.
+func startLoopIn(t *testing.T, netns ns.NetNS, cfg Config, hook func(*Dataplane), eps []endpointapi.Endpoint, objs ...runtime.Object) *loopHarness {
+	h := &loopHarness{t: t, ns: netns, client: fake.NewClientset(objs...), events: record.NewFakeRecorder(100), done: make(chan error, 1)}
+	cfg.NodeName, cfg.IPv4, cfg.IPTablesMode = "node-1", true, iptables.ModeNFT
+	h.loop = NewLoop(cfg, h.client, h.events)
+	h.loop.dataplaneHook = hook
+	h.loop.Seed(eps)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		h.done <- h.ns.Do(func(ns.NetNS) error { return h.loop.Run(ctx) })
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-h.done; err != nil {
+			t.Errorf("loop: %v", err)
+		}
+	})
+	h.waitFor("the first sync", func(s Status) bool { return s.Ready })
+	return h
+}
+
+// waitFor waits, up to the 10 s bound every change must meet, for the
+// loop's status to satisfy cond.
+func (h *loopHarness) waitFor(what string, cond func(Status) bool) {
+	h.t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		h.loop.mu.Lock()
+		ch, st := h.loop.appliedCh, h.loop.status
+		h.loop.mu.Unlock()
+		if cond(st) {
+			return
+		}
+		select {
+		case <-ch:
+		case <-time.After(50 * time.Millisecond):
+		case err := <-h.done:
+			h.t.Fatalf("loop stopped waiting for %s: %v", what, err)
+		case <-deadline:
+			h.t.Fatalf("timed out waiting for %s; status %+v", what, h.loop.Status())
+		}
+	}
+}
+
+func (h *loopHarness) save() string {
+	out, err := exec.Command("ip", "netns", "exec", nettest.Name(h.ns), "iptables-nft-save", "-t", "filter").CombinedOutput()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return string(out)
+}
+
+func (h *loopHarness) create(p *networkingv1.NetworkPolicy) {
+	h.t.Helper()
+	if _, err := h.client.NetworkingV1().NetworkPolicies(p.Namespace).Create(context.Background(), p, metav1.CreateOptions{}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *loopHarness) event(reason, contains string) {
+	h.t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case e := <-h.events.Events:
+			if strings.Contains(e, reason) && strings.Contains(e, contains) {
+				return
+			}
+		case <-deadline:
+			h.t.Fatalf("no %s event containing %q", reason, contains)
+		}
+	}
+}
+
+func netpol(ns, name string, spec networkingv1.NetworkPolicySpec) *networkingv1.NetworkPolicy {
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: spec}
+}
+
+func selects(kv ...string) networkingv1.NetworkPolicySpec {
+	return networkingv1.NetworkPolicySpec{PodSelector: *sel(kv...)}
+}
+
+// TestLoopIsolatesAPoisonedPolicy: a policy whose set the kernel refuses
+// fails closed, is reported (Event naming the field, status), does not
+// stop unrelated changes, and converges at once when fixed.
+func TestLoopIsolatesAPoisonedPolicy(t *testing.T) {
+	_, _, _, _, blockSet := poisonedWorld()
+	poison := func(d *Dataplane) {
+		fail, tries := true, 0
+		poisonSet(d, blockSet, &fail, &tries)
+	}
+	blocked := netpol("x", "from-block", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"), Ingress: []networkingv1.NetworkPolicyIngressRule{{
+		From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8"}}}}}})
+	h := startLoop(t, Config{}, poison, append(apiObjects(), blocked)...)
+	h.waitFor("the poisoned policy reported", func(s Status) bool { return s.NotProgrammed["x/from-block"] != "" })
+	if why := h.loop.Status().NotProgrammed["x/from-block"]; !strings.Contains(why, "spec.ingress[0].from[0].ipBlock") || !strings.Contains(why, "poisoned by the test") {
+		t.Errorf("reason %q does not name the field and the cause", why)
+	}
+	h.event("PolicyNotRendered", "spec.ingress[0].from[0].ipBlock")
+	if kernel := h.save(); !strings.Contains(kernel, "-A "+PolicyChain("x/from-block", false)+` -m comment --comment "sluice could not program`) {
+		t.Errorf("the poisoned policy does not fail closed:\n%s", kernel)
+	}
+	// An unrelated policy still goes in.
+	spec := selects("pod", "b")
+	spec.Ingress = []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}}}}
+	h.create(netpol("x", "from-y", spec))
+	h.waitFor("the unrelated policy", func(s Status) bool { return s.Selected["x/from-y"] == 1 })
+	if kernel := h.save(); !strings.Contains(kernel, "-A "+PolicyChain("x/from-y", false)+" -m set --match-set") {
+		t.Errorf("the unrelated policy is not in the kernel:\n%s", kernel)
+	}
+	// Fixed (another block, so another set): programmed at once, and
+	// the report clears.
+	blocked.Spec.Ingress[0].From[0].IPBlock.CIDR = "10.244.0.0/16"
+	blocked.ResourceVersion = "2"
+	if _, err := h.client.NetworkingV1().NetworkPolicies("x").Update(context.Background(), blocked, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.waitFor("the fixed policy", func(s Status) bool { return s.NotProgrammed["x/from-block"] == "" })
+	h.event("PolicyProgrammed", "programmed this policy")
+	if kernel := h.save(); !strings.Contains(kernel, "-A "+PolicyChain("x/from-block", false)+" -m set --match-set") {
+		t.Errorf("the fixed policy is not in the kernel:\n%s", kernel)
+	}
+}
+
+// TestLoopReportsAnInvalidPolicy: a policy that cannot be converted gets
+// its Event and status entry, and its pods fail closed.
+func TestLoopReportsAnInvalidPolicy(t *testing.T) {
+	bad := netpol("x", "bad", networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "pod", Operator: "Near"}}}})
+	h := startLoop(t, Config{}, nil, append(apiObjects(), bad)...)
+	h.waitFor("the invalid policy reported", func(s Status) bool { return strings.Contains(s.NotProgrammed["x/bad"], "spec.podSelector") })
+	h.event("PolicyNotRendered", "spec.podSelector")
+}
+
+// TestProgramEndpointWaitsForItsChains: when ProgramEndpoint returns, the
+// endpoint's chains are in the kernel.
+func TestProgramEndpointWaitsForItsChains(t *testing.T) {
+	h := startLoop(t, Config{}, nil, apiObjects()...)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ep := localEndpoint("y/a", "10.244.2.2")
+	if err := h.loop.ProgramEndpoint(ctx, ep); err != nil {
+		t.Fatal(err)
+	}
+	if kernel := h.save(); !strings.Contains(kernel, "-g "+EndpointChain(ep.HostVeth, false)) {
+		t.Errorf("ProgramEndpoint returned before the endpoint's dispatch rule was written:\n%s", kernel)
+	}
+}
+
+// TestResyncPeriodRepairsDrift: a rule deleted behind the loop's back comes
+// back with the re-read every ResyncPeriod, with no API change to wake it.
+func TestResyncPeriodRepairsDrift(t *testing.T) {
+	h := startLoop(t, Config{ResyncPeriod: 200 * time.Millisecond}, nil, apiObjects()...)
+	chain := EndpointChain(vethOf("x/a"), false)
+	if !strings.Contains(h.save(), "-A "+chain) {
+		t.Fatal("the endpoint chain is not there to begin with")
+	}
+	nettest.Run(t, "ip", "netns", "exec", nettest.Name(h.ns), "iptables-nft", "-F", chain)
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(h.save(), "-A "+chain) {
+		if time.Now().After(deadline) {
+			t.Fatal("the flushed chain was not repaired by the periodic re-read")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestDirtyKeysRestored(t *testing.T) {
+	var d dirtyKeys
+	d.take()
+	d.policies["x/p"] = true
+	taken := d.take()
+	d.pods["x/a"] = true
+	d.restore(taken)
+	if !d.policies["x/p"] || !d.pods["x/a"] {
+		t.Errorf("restore lost keys: %+v", d)
+	}
+}
