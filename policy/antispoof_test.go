@@ -33,7 +33,7 @@ type podNet struct {
 	eps  []endpointapi.Endpoint
 }
 
-func wirePods(t *testing.T, pods map[string][2]string) *podNet {
+func wirePods(t testing.TB, pods map[string][2]string) *podNet {
 	pn := &podNet{node: nettest.NewNS(t), pods: map[string]ns.NetNS{}}
 	node := nettest.Name(pn.node)
 	ip := func(args ...string) { nettest.Run(t, "ip", args...) }

@@ -32,6 +32,8 @@ type Dataplane struct {
 	gen atomic.Uint64
 	// refusedSets and refusedChains are what the kernel would not take.
 	refusedSets, refusedChains map[string]refusal
+	// setRefs caches referencedSets while sets are refused.
+	setRefs map[string]setRefs
 	// syncSet writes a set; ipset.Sync unless a test poisons it.
 	syncSet func(name, typ string, ipv6 bool, want []ipset.Entry) (int, error)
 }
@@ -341,7 +343,7 @@ func (d *Dataplane) isolate(chains map[string][]string, failedSets map[string]st
 		if len(failedSets) == 0 {
 			continue
 		}
-		for _, set := range referencedSets(rules) {
+		for _, set := range d.referencedSets(name, rules) {
 			if why, ok := failedSets[set]; ok {
 				out[name] = failClosed(name)
 				st.Failed = append(st.Failed, Failure{Chain: name, Set: set, Reason: why})
@@ -354,12 +356,26 @@ func (d *Dataplane) isolate(chains map[string][]string, failedSets map[string]st
 			delete(d.refusedChains, name) // gone: nothing to remember
 		}
 	}
+	for name := range d.setRefs {
+		if _, ok := chains[name]; !ok {
+			delete(d.setRefs, name)
+		}
+	}
 	sort.Slice(st.Failed, func(i, j int) bool { return st.Failed[i].Chain < st.Failed[j].Chain })
 	return out
 }
 
-// referencedSets lists the sets a chain's rules match on.
-func referencedSets(rules []string) []string {
+// referencedSets lists the sets a chain's rules match on. The renderer
+// hands the same slice for a chain until the chain changes, so the answer
+// is kept per chain while the slice is the same: a node with a poisoned
+// set pays for the scan once per change, not once per policy per change.
+func (d *Dataplane) referencedSets(chain string, rules []string) []string {
+	if len(rules) == 0 {
+		return nil
+	}
+	if c, ok := d.setRefs[chain]; ok && len(c.rules) == len(rules) && &c.rules[0] == &rules[0] {
+		return c.sets
+	}
 	var out []string
 	for _, r := range rules {
 		f := strings.Fields(r)
@@ -369,7 +385,16 @@ func referencedSets(rules []string) []string {
 			}
 		}
 	}
+	if d.setRefs == nil {
+		d.setRefs = map[string]setRefs{}
+	}
+	d.setRefs[chain] = setRefs{rules, out}
 	return out
+}
+
+// setRefs are the sets a chain's rules reference.
+type setRefs struct {
+	rules, sets []string
 }
 
 // diffChains returns the chains whose kernel content differs from want,

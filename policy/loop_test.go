@@ -24,7 +24,7 @@ import (
 // loopHarness runs a policy loop against a fake clientset, programming a
 // test network namespace.
 type loopHarness struct {
-	t      *testing.T
+	t      testing.TB
 	ns     ns.NetNS
 	client *fake.Clientset
 	events *record.FakeRecorder
@@ -60,7 +60,7 @@ func startLoop(t *testing.T, cfg Config, hook func(*Dataplane), objs ...runtime.
 
 // startLoopIn runs a loop in a namespace, with local endpoints, and waits
 // for its first sync. The loop writes its own hooks: nothing else runs.
-func startLoopIn(t *testing.T, netns ns.NetNS, cfg Config, hook func(*Dataplane), eps []endpointapi.Endpoint, objs ...runtime.Object) *loopHarness {
+func startLoopIn(t testing.TB, netns ns.NetNS, cfg Config, hook func(*Dataplane), eps []endpointapi.Endpoint, objs ...runtime.Object) *loopHarness {
 	h := &loopHarness{t: t, ns: netns, client: fake.NewClientset(objs...), events: record.NewFakeRecorder(100), done: make(chan error, 1)}
 	cfg.NodeName, cfg.IPv4, cfg.IPTablesMode = "node-1", true, iptables.ModeNFT
 	h.loop = NewLoop(cfg, h.client, h.events)
