@@ -31,7 +31,9 @@ var (
 	pods   []string // namespace/name
 )
 
-func TestMain(m *testing.M) { labtest.Main(m, lab.Options{Nodes: 3}, &shared, startPods) }
+// The lab is dual-stack, so the ipBlock tables check that a block of one
+// family leaves the other alone; the other tables probe over IPv4.
+func TestMain(m *testing.M) { labtest.Main(m, lab.Options{Nodes: 3, IPv6: true}, &shared, startPods) }
 
 // startPods starts pods a, b and c in namespaces x, y and z, spread over
 // the nodes, each serving TCP and UDP on 80 and 81 under named ports.
@@ -69,6 +71,11 @@ type probeKey struct {
 
 // observe probes every pair on every port and protocol, in parallel.
 func observe(t *testing.T, ports []int32, protos []policy.Protocol) map[probeKey]bool {
+	return observeFamily(t, ports, protos, false)
+}
+
+// observeFamily is observe over IPv4 or IPv6.
+func observeFamily(t *testing.T, ports []int32, protos []policy.Protocol, ipv6 bool) map[probeKey]bool {
 	var mu sync.Mutex
 	got := map[probeKey]bool{}
 	sem := make(chan struct{}, 24)
@@ -83,7 +90,7 @@ func observe(t *testing.T, ports []int32, protos []policy.Protocol) map[probeKey
 						sem <- struct{}{}
 						defer func() { <-sem }()
 						place, _ := shared.Resolve(from)
-						ip, _ := shared.ResolveTarget(to, false)
+						ip, _ := shared.ResolveTarget(to, ipv6)
 						reply, err := lab.Probe(place, ip, int(port), proto == policy.UDP, 700*time.Millisecond)
 						mu.Lock()
 						got[probeKey{from, to, port, proto}] = err == nil && reply == to
@@ -100,6 +107,11 @@ func observe(t *testing.T, ports []int32, protos []policy.Protocol) map[probeKey
 // model reads the cluster's pods, namespaces and policies into the
 // reference semantics.
 func model(t *testing.T, ctx context.Context) ([]*policy.Policy, map[string]policy.Endpoint) {
+	return modelFamily(t, ctx, false)
+}
+
+// modelFamily is model with each pod's address of one family.
+func modelFamily(t *testing.T, ctx context.Context, ipv6 bool) ([]*policy.Policy, map[string]policy.Endpoint) {
 	nps, err := shared.Client.NetworkingV1().NetworkPolicies("").List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -125,7 +137,13 @@ func model(t *testing.T, ctx context.Context) ([]*policy.Policy, map[string]poli
 				mp.NamedPorts[cp.Name] = policy.NamedPort{Protocol: policy.Protocol(cp.Protocol), Number: cp.ContainerPort}
 			}
 		}
-		eps[key] = policy.Endpoint{Pod: mp, Namespace: &policy.Namespace{Name: ns, Labels: n.Labels}, IP: mp.IPs[0]}
+		ep := policy.Endpoint{Pod: mp, Namespace: &policy.Namespace{Name: ns, Labels: n.Labels}}
+		for _, ip := range mp.IPs {
+			if ip.Is6() == ipv6 && !ep.IP.IsValid() {
+				ep.IP = ip
+			}
+		}
+		eps[key] = ep
 	}
 	return pols, eps
 }
@@ -134,11 +152,17 @@ func model(t *testing.T, ctx context.Context) ([]*policy.Policy, map[string]poli
 // a few seconds while the nodes converge.
 func checkTable(t *testing.T, name string, ports []int32, protos []policy.Protocol) {
 	t.Helper()
+	checkTableFamily(t, name, ports, protos, false)
+}
+
+// checkTableFamily is checkTable over IPv4 or IPv6.
+func checkTableFamily(t *testing.T, name string, ports []int32, protos []policy.Protocol, ipv6 bool) {
+	t.Helper()
 	ctx := context.Background()
 	var mismatches []string
 	_ = wait.PollUntilContextTimeout(ctx, 500*time.Millisecond, 15*time.Second, true, func(context.Context) (bool, error) {
-		pols, eps := model(t, ctx)
-		got := observe(t, ports, protos)
+		pols, eps := modelFamily(t, ctx, ipv6)
+		got := observeFamily(t, ports, protos, ipv6)
 		mismatches = nil
 		for k, v := range got {
 			want := policy.Allowed(pols, eps[k.from], eps[k.to], k.proto, k.port)
