@@ -77,9 +77,11 @@ func (f Filter) Render() []byte {
 // It must run before Apply, whose rule references the set.
 func (f Filter) SyncSet(addrs []netip.Addr) (int, error) {
 	var entries []ipset.Entry
+	seen := map[netip.Addr]bool{}
 	for _, a := range addrs {
 		a = a.Unmap()
-		if a.IsValid() && a.Is6() == f.IPv6 {
+		if a.IsValid() && a.Is6() == f.IPv6 && !seen[a] {
+			seen[a] = true
 			entries = append(entries, ipset.Entry{Prefix: netip.PrefixFrom(a, a.BitLen())})
 		}
 	}
