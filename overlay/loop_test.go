@@ -221,14 +221,18 @@ func TestLoopReportsAndRecoversBadPeer(t *testing.T) {
 // The known-node set follows the Node objects, the filter is in INPUT,
 // and a flushed filter is repaired and counted as drift.
 func TestLoopKeepsVXLANSourceFilter(t *testing.T) {
+	behindNAT := loopNode("node-4", "10.244.4.0/24", "vxlan", "198.51.100.4", true)
+	behindNAT.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.4"}, {Type: corev1.NodeHostName, Address: "node-4"}}
 	u := startLoop(t,
 		loopNode("node-1", "10.244.1.0/24", "", "", false),
 		loopNode("node-2", "10.244.2.0/24", "vxlan", "192.0.2.2", true),
-		loopNode("node-3", "10.244.3.0/24", "host-gw", "203.0.113.3", false))
+		loopNode("node-3", "10.244.3.0/24", "host-gw", "203.0.113.3", false),
+		behindNAT)
 	members := func() string { return u.run(t, "ipset", "list", "SLUICE-NODES4") }
 	u.eventually(t, "the set holds every node", func() bool {
 		m := members()
-		return strings.Contains(m, "192.0.2.1\n") && strings.Contains(m, "192.0.2.2\n") && strings.Contains(m, "203.0.113.3\n")
+		return strings.Contains(m, "192.0.2.1\n") && strings.Contains(m, "192.0.2.2\n") && strings.Contains(m, "203.0.113.3\n") &&
+			strings.Contains(m, "198.51.100.4\n") && strings.Contains(m, "192.0.2.4\n")
 	})
 	input := u.run(t, "iptables-nft", "-w", "-S", "INPUT")
 	if !strings.Contains(input, "-j SLUICE-INPUT") {

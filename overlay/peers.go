@@ -97,9 +97,11 @@ func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
 }
 
 // knownNodeAddrs are the underlay addresses of every Node of one family,
-// this one included: the sources the VXLAN filter accepts. Both the
-// advertised public IP and an operator's overwrite count, since either
-// can be the address a node's tunnel packets come from.
+// this one included: the sources the VXLAN filter accepts. The advertised
+// public IP, an operator's overwrite and the Node's InternalIP and
+// ExternalIP all count, since a node's tunnel packets leave from its
+// interface address, which the annotation does not show when it was
+// overridden (--public-ip, public-ip-overwrite).
 func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 	keys := []string{AnnPublicIP, AnnPublicIPOverwrite}
 	if v6 {
@@ -115,6 +117,14 @@ func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 		for _, k := range keys {
 			if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
 				addrs = append(addrs, a)
+			}
+		}
+		for _, na := range n.Status.Addresses {
+			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
+				continue
+			}
+			if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
+				addrs = append(addrs, a.Unmap())
 			}
 		}
 	}
