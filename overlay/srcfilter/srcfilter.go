@@ -144,13 +144,18 @@ func (f Filter) Apply(r *iptables.Runner) error {
 	return r.EnsureJump("filter", "INPUT", Chain, jumpComment)
 }
 
-// Remove deletes the jump, the chain and the family's set.
+// Remove deletes the jump, the chain and the family's set; what is
+// missing is skipped.
 func Remove(r *iptables.Runner, ipv6 bool) error {
-	if err := r.DeleteJump("filter", "INPUT", Chain, jumpComment); err != nil {
-		return fmt.Errorf("removing the jump to %s: %w", Chain, err)
-	}
-	if err := r.DeleteChain("filter", Chain); err != nil {
-		return fmt.Errorf("removing %s: %w", Chain, err)
+	// Without the chain there is no jump (the kernel refuses a jump to a
+	// missing chain), and iptables -C would fail over the target.
+	if _, err := r.Rules("filter", Chain); err == nil {
+		if err := r.DeleteJump("filter", "INPUT", Chain, jumpComment); err != nil {
+			return fmt.Errorf("removing the jump to %s: %w", Chain, err)
+		}
+		if err := r.DeleteChain("filter", Chain); err != nil {
+			return fmt.Errorf("removing %s: %w", Chain, err)
+		}
 	}
 	if _, err := os.Stat("/sys/module/ip_set"); err != nil {
 		return nil // no ipset module, so no set; asking would load it

@@ -44,6 +44,9 @@ func applyCheckRepairRemove(t *testing.T, fam iptables.Family, mode iptables.Mod
 	if flt.Check(r) {
 		t.Error("Check passes before Apply")
 	}
+	if err := Remove(r, f.v6); err != nil {
+		t.Errorf("Remove with nothing to remove: %v", err)
+	}
 	if _, err := flt.SyncSet([]netip.Addr{f.underlay(1), f.underlay(2)}); err != nil {
 		return err
 	}
