@@ -87,8 +87,12 @@ func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
 		if _, still := now[k]; still {
 			continue
 		}
-		logger.Info("peer programmed again", "peer", k.node, "family", familyName(k.ipv6), "present", present[k])
-		if l.recorder != nil && present[k] {
+		if !present[k] {
+			logger.Info("peer that was not programmed is gone", "peer", k.node, "family", familyName(k.ipv6))
+			continue
+		}
+		logger.Info("peer programmed again", "peer", k.node, "family", familyName(k.ipv6))
+		if l.recorder != nil {
 			l.recorder.Eventf(nodeRef(k.node), corev1.EventTypeNormal, ReasonPeerProgrammed,
 				"node %s programmed its %s route to this node's pods again", l.cfg.NodeName, familyName(k.ipv6))
 		}
