@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +21,7 @@ import (
 	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/internal/nettest"
 	"github.com/sluice-net/sluice/overlay/netconf"
+	"github.com/sluice-net/sluice/overlay/srcfilter"
 )
 
 // loopNode is a Node as another agent publishes it.
@@ -45,12 +47,16 @@ type loopUnderTest struct {
 
 func startLoop(t *testing.T, nodes ...*corev1.Node) *loopUnderTest {
 	n := nettest.NewNS(t)
+	return startLoopIn(t, n, "vxlan", nodes...)
+}
+
+func startLoopIn(t *testing.T, n ns.NetNS, backend string, nodes ...*corev1.Node) *loopUnderTest {
 	name := nettest.Name(n)
 	nettest.Run(t, "ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
 	nettest.Run(t, "ip", "-n", name, "addr", "add", "192.0.2.1/24", "dev", "eth0")
 	nettest.Run(t, "ip", "-n", name, "link", "set", "eth0", "up")
 	nettest.Run(t, "ip", "-n", name, "link", "set", "eth1", "up")
-	nc, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`))
+	nc, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"` + backend + `"}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -269,4 +275,26 @@ func TestLoopKeepsVXLANSourceFilter(t *testing.T) {
 	if got := driftRepairs(t, repairVXLANInput) - before; got != 2 {
 		t.Errorf("vxlan-input drift repairs counted %v, want 2 (the chain and the set member)", got)
 	}
+}
+
+// On another backend there is no VXLAN port to guard: a filter left by a
+// former vxlan configuration is removed.
+func TestLoopRemovesSourceFilterOffVXLAN(t *testing.T) {
+	n := nettest.NewNS(t)
+	nettest.Do(t, n, func() error {
+		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		if err != nil {
+			return err
+		}
+		flt := srcfilter.Filter{Port: 8472}
+		if _, err := flt.SyncSet([]netip.Addr{netip.MustParseAddr("192.0.2.1")}); err != nil {
+			return err
+		}
+		return flt.Apply(r)
+	})
+	u := startLoopIn(t, n, "host-gw", loopNode("node-1", "10.244.1.0/24", "", "", false))
+	u.eventually(t, "the filter is gone", func() bool {
+		return !strings.Contains(u.run(t, "iptables-nft", "-w", "-S"), srcfilter.Chain) &&
+			!strings.Contains(u.run(t, "ipset", "list", "-n"), srcfilter.Set4)
+	})
 }
