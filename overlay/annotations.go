@@ -8,7 +8,6 @@ import (
 	"net/netip"
 
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/overlay/vxlan"
 )
@@ -69,8 +68,10 @@ func ownAnnotations(backend string, vni int, publicIP4, publicIP6 netip.Addr, ma
 
 // peerOf reads a remote node's subnet and tunnel endpoint of one family. It
 // returns false for a node that does not publish them yet (its agent has
-// not started); that node is added when it does.
-func peerOf(n *corev1.Node, ipv6 bool, logger klog.Logger) (vxlan.Peer, bool) {
+// not started); that node is added when it does. A node whose annotations
+// cannot be used is returned with the problem, so the caller reports it
+// instead of programming it.
+func peerOf(n *corev1.Node, ipv6 bool) (vxlan.Peer, string, bool) {
 	var subnet netip.Prefix
 	for _, c := range n.Spec.PodCIDRs {
 		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is6() == ipv6 {
@@ -84,37 +85,35 @@ func peerOf(n *corev1.Node, ipv6 bool, logger klog.Logger) (vxlan.Peer, bool) {
 		}
 	}
 	if !subnet.IsValid() {
-		return vxlan.Peer{}, false
+		return vxlan.Peer{}, "", false
 	}
 	ipKey, overwriteKey, dataKey := AnnPublicIP, AnnPublicIPOverwrite, AnnBackendData
 	if ipv6 {
 		ipKey, overwriteKey, dataKey = AnnPublicIPv6, AnnPublicIPv6Overwrite, AnnBackendV6Data
 	}
-	ipStr := n.Annotations[overwriteKey]
+	ipStr, key := n.Annotations[overwriteKey], overwriteKey
 	if ipStr == "" {
-		ipStr = n.Annotations[ipKey]
+		ipStr, key = n.Annotations[ipKey], ipKey
 	}
 	if ipStr == "" {
-		return vxlan.Peer{}, false
+		return vxlan.Peer{}, "", false
 	}
+	p := vxlan.Peer{Node: n.Name, Subnet: subnet}
 	ip, err := netip.ParseAddr(ipStr)
 	if err != nil || ip.Is6() != ipv6 {
-		logger.Info("ignoring node with a bad public IP annotation", "peer", n.Name, "value", ipStr)
-		return vxlan.Peer{}, false
+		return p, fmt.Sprintf("annotation %s=%q is not an %s address", key, ipStr, familyName(ipv6)), true
 	}
-	p := vxlan.Peer{Node: n.Name, Subnet: subnet, PublicIP: ip}
+	p.PublicIP = ip
 	if n.Annotations[AnnBackendType] == "vxlan" {
 		var d backendData
 		if err := json.Unmarshal([]byte(n.Annotations[dataKey]), &d); err != nil || d.VtepMAC == "" {
-			logger.Info("ignoring vxlan node without a VtepMAC", "peer", n.Name, "data", n.Annotations[dataKey])
-			return vxlan.Peer{}, false
+			return p, fmt.Sprintf("vxlan node without a VtepMAC in annotation %s=%q", dataKey, n.Annotations[dataKey]), true
 		}
 		mac, err := net.ParseMAC(d.VtepMAC)
 		if err != nil {
-			logger.Info("ignoring node with a bad VtepMAC", "peer", n.Name, "value", d.VtepMAC)
-			return vxlan.Peer{}, false
+			return p, fmt.Sprintf("bad VtepMAC %q in annotation %s", d.VtepMAC, dataKey), true
 		}
 		p.VtepMAC = mac
 	}
-	return p, true
+	return p, "", true
 }

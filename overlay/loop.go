@@ -75,6 +75,12 @@ type Loop struct {
 	// nodesChanged is set by Node events. A sync that follows none, after
 	// the first, writes only what drifted: those writes are repairs.
 	nodesChanged atomic.Bool
+	// problems are the peers last reported as not programmed; only the
+	// sync goroutine touches them.
+	problems map[peerKey]string
+	// filterCleared records, by family, that a non-vxlan backend removed
+	// the VXLAN source filter a former vxlan configuration may have left.
+	filterCleared map[bool]bool
 
 	mu     sync.RWMutex
 	status Status
@@ -88,11 +94,13 @@ type Status struct {
 	Backend     string
 	Underlay    string
 	PublicIPs   []netip.Addr
-	Peers       []vxlan.Peer
-	Ready       bool
-	LastSync    time.Time
-	LastError   string
-	Repairs     vxlan.Changes
+	// Peers holds one entry per remote node and family, with the reason
+	// when it could not be programmed.
+	Peers     []PeerStatus
+	Ready     bool
+	LastSync  time.Time
+	LastError string
+	Repairs   vxlan.Changes
 }
 
 const syncKey = "overlay"
@@ -103,11 +111,12 @@ func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder)
 		cfg.ResyncPeriod = 5 * time.Second
 	}
 	return &Loop{
-		cfg:         cfg,
-		client:      client,
-		recorder:    recorder,
-		ipt:         map[bool]*iptables.Runner{},
-		offloadDone: map[string]bool{},
+		cfg:           cfg,
+		client:        client,
+		recorder:      recorder,
+		ipt:           map[bool]*iptables.Runner{},
+		offloadDone:   map[string]bool{},
+		filterCleared: map[bool]bool{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "overlay"}),
@@ -119,7 +128,7 @@ func (l *Loop) Status() Status {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	s := l.status
-	s.Peers = append([]vxlan.Peer(nil), s.Peers...)
+	s.Peers = append([]PeerStatus(nil), s.Peers...)
 	return s
 }
 
@@ -229,7 +238,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 	defer l.queue.Done(key)
 	start := time.Now()
 	repair := !l.nodesChanged.Swap(false) && l.Ready()
-	ch, err := l.sync(ctx)
+	ch, err := l.sync(ctx, repair)
 	l.setStatus(func(s *Status) {
 		s.LastSync = time.Now()
 		if err != nil {
@@ -342,91 +351,130 @@ func deviceName(v6 bool, vni int) string {
 	return "vx-sluice." + strconv.Itoa(vni)
 }
 
-// sync makes the kernel match the cluster's Nodes.
-func (l *Loop) sync(ctx context.Context) (vxlan.Changes, error) {
-	var total vxlan.Changes
-	logger := klog.FromContext(ctx)
+// sync makes the kernel match the cluster's Nodes. With repair, no Node
+// changed since the last sync, so whatever it writes was drift.
+func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	self, err := l.nodes.Get(l.cfg.NodeName)
 	if err != nil {
-		return total, fmt.Errorf("reading own node: %w", err)
+		return vxlan.Changes{}, fmt.Errorf("reading own node: %w", err)
 	}
 	if err := l.publishAnnotations(ctx, self); err != nil {
-		return total, err
+		return vxlan.Changes{}, err
 	}
 	nodes, err := l.nodes.List(labels.Everything())
 	if err != nil {
+		return vxlan.Changes{}, fmt.Errorf("listing nodes: %w", err)
+	}
+	total, peers, err := l.syncTunnels(ctx, nodes)
+	if err != nil {
 		return total, err
 	}
-	status := l.Status()
-	var peers []vxlan.Peer
-	for i, v6 := range l.families() {
-		tab := vxlan.Table{Own: status.Lease[i], UnderlayIndex: l.underlay.Link.Attrs().Index, DirectRouting: l.cfg.Net.Backend.DirectRouting}
-		if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
-			local := l.underlay.IP4
-			if v6 {
-				local = l.underlay.IP6
-			}
-			tab.Device = &vxlan.Device{
-				Name: deviceName(v6, l.cfg.Net.Backend.VNI), VNI: l.cfg.Net.Backend.VNI, Port: l.cfg.Net.Backend.Port,
-				GBP: l.cfg.Net.Backend.GBP, LocalIP: local, UnderlayIndex: l.underlay.Link.Attrs().Index,
-				MTU: l.mtu(), MAC: VtepMAC(l.cfg.NodeName, v6), VTEPAddr: status.Lease[i].Addr(),
-			}
+	l.reportPeers(ctx, peers)
+	l.setStatus(func(s *Status) { s.Peers = peers })
+	for _, v6 := range l.families() {
+		if err := l.syncRules(ctx, v6, nodes, repair); err != nil {
+			return total, err
 		}
+	}
+	status := l.Status()
+	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
+		return total, err
+	}
+	return total, nil
+}
+
+// table is the wanted overlay of one family, without its peers.
+func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
+	tab := vxlan.Table{Own: own, UnderlayIndex: l.underlay.Link.Attrs().Index, DirectRouting: l.cfg.Net.Backend.DirectRouting}
+	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
+		local := l.underlay.IP4
+		if v6 {
+			local = l.underlay.IP6
+		}
+		tab.Device = &vxlan.Device{
+			Name: deviceName(v6, l.cfg.Net.Backend.VNI), VNI: l.cfg.Net.Backend.VNI, Port: l.cfg.Net.Backend.Port,
+			GBP: l.cfg.Net.Backend.GBP, LocalIP: local, UnderlayIndex: l.underlay.Link.Attrs().Index,
+			MTU: l.mtu(), MAC: VtepMAC(l.cfg.NodeName, v6), VTEPAddr: own.Addr(),
+		}
+	}
+	return tab
+}
+
+// syncTunnels programs the device, routes, neighbour and FDB entries of
+// every family. A peer that cannot be programmed is returned with its
+// problem and does not stop the others; an error is one that affects them
+// all.
+func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
+	var total vxlan.Changes
+	var peers []PeerStatus
+	lease := l.Status().Lease
+	for i, v6 := range l.families() {
+		tab := l.table(lease[i], v6)
+		var fam []PeerStatus
 		for _, n := range nodes {
 			if n.Name == l.cfg.NodeName || n.DeletionTimestamp != nil {
 				continue
 			}
-			if p, ok := peerOf(n, v6, logger); ok {
+			p, problem, ok := peerOf(n, v6)
+			if !ok {
+				continue
+			}
+			fam = append(fam, PeerStatus{Peer: p, IPv6: v6, Problem: problem})
+			if problem == "" {
 				tab.Peers = append(tab.Peers, p)
 			}
 		}
 		ch, err := vxlan.Sync(tab)
 		total = addChanges(total, ch)
 		if err != nil {
-			return total, err
+			return total, nil, fmt.Errorf("programming the %s overlay: %w", familyName(v6), err)
 		}
 		if ch.Total() > 0 {
-			logger.Info("overlay entries written", "ipv6", v6, "changes", ch, "peers", len(tab.Peers))
+			klog.FromContext(ctx).Info("overlay entries written", "ipv6", v6, "changes", ch, "peers", len(tab.Peers))
 		}
+		peers = append(peers, withProblems(fam, ch.Skipped)...)
 		if tab.Device != nil && (ch.Device > 0 || !l.offloadDone[tab.Device.Name]) {
 			// ethtool is asked only when the device is new or changed.
 			if err := l.ensureChecksumOffload(ctx, tab.Device.Name); err != nil {
-				return total, err
+				return total, nil, err
 			}
 			l.offloadDone[tab.Device.Name] = true
 		}
-		if l.cfg.IPMasq {
-			network := l.cfg.Net.Network
-			if v6 {
-				network = l.cfg.Net.IPv6Network
+	}
+	return total, peers, nil
+}
+
+// syncRules checks the family's iptables rules and sets, and repairs what
+// drifted: masquerade, forwarding, and the VXLAN source filter.
+func (l *Loop) syncRules(ctx context.Context, v6 bool, nodes []*corev1.Node, repair bool) error {
+	logger := klog.FromContext(ctx)
+	ready := l.Status().Ready
+	if l.cfg.IPMasq {
+		network := l.cfg.Net.Network
+		if v6 {
+			network = l.cfg.Net.IPv6Network
+		}
+		rules := masq.Rules{Network: network, RandomFully: l.ipt[v6].HasRandomFully()}
+		if ok, err := rules.Check(l.ipt[v6]); err != nil || !ok {
+			if err := rules.Apply(l.ipt[v6]); err != nil {
+				return err
 			}
-			rules := masq.Rules{Network: network, RandomFully: l.ipt[v6].HasRandomFully()}
-			if ok, err := rules.Check(l.ipt[v6]); err != nil || !ok {
-				if err := rules.Apply(l.ipt[v6]); err != nil {
-					return total, err
-				}
-				if status.Ready {
-					logger.Info("masquerade rules repaired", "ipv6", v6)
-					countRepair("masquerade")
-				}
+			if ready {
+				logger.Info("masquerade rules repaired", "ipv6", v6)
+				countRepair("masquerade")
 			}
 		}
-		if !forward.Check(l.ipt[v6]) {
-			if err := forward.Apply(l.ipt[v6]); err != nil {
-				return total, err
-			}
-			if status.Ready {
-				logger.Info("forwarding rules repaired", "ipv6", v6)
-				countRepair("forward")
-			}
+	}
+	if !forward.Check(l.ipt[v6]) {
+		if err := forward.Apply(l.ipt[v6]); err != nil {
+			return err
 		}
-		peers = append(peers, tab.Peers...)
+		if ready {
+			logger.Info("forwarding rules repaired", "ipv6", v6)
+			countRepair("forward")
+		}
 	}
-	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
-		return total, err
-	}
-	l.setStatus(func(s *Status) { s.Peers = peers })
-	return total, nil
+	return l.syncSourceFilter(ctx, v6, nodes, repair && ready)
 }
 
 func addChanges(a, b vxlan.Changes) vxlan.Changes {

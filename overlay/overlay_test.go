@@ -4,11 +4,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/overlay/netconf"
 )
@@ -60,24 +60,24 @@ func TestPeerFromFlannelAnnotations(t *testing.T) {
 		}},
 		Spec: corev1.NodeSpec{PodCIDR: "10.244.5.0/24", PodCIDRs: []string{"10.244.5.0/24"}},
 	}
-	p, ok := peerOf(n, false, klog.Background())
-	if !ok || p.Subnet.String() != "10.244.5.0/24" || p.PublicIP.String() != "198.18.0.21" || p.VtepMAC.String() != "9a:1e:6f:4c:2b:01" {
+	p, problem, ok := peerOf(n, false)
+	if !ok || problem != "" || p.Subnet.String() != "10.244.5.0/24" || p.PublicIP.String() != "198.18.0.21" || p.VtepMAC.String() != "9a:1e:6f:4c:2b:01" {
 		t.Fatalf("peer = %+v, %v", p, ok)
 	}
 	n.Annotations["flannel.alpha.coreos.com/public-ip-overwrite"] = "203.0.113.9"
-	if p, _ := peerOf(n, false, klog.Background()); p.PublicIP.String() != "203.0.113.9" {
+	if p, _, _ := peerOf(n, false); p.PublicIP.String() != "203.0.113.9" {
 		t.Errorf("public-ip-overwrite not honoured: %s", p.PublicIP)
 	}
-	if _, ok := peerOf(n, true, klog.Background()); ok {
+	if _, _, ok := peerOf(n, true); ok {
 		t.Error("IPv6 peer from a node without IPv6")
 	}
 	n.Annotations["flannel.alpha.coreos.com/backend-data"] = `{"VNI":1}`
-	if _, ok := peerOf(n, false, klog.Background()); ok {
-		t.Error("vxlan peer without a VtepMAC accepted")
+	if _, problem, ok := peerOf(n, false); !ok || !strings.Contains(problem, "without a VtepMAC") {
+		t.Errorf("vxlan peer without a VtepMAC: problem %q, %v; want it reported", problem, ok)
 	}
 	delete(n.Annotations, "flannel.alpha.coreos.com/public-ip")
 	delete(n.Annotations, "flannel.alpha.coreos.com/public-ip-overwrite")
-	if _, ok := peerOf(n, false, klog.Background()); ok {
+	if _, _, ok := peerOf(n, false); ok {
 		t.Error("peer without a public IP accepted")
 	}
 }
@@ -86,8 +86,8 @@ func TestOwnAnnotationsRoundTrip(t *testing.T) {
 	mac := VtepMAC("a", false)
 	ann := ownAnnotations("vxlan", 1, netip.MustParseAddr("198.18.0.11"), netip.Addr{}, mac, nil)
 	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "a", Annotations: ann}, Spec: corev1.NodeSpec{PodCIDRs: []string{"10.244.1.0/24"}}}
-	p, ok := peerOf(n, false, klog.Background())
-	if !ok || p.VtepMAC.String() != mac.String() || ann[AnnBackendData] != `{"VNI":1,"VtepMAC":"`+mac.String()+`"}` {
+	p, problem, ok := peerOf(n, false)
+	if !ok || problem != "" || p.VtepMAC.String() != mac.String() || ann[AnnBackendData] != `{"VNI":1,"VtepMAC":"`+mac.String()+`"}` {
 		t.Errorf("round trip: %+v %v %v", p, ok, ann)
 	}
 }

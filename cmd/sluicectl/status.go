@@ -98,6 +98,9 @@ func printReport(w io.Writer, r *status.Report) {
 	fmt.Fprintf(w, "%-20s %-22s %-16s %-18s %s\n", "PEER", "SUBNET", "NODE IP", "VTEP MAC", "REACHABLE")
 	for _, p := range o.Peers {
 		fmt.Fprintf(w, "%-20s %-22s %-16s %-18s %v\n", p.Node, p.Subnet, p.PublicIP, p.VtepMAC, p.Reachable)
+		if p.Problem != "" {
+			fmt.Fprintf(w, "  NOT PROGRAMMED: %s\n", p.Problem)
+		}
 	}
 	pl := r.Policy
 	fmt.Fprintf(w, "policy: %s, %d endpoints, last sync %s\n", ready(pl.Ready), pl.Endpoints, since(pl.LastSync))

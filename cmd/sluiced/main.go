@@ -283,9 +283,12 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 		r.Overlay.PublicIPs = append(r.Overlay.PublicIPs, ip.String())
 	}
 	for _, p := range ovs.Peers {
-		peer := status.Peer{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Reachable: overlay.Reachable(p.PublicIP)}
+		peer := status.Peer{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Reachable: overlay.Reachable(p.PublicIP), Problem: p.Problem}
 		if p.VtepMAC != nil {
 			peer.VtepMAC = p.VtepMAC.String()
+		}
+		if !p.PublicIP.IsValid() {
+			peer.PublicIP = "" // the problem says what the annotation held
 		}
 		r.Overlay.Peers = append(r.Overlay.Peers, peer)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
 	"github.com/sluice-net/sluice/overlay/masq"
+	"github.com/sluice-net/sluice/overlay/srcfilter"
 	"github.com/sluice-net/sluice/overlay/vxlan"
 	"github.com/sluice-net/sluice/policy"
 )
@@ -89,6 +90,15 @@ func programNode(t *testing.T, node, pod ns.NetNS, runDir, stateDir string) {
 					return err
 				}
 				if err := forward.Apply(r); err != nil {
+					return err
+				}
+				// The overlay's VXLAN source filter: a jump from INPUT, a
+				// chain and a set of known node addresses per family.
+				flt := srcfilter.Filter{Port: 8472, IPv6: fam == iptables.IPv6}
+				if _, err := flt.SyncSet([]netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}); err != nil {
+					return err
+				}
+				if err := flt.Apply(r); err != nil {
 					return err
 				}
 				set, entry := "SLUICE-S4-test", "10.244.2.5/32"
@@ -192,8 +202,14 @@ func TestCleanupRemovesOnlySluice(t *testing.T) {
 	runDir, stateDir := filepath.Join(dir, "run", "sluice"), filepath.Join(dir, "lib", "sluice")
 	programNode(t, node, pod, runDir, stateDir)
 	// The test must see what it later proves gone.
-	if before := leftovers(t, node); len(before) < 3+2+4 {
+	before := leftovers(t, node)
+	if len(before) < 3+2+4 {
 		t.Fatalf("the node was not programmed as expected; found only %v", before)
+	}
+	for _, want := range []string{"-j " + srcfilter.Chain, "ipset " + srcfilter.Set4, "ipset " + srcfilter.Set6} {
+		if !strings.Contains(strings.Join(before, "\n"), want) {
+			t.Fatalf("the VXLAN source filter was not programmed (%q missing): %v", want, before)
+		}
 	}
 
 	var removed []string

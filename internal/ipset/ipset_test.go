@@ -112,3 +112,31 @@ func init() {
 	// nomatch flag) through the standard logger.
 	log.SetOutput(io.Discard)
 }
+
+// hash:ip holds single addresses, as the overlay's known-node sets use it.
+func TestSyncHashIP(t *testing.T) {
+	n := nettest.NewNS(t)
+	for _, v6 := range []bool{false, true} {
+		set, want := "SLUICE-T4-hash-ip", entries(t, "192.0.2.1/32", "192.0.2.2/32")
+		if v6 {
+			set, want = "SLUICE-T6-hash-ip", entries(t, "2001:db8::1/128", "2001:db8::2/128")
+		}
+		nettest.Do(t, n, func() error {
+			if c, err := Sync(set, "hash:ip", v6, want); err != nil || c != 2 {
+				t.Errorf("%s first sync: %d changes, %v", set, c, err)
+			}
+			if c, err := Sync(set, "hash:ip", v6, want[:1]); err != nil || c != 1 {
+				t.Errorf("%s shrink: %d changes, %v", set, c, err)
+			}
+			if c, err := Sync(set, "hash:ip", v6, want[:1]); err != nil || c != 0 {
+				t.Errorf("%s again: %d changes, %v", set, c, err)
+			}
+			return nil
+		})
+		out := listed(t, nettest.Name(n), set)
+		first, second := want[0].Prefix.Addr().String(), want[1].Prefix.Addr().String()
+		if !strings.Contains(out, "Type: hash:ip") || !strings.Contains(out, first+"\n") || strings.Contains(out, second+"\n") {
+			t.Errorf("%s:\n%s", set, out)
+		}
+	}
+}

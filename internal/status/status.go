@@ -35,6 +35,9 @@ type Peer struct {
 	// Reachable says the node answered on the underlay (ICMP-free: a
 	// neighbour entry for its address that the kernel confirmed).
 	Reachable bool `json:"reachable"`
+	// Problem says why this node could not program the peer (no route,
+	// neighbour or FDB entry to it); empty when it is programmed.
+	Problem string `json:"problem,omitempty"`
 }
 
 // Policy is the policy loop's state.

@@ -76,9 +76,19 @@ type Table struct {
 }
 
 // Changes counts what Sync had to write or remove, by kind. A restart over
-// a correct kernel state counts nothing.
+// a correct kernel state counts nothing. Skipped lists the peers Sync could
+// not program; they are not changes, and Total does not count them.
 type Changes struct {
 	Device, Routes, Neighbours, FDB, Removed int
+	Skipped                                  []SkippedPeer
+}
+
+// SkippedPeer is a peer that Sync left out, and why. One bad peer never
+// stops the others from being programmed: its entries are simply absent
+// (and removed if it had some), and the caller reports it.
+type SkippedPeer struct {
+	Node   string
+	Reason string
 }
 
 // Total is the number of changes.
@@ -91,7 +101,11 @@ func family(a netip.Addr) int {
 	return netlink.FAMILY_V6
 }
 
-// Sync makes the kernel match the table.
+// Sync makes the kernel match the table. A peer that cannot be programmed
+// (a host-gw peer off this node's L2 segment, a tunnel peer without a VTEP
+// MAC) is left out and returned in Changes.Skipped; every other peer is
+// programmed. The error is for failures of the kernel or of the table's own
+// device, which affect every peer alike.
 func Sync(t Table) (Changes, error) {
 	var ch Changes
 	fam := family(t.Own.Addr())
@@ -111,47 +125,68 @@ func Sync(t Table) (Changes, error) {
 	if err != nil {
 		return ch, err
 	}
-
-	wantRoutes := map[netip.Prefix]netlink.Route{}
-	wantNeigh := map[netip.Addr]net.HardwareAddr{}
-	wantFDB := map[string]netip.Addr{} // MAC -> underlay IP
-	wantRoutes[t.Own] = netlink.Route{Dst: ipNet(t.Own), Type: unix.RTN_BLACKHOLE, Protocol: RouteProtocol, Family: fam}
-	for _, p := range t.Peers {
-		direct := dev == nil || (t.DirectRouting && onLink(underlayNets, p.PublicIP))
-		if direct {
-			if !onLink(underlayNets, p.PublicIP) {
-				return ch, fmt.Errorf("host-gw: node %s (%s) is not on this node's L2 segment %v; use the vxlan backend", p.Node, p.PublicIP, underlayNets)
-			}
-			wantRoutes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: p.PublicIP.AsSlice(), LinkIndex: t.UnderlayIndex, Protocol: RouteProtocol, Family: fam}
-			continue
-		}
-		if len(p.VtepMAC) == 0 {
-			continue // not reachable through a tunnel; the caller logs it
-		}
-		vtep := p.Subnet.Addr()
-		wantNeigh[vtep] = p.VtepMAC
-		wantFDB[p.VtepMAC.String()] = p.PublicIP
-		wantRoutes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: vtep.AsSlice(), LinkIndex: dev.Attrs().Index,
-			Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol, Family: fam}
-	}
+	w := wanted(t, dev, underlayNets)
+	ch.Skipped = w.skipped
 
 	// Order matters for the first packet: the neighbour and FDB entries
 	// must exist before the route that uses them.
 	if dev != nil {
-		n, removed, err := syncNeighbours(dev, fam, wantNeigh)
+		n, removed, err := syncNeighbours(dev, fam, w.neigh)
 		ch.Neighbours, ch.Removed = ch.Neighbours+n, ch.Removed+removed
 		if err != nil {
 			return ch, err
 		}
-		n, removed, err = syncFDB(dev, wantFDB)
+		n, removed, err = syncFDB(dev, w.fdb)
 		ch.FDB, ch.Removed = ch.FDB+n, ch.Removed+removed
 		if err != nil {
 			return ch, err
 		}
 	}
-	n, removed, err := syncRoutes(fam, wantRoutes)
+	n, removed, err := syncRoutes(fam, w.routes)
 	ch.Routes, ch.Removed = ch.Routes+n, ch.Removed+removed
 	return ch, err
+}
+
+// want is the kernel state a table asks for.
+type want struct {
+	routes  map[netip.Prefix]netlink.Route
+	neigh   map[netip.Addr]net.HardwareAddr
+	fdb     map[string]netip.Addr // MAC -> underlay IP
+	skipped []SkippedPeer
+}
+
+// wanted computes the entries of every peer that can be programmed, and
+// the reason for each one that cannot.
+func wanted(t Table, dev netlink.Link, underlayNets []netip.Prefix) want {
+	fam := family(t.Own.Addr())
+	w := want{routes: map[netip.Prefix]netlink.Route{}, neigh: map[netip.Addr]net.HardwareAddr{}, fdb: map[string]netip.Addr{}}
+	w.routes[t.Own] = netlink.Route{Dst: ipNet(t.Own), Type: unix.RTN_BLACKHOLE, Protocol: RouteProtocol, Family: fam}
+	for _, p := range t.Peers {
+		onL2 := onLink(underlayNets, p.PublicIP)
+		switch {
+		case dev == nil && !onL2:
+			w.skip(p, fmt.Sprintf("host-gw: node IP %s is not on this node's L2 segment %v; use the vxlan backend", p.PublicIP, underlayNets))
+		case dev == nil || (t.DirectRouting && onL2):
+			w.routes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: p.PublicIP.AsSlice(), LinkIndex: t.UnderlayIndex, Protocol: RouteProtocol, Family: fam}
+		case len(p.VtepMAC) == 0:
+			why := "DirectRouting is off"
+			if t.DirectRouting {
+				why = fmt.Sprintf("its IP %s is not on this node's L2 segment %v", p.PublicIP, underlayNets)
+			}
+			w.skip(p, "node has no VTEP MAC (its backend is not vxlan), so no tunnel reaches it, and no direct route either: "+why)
+		default:
+			vtep := p.Subnet.Addr()
+			w.neigh[vtep] = p.VtepMAC
+			w.fdb[p.VtepMAC.String()] = p.PublicIP
+			w.routes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: vtep.AsSlice(), LinkIndex: dev.Attrs().Index,
+				Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol, Family: fam}
+		}
+	}
+	return w
+}
+
+func (w *want) skip(p Peer, reason string) {
+	w.skipped = append(w.skipped, SkippedPeer{Node: p.Node, Reason: reason})
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

@@ -301,3 +301,100 @@ func TestTXChecksumOffloadToggle(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// skippedReasons maps each skipped peer to its reason.
+func skippedReasons(ch Changes) map[string]string {
+	m := map[string]string{}
+	for _, s := range ch.Skipped {
+		m[s.Node] = s.Reason
+	}
+	return m
+}
+
+// An off-link host-gw peer next to good ones: the good peers are
+// programmed, the bad one is reported, and once fixed it is programmed on
+// the next sync.
+func TestOffLinkHostGWPeerDoesNotStallOthers(t *testing.T) {
+	a, b := twoNodes(t, families[0])
+	ta, tb := a.table(b, false), b.table(a, false)
+	ta.Device, tb.Device = nil, nil
+	ta.Peers = append(ta.Peers,
+		Peer{Node: "bad", Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("203.0.113.9")},
+		Peer{Node: "c", Subnet: netip.MustParsePrefix("10.244.3.0/24"), PublicIP: netip.MustParseAddr("192.0.2.3")})
+	b.sync(t, tb)
+	ch := a.sync(t, ta)
+	skipped := skippedReasons(ch)
+	if len(skipped) != 1 || !strings.Contains(skipped["bad"], "203.0.113.9") || !strings.Contains(skipped["bad"], "L2 segment") {
+		t.Errorf("skipped = %v, want only the off-link peer with a reason naming its IP", skipped)
+	}
+	routes := ipOut(t, a, "-4", "route", "show", "proto", "98")
+	for _, want := range []string{"10.244.2.0/24 via 192.0.2.2 dev eth0", "10.244.3.0/24 via 192.0.2.3 dev eth0", "blackhole 10.244.1.0/24"} {
+		if !strings.Contains(routes, want) {
+			t.Errorf("route %q missing next to the bad peer:\n%s", want, routes)
+		}
+	}
+	if strings.Contains(routes, "10.244.9.0/24") {
+		t.Errorf("the off-link peer got a route:\n%s", routes)
+	}
+	if err := reach(t, a, b); err != nil {
+		t.Errorf("good peer unreachable next to a bad one: %v", err)
+	}
+	// Fixed: the peer moves onto the segment and is programmed at once.
+	ta.Peers[1].PublicIP = netip.MustParseAddr("192.0.2.9")
+	ch = a.sync(t, ta)
+	if len(ch.Skipped) != 0 || ch.Routes != 1 {
+		t.Errorf("after the fix: skipped %v, %d routes written; want none skipped and its route written", ch.Skipped, ch.Routes)
+	}
+	if routes := ipOut(t, a, "-4", "route", "show", "proto", "98"); !strings.Contains(routes, "10.244.9.0/24 via 192.0.2.9 dev eth0") {
+		t.Errorf("fixed peer has no route:\n%s", routes)
+	}
+	// Broken again: its route goes, since it pointed at the old address.
+	ta.Peers[1].PublicIP = netip.MustParseAddr("203.0.113.9")
+	if ch := a.sync(t, ta); len(ch.Skipped) != 1 || ch.Removed != 1 {
+		t.Errorf("broken again: %+v; want it skipped and its route removed", ch)
+	}
+}
+
+// On the vxlan backend a peer without a VTEP MAC (a host-gw node) is
+// skipped and reported, and the tunnel peers next to it are programmed.
+func TestPeerWithoutVtepMACIsSkippedAndReported(t *testing.T) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			a, b := twoNodes(t, f)
+			ta := a.table(b, false)
+			other := netip.MustParsePrefix("10.244.7.0/24")
+			otherIP := netip.MustParseAddr("192.0.2.7")
+			if f.name == "ipv6" {
+				other, otherIP = netip.MustParsePrefix("fd00:10:244:7::/64"), netip.MustParseAddr("2001:db8::7")
+			}
+			ta.Peers = append(ta.Peers, Peer{Node: "hostgw-node", Subnet: other, PublicIP: otherIP})
+			b.sync(t, b.table(a, false))
+			ch := a.sync(t, ta)
+			skipped := skippedReasons(ch)
+			if len(skipped) != 1 || !strings.Contains(skipped["hostgw-node"], "no VTEP MAC") {
+				t.Errorf("skipped = %v, want the peer without a VTEP MAC", skipped)
+			}
+			if ch.Neighbours != 1 || ch.FDB != 1 {
+				t.Errorf("changes %+v; want the good peer's neighbour and FDB entry", ch)
+			}
+			dev, fam := ta.Device.Name, map[bool]string{true: "-4", false: "-6"}[f.name == "ipv4"]
+			fdb := nettest.Run(t, "bridge", "-n", nettest.Name(a.netns), "fdb", "show", "dev", dev)
+			if !strings.Contains(fdb, b.mac.String()+" dst "+b.ip.String()) {
+				t.Errorf("good peer's FDB entry missing:\n%s", fdb)
+			}
+			routes := ipOut(t, a, fam, "route", "show", "proto", "98")
+			if strings.Contains(routes, other.String()) || !strings.Contains(routes, b.subnet.String()+" via "+b.subnet.Addr().String()) {
+				t.Errorf("routes: want the good peer's only:\n%s", routes)
+			}
+			if err := reach(t, a, b); err != nil {
+				t.Errorf("good peer next to a skipped one: %v", err)
+			}
+			// With DirectRouting, the same peer on the segment gets a route.
+			ta.DirectRouting = true
+			ta.Peers = ta.Peers[1:]
+			if ch := a.sync(t, ta); len(ch.Skipped) != 0 {
+				t.Errorf("on-link peer without MAC under DirectRouting skipped: %v", ch.Skipped)
+			}
+		})
+	}
+}

@@ -1,0 +1,176 @@
+package overlay
+
+import (
+	"context"
+	"net/netip"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/internal/metrics"
+	"github.com/sluice-net/sluice/overlay/netconf"
+	"github.com/sluice-net/sluice/overlay/srcfilter"
+	"github.com/sluice-net/sluice/overlay/vxlan"
+)
+
+// Event reasons on a peer's Node.
+const (
+	// ReasonPeerNotProgrammed: this node could not program the tunnel or
+	// route to that peer; the message says why.
+	ReasonPeerNotProgrammed = "PeerNotProgrammed"
+	// ReasonPeerProgrammed: a peer reported before is programmed again.
+	ReasonPeerProgrammed = "PeerProgrammed"
+)
+
+// PeerStatus is a peer of one family as the loop last saw it.
+type PeerStatus struct {
+	vxlan.Peer
+	IPv6 bool
+	// Problem says why the peer is not programmed; empty when it is.
+	Problem string
+}
+
+// peerKey names a peer of one family; each family's problem is its own.
+type peerKey struct {
+	node string
+	ipv6 bool
+}
+
+func familyName(v6 bool) string {
+	if v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+// withProblems marks the peers that Sync skipped.
+func withProblems(peers []PeerStatus, skipped []vxlan.SkippedPeer) []PeerStatus {
+	why := map[string]string{}
+	for _, s := range skipped {
+		why[s.Node] = s.Reason
+	}
+	for i := range peers {
+		if r, ok := why[peers[i].Node]; ok && peers[i].Problem == "" {
+			peers[i].Problem = r
+		}
+	}
+	return peers
+}
+
+// reportPeers logs and records an Event on a peer's Node when its problem
+// appears or changes, and again when it clears; a problem that stays the
+// same is reported once, not on every sync. Only the sync goroutine calls
+// it.
+func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
+	logger := klog.FromContext(ctx)
+	now := map[peerKey]string{}
+	for _, p := range peers {
+		if p.Problem == "" {
+			continue
+		}
+		k := peerKey{p.Node, p.IPv6}
+		now[k] = p.Problem
+		if l.problems[k] == p.Problem {
+			continue
+		}
+		logger.Error(nil, "peer not programmed", "peer", p.Node, "family", familyName(p.IPv6), "reason", p.Problem)
+		if l.recorder != nil {
+			l.recorder.Eventf(nodeRef(p.Node), corev1.EventTypeWarning, ReasonPeerNotProgrammed,
+				"node %s cannot reach this node's pods over %s: %s", l.cfg.NodeName, familyName(p.IPv6), p.Problem)
+		}
+	}
+	present := map[peerKey]bool{}
+	for _, p := range peers {
+		present[peerKey{p.Node, p.IPv6}] = true
+	}
+	for k := range l.problems {
+		if _, still := now[k]; still {
+			continue
+		}
+		if !present[k] {
+			logger.Info("peer that was not programmed is gone", "peer", k.node, "family", familyName(k.ipv6))
+			continue
+		}
+		logger.Info("peer programmed again", "peer", k.node, "family", familyName(k.ipv6))
+		if l.recorder != nil {
+			l.recorder.Eventf(nodeRef(k.node), corev1.EventTypeNormal, ReasonPeerProgrammed,
+				"node %s programmed its %s route to this node's pods again", l.cfg.NodeName, familyName(k.ipv6))
+		}
+	}
+	l.problems = now
+}
+
+// knownNodeAddrs are the underlay addresses of every Node of one family,
+// this one included: the sources the VXLAN filter accepts. The advertised
+// public IP, an operator's overwrite and the Node's InternalIP and
+// ExternalIP all count, since a node's tunnel packets leave from its
+// interface address, which the annotation does not show when it was
+// overridden (--public-ip, public-ip-overwrite).
+func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
+	keys := []string{AnnPublicIP, AnnPublicIPOverwrite}
+	if v6 {
+		keys = []string{AnnPublicIPv6, AnnPublicIPv6Overwrite}
+	}
+	addrs := []netip.Addr{l.publicIP(v6)}
+	if v6 {
+		addrs = append(addrs, l.underlay.IP6)
+	} else {
+		addrs = append(addrs, l.underlay.IP4)
+	}
+	for _, n := range nodes {
+		for _, k := range keys {
+			if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
+				addrs = append(addrs, a)
+			}
+		}
+		for _, na := range n.Status.Addresses {
+			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
+				continue
+			}
+			if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
+				addrs = append(addrs, a.Unmap())
+			}
+		}
+	}
+	return addrs
+}
+
+// syncSourceFilter keeps, on the vxlan backend, the set of known node
+// addresses and the INPUT filter that drops VXLAN from anyone else (see
+// package srcfilter). Other backends have no VXLAN port to guard: they
+// remove a filter left from a former vxlan configuration, once.
+func (l *Loop) syncSourceFilter(ctx context.Context, v6 bool, nodes []*corev1.Node, repair bool) error {
+	logger := klog.FromContext(ctx)
+	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
+		if !l.filterCleared[v6] {
+			if err := srcfilter.Remove(l.ipt[v6], v6); err != nil {
+				logger.Error(err, "removing the VXLAN source filter of a former vxlan backend", "ipv6", v6)
+			}
+			l.filterCleared[v6] = true
+		}
+		return nil
+	}
+	flt := srcfilter.Filter{Port: l.cfg.Net.Backend.Port, IPv6: v6}
+	n, err := flt.SyncSet(l.knownNodeAddrs(nodes, v6))
+	if err != nil {
+		return err
+	}
+	if n > 0 && repair {
+		logger.Info("known-node set repaired", "set", flt.SetName(), "changes", n)
+		metrics.DriftRepairs.WithLabelValues(repairVXLANInput).Add(float64(n))
+	}
+	if flt.Check(l.ipt[v6]) {
+		return nil
+	}
+	if err := flt.Apply(l.ipt[v6]); err != nil {
+		return err
+	}
+	if l.Status().Ready {
+		logger.Info("VXLAN source filter repaired", "ipv6", v6, "chain", srcfilter.Chain)
+		countRepair(repairVXLANInput)
+	}
+	return nil
+}
+
+// repairVXLANInput is the drift repair metric's kind for the source filter.
+const repairVXLANInput = "vxlan-input"
