@@ -33,7 +33,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/atomicfile"
-	"github.com/sluice-net/sluice/internal/forward"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/overlay/lease"
 	"github.com/sluice-net/sluice/overlay/masq"
@@ -445,7 +444,7 @@ func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Cha
 }
 
 // syncRules checks the family's iptables rules and sets, and repairs what
-// drifted: masquerade, forwarding, and the VXLAN source filter.
+// drifted: masquerade and the VXLAN source filter.
 func (l *Loop) syncRules(ctx context.Context, v6 bool, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
 	ready := l.Status().Ready
@@ -465,15 +464,8 @@ func (l *Loop) syncRules(ctx context.Context, v6 bool, nodes []*corev1.Node, rep
 			}
 		}
 	}
-	if !forward.Check(l.ipt[v6]) {
-		if err := forward.Apply(l.ipt[v6]); err != nil {
-			return err
-		}
-		if ready {
-			logger.Info("forwarding rules repaired", "ipv6", v6)
-			countRepair("forward")
-		}
-	}
+	// The forwarding decision (SLUICE-FORWARD) is the policy loop's: it
+	// owns the jumps into its chains and repairs them.
 	return l.syncSourceFilter(ctx, v6, nodes, repair && ready)
 }
 

@@ -77,7 +77,6 @@ var (
 
 func init() {
 	Registry.MustRegister(PoliciesNotProgrammed, SpoofedPacketsDropped)
-	DriftRepairs.WithLabelValues("policy-hook")
 	for _, fam := range []string{"ipv4", "ipv6"} {
 		SpoofedPacketsDropped.WithLabelValues(fam)
 	}
@@ -90,7 +89,7 @@ func init() {
 		ApplyDuration.WithLabelValues(loop)
 		ApplyErrors.WithLabelValues(loop)
 	}
-	for _, kind := range []string{"device", "route", "neighbour", "fdb", "stale", "masquerade", "forward", "policy-chain", "policy-ipset"} {
+	for _, kind := range []string{"device", "route", "neighbour", "fdb", "stale", "masquerade", "vxlan-input", "policy-chain", "policy-ipset", "policy-hook"} {
 		DriftRepairs.WithLabelValues(kind)
 	}
 	for _, reason := range []string{"invalid", "kernel"} {
