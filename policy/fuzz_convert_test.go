@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
 )
 
 // FuzzFromNetworkPolicy feeds random networking/v1 policies to the
@@ -43,6 +44,7 @@ func FuzzFromNetworkPolicy(f *testing.F) {
 	// garbage branches (an IntOrString of no known type, for one).
 	f.Add([]byte{})
 	f.Add([]byte{0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f})
+	f.Add([]byte(strings.Repeat("\xff\x07\x13", 40)))
 	f.Add([]byte(strings.Repeat("\x03\x05\x02\x06\x04\x01", 30)))
 	w := newFuzzWorld()
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -68,6 +70,13 @@ var fuzzSeeds = []string{
 	`{"podSelector":{},"egress":[{"to":[{"ipBlock":{"cidr":"0.0.0.0/0","except":["10.244.2.0/24","198.18.0.0/15"]}}]}]}`,
 	`{"podSelector":{},"egress":[{"to":[{"ipBlock":{"cidr":"::/0","except":["fd00:10:244:2::/64"]}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.2.2/32"}},{"ipBlock":{"cidr":"fd00:10:244:2::2/128"}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.2.0/24","except":["10.244.2.0/24"]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.2.2/32","except":["10.244.2.2/32"]}},{"podSelector":{"matchLabels":{"pod":"b"}}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"fd00:10:244::/48","except":["fd00:10:244::/48"]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.2.0/24","except":["10.244.0.0/16"]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16","except":["0.0.0.0/0"]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16","except":["10.244.0.0/20","10.244.2.0/24","10.244.2.2/32","10.244.2.0/24"]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16","except":["10.245.0.0/16","fd00::/8","10.0.0.0/8"]}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.2.77/16","except":["10.244.3.9/24"]}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.1.0/24"}},{"ipBlock":{"cidr":"10.244.1.0/25","except":["10.244.1.2/32"]}},{"ipBlock":{"cidr":"fd00:10:244:1::/64"}}]}]}`,
 	`{"podSelector":{},"egress":[{"to":[{"ipBlock":{"cidr":"198.18.0.0/31"}},{"ipBlock":{"cidr":"2001:db8::/127"}}]}]}`,
@@ -78,6 +87,8 @@ var fuzzSeeds = []string{
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"fe80::1%eth0/64"}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.0.0.0/8","except":["garbage"]}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.0.0.0/8","except":[""]}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"::ffff:10.244.0.0/112"}}]}]}`,
+	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16","except":["::ffff:10.244.2.0/120"]}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16"},"podSelector":{}}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.244.0.0/16"},"namespaceSelector":{}}]}]}`,
 	// Selectors.
@@ -95,6 +106,10 @@ var fuzzSeeds = []string{
 	`{"podSelector":{},"egress":[{"to":[{}]}]}`,
 	`{"podSelector":{},"ingress":[{"from":[]}],"egress":[{"to":[],"ports":[]}]}`,
 	// policyTypes.
+	`{"podSelector":{},"policyTypes":["Bogus"]}`,
+	`{"podSelector":{},"policyTypes":["Egress","Bogus"],"egress":[{}]}`,
+	`{"podSelector":{},"policyTypes":[""]}`,
+	`{"podSelector":{},"policyTypes":["ingress"],"ingress":[{}]}`,
 	`{"podSelector":{"matchLabels":{"pod":"a"}},"policyTypes":["Egress"],"ingress":[{"from":[{"ipBlock":{"cidr":"bad"}}]}]}`,
 	// Ports.
 	`{"podSelector":{},"ingress":[{"ports":[{"port":80},{"protocol":"UDP","port":81},{"protocol":"SCTP","port":80}]}]}`,
@@ -107,6 +122,8 @@ var fuzzSeeds = []string{
 	`{"podSelector":{},"ingress":[{"ports":[{"port":65535},{"port":1}]}]}`,
 	`{"podSelector":{},"ingress":[{"ports":[{"port":"serve-80-tcp"},{"protocol":"UDP","port":"serve-81-udp"},{"protocol":"SCTP","port":"serve-80-sctp"}]}]}`,
 	`{"podSelector":{},"egress":[{"ports":[{"port":"http"}]}]}`,
+	`{"podSelector":{},"ingress":[{"ports":[{"port":""}]}]}`,
+	`{"podSelector":{},"egress":[{"ports":[{"port":""}]}]}`,
 	`{"podSelector":{},"ingress":[{"ports":[{"port":"80"}]}]}`,
 	`{"podSelector":{},"ingress":[{"ports":[{"port":79,"endPort":81},{"protocol":"UDP","port":80,"endPort":80}]}]}`,
 	`{"podSelector":{},"ingress":[{"ports":[{"port":81,"endPort":80}]}]}`,
@@ -818,4 +835,66 @@ func (d *fuzzDecoder) spec() networkingv1.NetworkPolicySpec {
 		s.Egress = append(s.Egress, networkingv1.NetworkPolicyEgressRule{To: peers, Ports: ports})
 	}
 	return s
+}
+
+// TestFromNetworkPolicyInputChecks: what the conversion refuses, and the
+// field each refusal names. Each input also goes through the fuzz checks.
+// Some cannot be written in JSON (an IntOrString of neither type), so they
+// are not fuzz seeds.
+func TestFromNetworkPolicyInputChecks(t *testing.T) {
+	in := func(peers ...networkingv1.NetworkPolicyPeer) networkingv1.NetworkPolicySpec {
+		return networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{From: peers}}}
+	}
+	ports := func(pts ...networkingv1.NetworkPolicyPort) networkingv1.NetworkPolicySpec {
+		return networkingv1.NetworkPolicySpec{Egress: []networkingv1.NetworkPolicyEgressRule{{}, {Ports: pts}}}
+	}
+	block := func(cidr string, except ...string) networkingv1.NetworkPolicyPeer {
+		return networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: cidr, Except: except}}
+	}
+	pt := func(v intstr.IntOrString) networkingv1.NetworkPolicyPort {
+		return networkingv1.NetworkPolicyPort{Port: &v}
+	}
+	cases := []struct {
+		spec  networkingv1.NetworkPolicySpec
+		field string // "" when it converts
+	}{
+		{networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{"Egress", "Bogus"}}, "spec.policyTypes[1]"},
+		{networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{""}}, "spec.policyTypes[0]"},
+		{in(networkingv1.NetworkPolicyPeer{PodSelector: sel("pod", "b")}, block("nope")), "spec.ingress[0].from[1].ipBlock.cidr"},
+		{in(block("10.0.0.0/8", "10.1.0.0/16", "x")), "spec.ingress[0].from[0].ipBlock.except[1]"},
+		{in(block("::ffff:10.0.0.0/104")), "spec.ingress[0].from[0].ipBlock.cidr"},
+		{in(block("10.0.0.0/8", "::ffff:10.1.0.0/112")), "spec.ingress[0].from[0].ipBlock.except[0]"},
+		{in(networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8"}, NamespaceSelector: sel()}), "spec.ingress[0].from[0].ipBlock"},
+		{in(networkingv1.NetworkPolicyPeer{}), "spec.ingress[0].from[0]"},
+		{ports(pt(intstr.FromString(""))), "spec.egress[1].ports[0].port"},
+		{ports(pt(intstr.IntOrString{Type: 2, IntVal: 80})), "spec.egress[1].ports[0].port"},
+		{ports(pt(intstr.FromInt32(80)), pt(intstr.FromInt32(0))), "spec.egress[1].ports[1].port"},
+		{ports(networkingv1.NetworkPolicyPort{EndPort: ptr.To[int32](80)}), "spec.egress[1].ports[0].endPort"},
+		{ports(networkingv1.NetworkPolicyPort{Protocol: ptr.To(corev1.Protocol("ICMP"))}), "spec.egress[1].ports[0].protocol"},
+		// Excepts that hold the whole block, or lie outside it, keep their
+		// meaning: the first peer matches nothing, the second every
+		// address of 10.244.0.0/16.
+		{in(block("10.244.2.0/24", "10.244.0.0/16"), block("10.244.0.0/16", "10.245.0.0/16", "fd00::/8", "10.244.0.0/16")), ""},
+		{in(block("10.244.2.0/24", "10.244.0.0/16")), ""},
+		{in(block("10.244.0.0/16", "10.245.0.0/16", "fd00::/8")), ""},
+	}
+	w := newFuzzWorld()
+	for i, c := range cases {
+		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "fuzz"}, Spec: c.spec}
+		p := FromNetworkPolicy(np)
+		if c.field == "" {
+			if p.Broken != "" {
+				t.Errorf("case %d: refused: %s", i, p.Broken)
+			}
+		} else if !strings.HasPrefix(p.Broken, c.field+": ") {
+			t.Errorf("case %d: Broken %q, want it to name %s", i, p.Broken, c.field)
+		}
+		checkConversion(t, w, np)
+	}
+	// An ipBlock whose excepts cover it matches nothing: the rule must not
+	// turn into "every peer".
+	p := FromNetworkPolicy(&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "empty"}, Spec: in(block("10.244.2.0/24", "10.244.2.0/24"))})
+	if r := p.IngressRules; len(r) != 1 || r[0].Peers == nil || len(r[0].Peers) != 0 {
+		t.Errorf("rule of an ipBlock that matches nothing: %+v", r)
+	}
 }
