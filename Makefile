@@ -31,6 +31,7 @@ tools:
 
 test: deps tools
 	$(GO) test $(TEST_FLAGS) ./...
+	$(GO) test -run '^$$' -fuzz '^FuzzFromNetworkPolicy$$' -fuzztime 30s ./policy/
 
 bench: deps tools
 	@mkdir -p $(dir $(BENCH_OUT))

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -32,95 +33,160 @@ func FromNetworkPolicy(np *networkingv1.NetworkPolicy) *Policy {
 		p.Ingress = true
 		p.Egress = len(np.Spec.Egress) > 0
 	}
-	for _, t := range np.Spec.PolicyTypes {
+	for i, t := range np.Spec.PolicyTypes {
 		switch t {
 		case networkingv1.PolicyTypeIngress:
 			p.Ingress = true
 		case networkingv1.PolicyTypeEgress:
 			p.Egress = true
+		default:
+			// Which direction it meant is unknown: isolate both rather
+			// than leave one open.
+			p.Ingress, p.Egress = true, true
+			if p.Broken == "" {
+				p.Broken = fmt.Sprintf("spec.policyTypes[%d]: %q is neither Ingress nor Egress", i, t)
+			}
 		}
 	}
 	if p.Broken != "" {
 		return p
 	}
 	for i, r := range np.Spec.Ingress {
-		rule, err := convertRule(np.Namespace, r.From, r.Ports)
+		rule, err := convertRule(fmt.Sprintf("spec.ingress[%d]", i), "from", np.Namespace, r.From, r.Ports)
 		if err != nil {
-			p.Broken = fmt.Sprintf("spec.ingress[%d]: %v", i, err)
-			return p
+			return p.broken(err)
 		}
 		p.IngressRules = append(p.IngressRules, rule)
 	}
 	for i, r := range np.Spec.Egress {
-		rule, err := convertRule(np.Namespace, r.To, r.Ports)
+		rule, err := convertRule(fmt.Sprintf("spec.egress[%d]", i), "to", np.Namespace, r.To, r.Ports)
 		if err != nil {
-			p.Broken = fmt.Sprintf("spec.egress[%d]: %v", i, err)
-			return p
+			return p.broken(err)
 		}
 		p.EgressRules = append(p.EgressRules, rule)
 	}
 	return p
 }
 
-func convertRule(namespace string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (Rule, error) {
+// broken marks a policy that cannot be translated: it keeps its selector
+// and directions, and drops the rules already converted, so that nothing
+// reading the model can allow through it.
+func (p *Policy) broken(err error) *Policy {
+	p.Broken = err.Error()
+	p.IngressRules, p.EgressRules = nil, nil
+	return p
+}
+
+// convertRule converts one rule; errors name the field from path, as in
+// "spec.ingress[0].from[1].ipBlock.cidr: ...".
+func convertRule(path, peersField, namespace string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (Rule, error) {
 	var r Rule
 	for i, peer := range peers {
-		p, err := convertPeer(namespace, peer)
+		p, matches, err := convertPeer(namespace, peer)
 		if err != nil {
-			return r, fmt.Errorf("peer %d: %w", i, err)
+			return r, fmt.Errorf("%s.%s[%d]%w", path, peersField, i, err)
 		}
-		r.Peers = append(r.Peers, p)
+		if matches {
+			r.Peers = append(r.Peers, p)
+		}
+	}
+	if len(peers) > 0 && r.Peers == nil {
+		// Every peer matches nothing, so the rule allows nothing; a nil
+		// list would mean every peer.
+		r.Peers = []Peer{}
 	}
 	for i, port := range ports {
 		pt, err := convertPort(port)
 		if err != nil {
-			return r, fmt.Errorf("ports[%d]: %w", i, err)
+			return r, fmt.Errorf("%s.ports[%d]%w", path, i, err)
 		}
 		r.Ports = append(r.Ports, pt)
 	}
 	return r, nil
 }
 
-func convertPeer(namespace string, peer networkingv1.NetworkPolicyPeer) (Peer, error) {
+// convertPeer converts one peer. It reports matches=false for an ipBlock
+// whose excepts cover its whole cidr: such a peer selects no address.
+// Errors begin with the field inside the peer (".ipBlock.cidr: ..."), or
+// ": " when the peer as a whole is wrong.
+func convertPeer(namespace string, peer networkingv1.NetworkPolicyPeer) (p Peer, matches bool, err error) {
 	if peer.IPBlock != nil {
 		if peer.PodSelector != nil || peer.NamespaceSelector != nil {
-			return Peer{}, fmt.Errorf("ipBlock cannot be combined with a selector")
+			return Peer{}, false, fmt.Errorf(".ipBlock: cannot be combined with podSelector or namespaceSelector")
 		}
-		cidr, err := netip.ParsePrefix(peer.IPBlock.CIDR)
-		if err != nil {
-			return Peer{}, fmt.Errorf("ipBlock.cidr %q: %w", peer.IPBlock.CIDR, err)
-		}
-		p := Peer{CIDR: cidr.Masked()}
-		for _, e := range peer.IPBlock.Except {
-			ex, err := netip.ParsePrefix(e)
-			if err != nil {
-				return Peer{}, fmt.Errorf("ipBlock.except %q: %w", e, err)
-			}
-			p.Except = append(p.Except, ex.Masked())
-		}
-		return p, nil
+		return convertIPBlock(peer.IPBlock)
 	}
 	pp := &PodPeer{Namespace: namespace, Pods: labels.Everything()}
 	if peer.PodSelector != nil {
 		s, err := metav1.LabelSelectorAsSelector(peer.PodSelector)
 		if err != nil {
-			return Peer{}, fmt.Errorf("podSelector: %w", err)
+			return Peer{}, false, fmt.Errorf(".podSelector: %w", err)
 		}
 		pp.Pods = s
 	}
 	if peer.NamespaceSelector != nil {
 		s, err := metav1.LabelSelectorAsSelector(peer.NamespaceSelector)
 		if err != nil {
-			return Peer{}, fmt.Errorf("namespaceSelector: %w", err)
+			return Peer{}, false, fmt.Errorf(".namespaceSelector: %w", err)
 		}
 		pp.Namespaces = s
 	}
 	if peer.PodSelector == nil && peer.NamespaceSelector == nil {
-		return Peer{}, fmt.Errorf("a peer needs podSelector, namespaceSelector or ipBlock")
+		return Peer{}, false, fmt.Errorf(": a peer needs podSelector, namespaceSelector or ipBlock")
 	}
-	return Peer{Pods: pp}, nil
+	return Peer{Pods: pp}, true, nil
 }
 
+// convertIPBlock normalises an ipBlock: "except is a slice of CIDRs that
+// should not be included within an IPBlock". The API server accepts only
+// excepts strictly inside the cidr; what else reaches us keeps its meaning
+// by that sentence, in the form the renderer needs (each except strictly
+// inside the cidr, once): an except outside the block excludes nothing and
+// is dropped, and one that holds the whole block leaves a peer that
+// matches no address (matches=false).
+func convertIPBlock(b *networkingv1.IPBlock) (p Peer, matches bool, err error) {
+	cidr, err := parseBlockPrefix(b.CIDR)
+	if err != nil {
+		return Peer{}, false, fmt.Errorf(".ipBlock.cidr: %w", err)
+	}
+	p = Peer{CIDR: cidr}
+	empty := false
+	for i, e := range b.Except {
+		ex, err := parseBlockPrefix(e)
+		if err != nil {
+			return Peer{}, false, fmt.Errorf(".ipBlock.except[%d]: %w", i, err)
+		}
+		switch {
+		case !ex.Overlaps(cidr): // outside the block, or the other family
+		case ex.Bits() <= cidr.Bits():
+			empty = true // holds the whole block
+		case !slices.Contains(p.Except, ex):
+			p.Except = append(p.Except, ex)
+		}
+	}
+	if empty {
+		return Peer{}, false, nil
+	}
+	return p, true, nil
+}
+
+// parseBlockPrefix parses an ipBlock prefix, host bits and all (the API
+// server accepts "10.0.0.1/8" and means 10.0.0.0/8).
+func parseBlockPrefix(s string) (netip.Prefix, error) {
+	pfx, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR: %w", s, err)
+	}
+	if pfx.Addr().Is4In6() {
+		// Package net, and so other implementations, read it as the IPv4
+		// block; as IPv6 it would match no packet. Refuse to guess.
+		return netip.Prefix{}, fmt.Errorf("%q is an IPv4-mapped IPv6 prefix; write the IPv4 block", s)
+	}
+	return pfx.Masked(), nil
+}
+
+// convertPort converts one port. Errors begin with the field inside the
+// port (".endPort: ...").
 func convertPort(port networkingv1.NetworkPolicyPort) (Port, error) {
 	pt := Port{Protocol: TCP}
 	if port.Protocol != nil {
@@ -128,29 +194,38 @@ func convertPort(port networkingv1.NetworkPolicyPort) (Port, error) {
 		case corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP:
 			pt.Protocol = Protocol(*port.Protocol)
 		default:
-			return pt, fmt.Errorf("protocol %q is not TCP, UDP or SCTP", *port.Protocol)
+			return pt, fmt.Errorf(".protocol: %q is not TCP, UDP or SCTP", *port.Protocol)
 		}
 	}
 	if port.Port != nil {
 		switch port.Port.Type {
 		case intstr.Int:
 			if port.Port.IntVal < 1 || port.Port.IntVal > 65535 {
-				return pt, fmt.Errorf("port %d is out of range", port.Port.IntVal)
+				return pt, fmt.Errorf(".port: %d is out of range 1-65535", port.Port.IntVal)
 			}
 			pt.Number = port.Port.IntVal
 		case intstr.String:
+			// An empty name would leave the port unset, which means every
+			// port.
+			if port.Port.StrVal == "" {
+				return pt, fmt.Errorf(".port: empty port name")
+			}
 			if port.EndPort != nil {
-				return pt, fmt.Errorf("endPort cannot be used with the named port %q", port.Port.StrVal)
+				return pt, fmt.Errorf(".endPort: cannot be used with the named port %q", port.Port.StrVal)
 			}
 			pt.Name = port.Port.StrVal
+		default:
+			// Not from JSON, but the type allows it; ignoring it would
+			// allow every port.
+			return pt, fmt.Errorf(".port: neither a number nor a name (type %d)", port.Port.Type)
 		}
 	}
 	if port.EndPort != nil {
 		if pt.Number == 0 {
-			return pt, fmt.Errorf("endPort needs a numeric port")
+			return pt, fmt.Errorf(".endPort: needs a numeric port")
 		}
 		if *port.EndPort < pt.Number || *port.EndPort > 65535 {
-			return pt, fmt.Errorf("endPort %d must lie between port %d and 65535", *port.EndPort, pt.Number)
+			return pt, fmt.Errorf(".endPort: %d must lie between port %d and 65535", *port.EndPort, pt.Number)
 		}
 		pt.EndPort = *port.EndPort
 	}
