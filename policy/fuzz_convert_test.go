@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -131,47 +130,6 @@ var fuzzSeeds = []string{
 	`{"podSelector":{},"ingress":[{"ports":[{"port":1,"endPort":65535}]}]}`,
 	// Everything together, egress and ingress in one object.
 	`{"podSelector":{"matchLabels":{"pod":"a"}},"policyTypes":["Ingress","Egress"],"ingress":[{"from":[{"namespaceSelector":{"matchLabels":{"ns":"y"}}},{"ipBlock":{"cidr":"10.244.0.0/16","except":["10.244.1.0/24"]}},{"ipBlock":{"cidr":"fd00:10:244::/48","except":["fd00:10:244:1::/64"]}}],"ports":[{"port":80},{"protocol":"UDP","port":"serve-81-udp"}]}],"egress":[{"to":[{"podSelector":{}}],"ports":[{"protocol":"UDP","port":53}]},{"to":[{"ipBlock":{"cidr":"198.18.0.0/24"}}]}]}`,
-}
-
-// knownRenderGaps are inputs whose conversion is right but whose rendered
-// rules the kernel would refuse. For them the fuzz target still checks
-// everything else (no panic, the API text, failing closed, the tracer's
-// verdicts, which model a hash:net set that could hold a /0) and skips
-// only checkSets.
-//
-// TODO(#10): render.go puts a /0 ipBlock in a hash:net ipset, which the
-// kernel refuses ("invalid cidr"). Delete the entry once the render fix
-// lands; SLUICE_FUZZ_ENFORCE_GAPS=1 checks these inputs before that.
-var knownRenderGaps = []struct {
-	name  string
-	match func(*Policy) bool
-}{
-	{"ipBlock /0 cannot go in a hash:net ipset", hasZeroPrefixBlock},
-}
-
-func hasZeroPrefixBlock(p *Policy) bool {
-	for _, rules := range [][]Rule{p.IngressRules, p.EgressRules} {
-		for _, r := range rules {
-			for _, peer := range r.Peers {
-				if peer.Pods == nil && peer.CIDR.Bits() == 0 {
-					return true
-				}
-			}
-		}
-	}
-	return false
-}
-
-func knownRenderGap(p *Policy) string {
-	if os.Getenv("SLUICE_FUZZ_ENFORCE_GAPS") != "" {
-		return ""
-	}
-	for _, g := range knownRenderGaps {
-		if g.match(p) {
-			return g.name
-		}
-	}
-	return ""
 }
 
 // boundSpec trims a spec to a few rules, peers, ports and excepts each.
@@ -424,11 +382,7 @@ func checkConversion(t *testing.T, w *fuzzWorld, np *networkingv1.NetworkPolicy)
 			}
 		}
 		rs := w.render(p, ipv6)
-		if gap := knownRenderGap(p); gap != "" {
-			t.Logf("known render gap (#10), ipsets not checked: %s", gap)
-		} else {
-			checkSets(t, rs, ipv6, spec)
-		}
+		checkSets(t, rs, ipv6, spec)
 		for i := range flows {
 			fl := &flows[i]
 			want := Allowed(pols, fl.src, fl.dst, fl.pkt.proto, fl.pkt.dport)

@@ -168,6 +168,11 @@ func TestKernelEntriesComeBack(t *testing.T) {
 		{"masquerade-rule", []string{"iptables", "-t", "nat", "-F", "SLUICE-POSTROUTING"}, contains("node-1", "MASQUERADE", "iptables", "-t", "nat", "-S", "SLUICE-POSTROUTING"), "masquerade"},
 		{"masquerade-jump", []string{"iptables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "sluice: masquerade pod traffic leaving the cluster network", "-j", "SLUICE-POSTROUTING"},
 			contains("node-1", "-j SLUICE-POSTROUTING", "iptables", "-t", "nat", "-S", "POSTROUTING"), "masquerade"},
+		// The policy loop's hooks: put back by it, not by the overlay.
+		{"forward-jump", []string{"iptables", "-D", "FORWARD", "-m", "comment", "--comment", "sluice: forwarding decision for pod traffic", "-j", "SLUICE-FORWARD"},
+			contains("node-1", "-j SLUICE-FORWARD", "iptables", "-S", "FORWARD"), "policy-hook"},
+		{"anti-spoofing-jump", []string{"iptables", "-t", "raw", "-F", "PREROUTING"},
+			contains("node-1", "-j SLUICE-PREROUTING", "iptables", "-t", "raw", "-S", "PREROUTING"), "policy-hook"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
