@@ -15,11 +15,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-)
 
-// HostVethPrefix starts every host-side interface Sluice makes, so the
-// policy loop can tell Sluice's pods apart from anything else.
-const HostVethPrefix = "sl"
+	"github.com/sluice-net/sluice/internal/contract"
+)
 
 // The pod's gateway. Nothing owns 169.254.1.1: the host answers ARP for it
 // with proxy ARP on the veth. For IPv6, the gateway is the host veth's
@@ -38,7 +36,7 @@ func HostVethName(podNamespace, podName, containerID string) string {
 		key = podNamespace + "." + podName
 	}
 	h := sha1.Sum([]byte(key))
-	return HostVethPrefix + hex.EncodeToString(h[:])[:11]
+	return contract.HostVethPrefix + hex.EncodeToString(h[:])[:11]
 }
 
 // wire creates the veth pair and configures both ends for the IPs in res.

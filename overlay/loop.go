@@ -33,6 +33,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/atomicfile"
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/overlay/lease"
 	"github.com/sluice-net/sluice/overlay/masq"
@@ -341,13 +342,19 @@ func (l *Loop) mtu() int {
 	return m
 }
 
-// deviceName names the VXLAN devices. They must not start with the pod veth
-// prefix "sl", which the policy loop matches.
+// The VXLAN devices' name prefixes. contract.MustTunnelPrefix keeps them
+// off the pod veth prefix, which the policy loop matches as a pod.
+var (
+	vxlanPrefix4 = contract.MustTunnelPrefix("vx-sluice.")
+	vxlanPrefix6 = contract.MustTunnelPrefix("vx6-sluice.")
+)
+
+// deviceName names a VXLAN device: its family's prefix and the VNI.
 func deviceName(v6 bool, vni int) string {
 	if v6 {
-		return "vx6-sluice." + strconv.Itoa(vni)
+		return vxlanPrefix6 + strconv.Itoa(vni)
 	}
-	return "vx-sluice." + strconv.Itoa(vni)
+	return vxlanPrefix4 + strconv.Itoa(vni)
 }
 
 // sync makes the kernel match the cluster's Nodes. With repair, no Node

@@ -11,8 +11,8 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/ipset"
-	"github.com/sluice-net/sluice/internal/iptables"
 )
 
 // Dataplane writes rendered rulesets of one family into the kernel. It
@@ -20,7 +20,7 @@ import (
 // only the changed chains, in the order ipsets, policy chains, endpoint
 // chains, dispatch; deletions go the other way.
 type Dataplane struct {
-	ipt  *iptables.Runner
+	ipt  contract.RuleWriter
 	ipv6 bool
 	// chains and sets are what the kernel holds, as far as we know.
 	chains map[string][]string
@@ -39,7 +39,7 @@ type Dataplane struct {
 }
 
 // NewDataplane returns a writer that starts by reading the kernel.
-func NewDataplane(ipt *iptables.Runner, ipv6 bool) *Dataplane {
+func NewDataplane(ipt contract.RuleWriter, ipv6 bool) *Dataplane {
 	return &Dataplane{ipt: ipt, ipv6: ipv6}
 }
 
@@ -557,10 +557,10 @@ var chainKinds = []chainKind{
 	{chainPrefix + "PE-", false, rankPolicy},
 	{chainPrefix + "FW-", false, rankEndpoint},
 	{chainPrefix + "TW-", false, rankEndpoint},
-	{FromPodChain + "-", false, rankDispatch},
-	{ToPodChain + "-", false, rankDispatch},
-	{FromPodChain, true, rankTop},
-	{ToPodChain, true, rankTop},
+	{contract.FromPodChain + "-", false, rankDispatch},
+	{contract.ToPodChain + "-", false, rankDispatch},
+	{contract.FromPodChain, true, rankTop},
+	{contract.ToPodChain, true, rankTop},
 }
 
 // chainKindOf returns the kind of a chain, or one with rank -1 for a chain

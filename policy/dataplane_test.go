@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/forward"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -81,7 +82,7 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 			t.Error("the removed policy's chain remains")
 		}
 		// A rule deleted behind our back comes back after a re-read.
-		if err := r.Raw("-F", FromPodChain); err != nil {
+		if err := r.Raw("-F", contract.FromPodChain); err != nil {
 			return err
 		}
 		if err := d.ReadKernel(); err != nil {

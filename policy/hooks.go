@@ -6,8 +6,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/forward"
-	"github.com/sluice-net/sluice/internal/iptables"
 )
 
 // The policy loop owns the jumps that send pod traffic through its chains,
@@ -124,7 +124,7 @@ func chainRulesCounted(save, chain string) ([]string, []uint64) {
 }
 
 // readHooks reads the hooks of one family from the kernel.
-func readHooks(r *iptables.Runner, filter string) (hookState, error) {
+func readHooks(r contract.RuleWriter, filter string) (hookState, error) {
 	raw, err := r.SaveTable("raw", true)
 	if err != nil {
 		return hookState{}, err
@@ -134,7 +134,7 @@ func readHooks(r *iptables.Runner, filter string) (hookState, error) {
 
 // applyHooks writes the hooks of one family: the canaries, the forwarding
 // decision and anti-spoofing, each jump first in its built-in chain.
-func applyHooks(r *iptables.Runner) error {
+func applyHooks(r contract.HookWriter) error {
 	for _, table := range []string{"filter", "raw"} {
 		if err := r.EnsureChain(table, CanaryChain); err != nil {
 			return err

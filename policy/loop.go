@@ -28,6 +28,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/metrics"
 )
@@ -48,7 +49,8 @@ type Config struct {
 	StrictTCPPickup bool
 }
 
-// Loop is the policy loop. It is the endpoint registry's Programmer: an
+// Loop is the policy loop. It is the endpoint registry's
+// contract.EndpointProgrammer: an
 // endpoint registration returns once a sync that includes it is applied.
 type Loop struct {
 	cfg      Config
@@ -60,6 +62,7 @@ type Loop struct {
 	namespaces corelisters.NamespaceLister
 	policies   networkinglisters.NetworkPolicyLister
 	dataplanes map[bool]*Dataplane // by ipv6
+	writers    map[bool]contract.HookWriter
 
 	mu        sync.Mutex
 	endpoints map[string]endpointapi.Endpoint
@@ -162,6 +165,7 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 		endpoints:    map[string]endpointapi.Endpoint{},
 		appliedCh:    make(chan struct{}),
 		dataplanes:   map[bool]*Dataplane{},
+		writers:      map[bool]contract.HookWriter{},
 		policyCache:  map[string]cachedObject[*Policy]{},
 		podCache:     map[string]cachedObject[*Pod]{},
 		nsCache:      map[string]cachedObject[*Namespace]{},
@@ -289,6 +293,7 @@ func (l *Loop) Run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		l.writers[v6] = r
 		l.dataplanes[v6] = NewDataplane(r, v6)
 		if l.dataplaneHook != nil {
 			l.dataplaneHook(l.dataplanes[v6])
@@ -813,7 +818,7 @@ func (l *Loop) ensureHooks(ctx context.Context, v6 bool) error {
 	if l.hooksWritten[v6] && hs.problem == "" {
 		return nil
 	}
-	if err := applyHooks(l.dataplanes[v6].ipt); err != nil {
+	if err := applyHooks(l.writers[v6]); err != nil {
 		if hs.problem == "" {
 			hs.problem = "not written yet"
 		}

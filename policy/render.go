@@ -8,12 +8,15 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/sluice-net/sluice/internal/contract"
 )
 
 // The chains and sets the policy loop renders, in the design Calico's Felix
 // arrived at:
 //
-//	SLUICE-FROM-POD / SLUICE-TO-POD (hooked by package forward)
+//	SLUICE-FROM-POD / SLUICE-TO-POD (package contract names them, package
+//	forward hooks them)
 //	  dispatch by interface name through a prefix tree, ending in DROP for
 //	  any Sluice interface that is not programmed yet
 //	SLUICE-FW-<veth> / SLUICE-TW-<veth>: one per local endpoint and direction
@@ -25,11 +28,8 @@ import (
 // endpoint's rules grow with the policies that select it, not with the
 // number of pods.
 const (
-	FromPodChain   = "SLUICE-FROM-POD"
-	ToPodChain     = "SLUICE-TO-POD"
 	chainPrefix    = "SLUICE-"
 	setPrefix      = "SLUICE-"
-	vethPrefix     = "sl"
 	dispatchBucket = 1 // hex characters of the first dispatch level
 )
 
@@ -98,7 +98,7 @@ func PolicyChain(key string, egress bool) string {
 // EndpointChain names an endpoint's chain: FW is traffic from the pod
 // (egress), TW traffic to it (ingress).
 func EndpointChain(veth string, egress bool) string {
-	suffix := strings.TrimPrefix(veth, vethPrefix)
+	suffix := strings.TrimPrefix(veth, contract.HostVethPrefix)
 	if egress {
 		return chainPrefix + "FW-" + suffix
 	}
@@ -217,13 +217,13 @@ func (r *Renderer) endpointRules(chain string, policies []string, egress bool) [
 // programmed, so a pod whose endpoint is not ready sends and receives
 // nothing.
 func (r *Renderer) dispatch(rs *Ruleset, endpoints []LocalEndpoint, egress bool) {
-	top, dir := ToPodChain, "-o"
+	top, dir := contract.ToPodChain, "-o"
 	if egress {
-		top, dir = FromPodChain, "-i"
+		top, dir = contract.FromPodChain, "-i"
 	}
 	buckets := map[string][]string{}
 	for _, ep := range endpoints {
-		suffix := strings.TrimPrefix(ep.HostVeth, vethPrefix)
+		suffix := strings.TrimPrefix(ep.HostVeth, contract.HostVethPrefix)
 		if len(suffix) < dispatchBucket {
 			continue
 		}
@@ -238,7 +238,7 @@ func (r *Renderer) dispatch(rs *Ruleset, endpoints []LocalEndpoint, egress bool)
 	var topRules []string
 	for _, b := range names {
 		bucket := top + "-" + b
-		topRules = append(topRules, fmt.Sprintf("-A %s %s %s%s+ -g %s", top, dir, vethPrefix, b, bucket))
+		topRules = append(topRules, fmt.Sprintf("-A %s %s %s%s+ -g %s", top, dir, contract.HostVethPrefix, b, bucket))
 		vs := buckets[b]
 		sort.Strings(vs)
 		var rules []string

@@ -12,6 +12,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
+
+	"github.com/sluice-net/sluice/internal/contract"
 )
 
 func vethOf(key string) string {
@@ -46,13 +48,13 @@ func (w *world) render(pols []*Policy) *Ruleset {
 func forwardVerdict(t *testing.T, rs *Ruleset, p *packet) bool {
 	if strings.HasPrefix(p.in, "sl") {
 		tr := &tracer{t: t, rs: rs}
-		if tr.run(FromPodChain, p, 0) == verdictDrop {
+		if tr.run(contract.FromPodChain, p, 0) == verdictDrop {
 			return false
 		}
 	}
 	if strings.HasPrefix(p.out, "sl") {
 		tr := &tracer{t: t, rs: rs}
-		if tr.run(ToPodChain, p, 0) == verdictDrop {
+		if tr.run(contract.ToPodChain, p, 0) == verdictDrop {
 			return false
 		}
 	}

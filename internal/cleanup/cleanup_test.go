@@ -16,6 +16,7 @@ import (
 
 	"github.com/sluice-net/sluice/cni"
 	"github.com/sluice-net/sluice/internal/cleanup"
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/forward"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -108,9 +109,9 @@ func programNode(t *testing.T, node, pod ns.NetNS, runDir, stateDir string) {
 				fw := "SLUICE-FW-" + strings.TrimPrefix(podVeth, "sl")
 				rs := &policy.Ruleset{
 					Chains: map[string][]string{
-						policy.FromPodChain: {"-A " + policy.FromPodChain + " -i " + podVeth + " -j " + fw},
-						policy.ToPodChain:   {},
-						fw:                  {"-A " + fw + " -m set --match-set " + set + " dst -j RETURN", "-A " + fw + " -j DROP"},
+						contract.FromPodChain: {"-A " + contract.FromPodChain + " -i " + podVeth + " -j " + fw},
+						contract.ToPodChain:   {},
+						fw:                    {"-A " + fw + " -m set --match-set " + set + " dst -j RETURN", "-A " + fw + " -j DROP"},
 					},
 					Sets: map[string]*policy.Set{set: {Name: set, Type: policy.HashNet, IPv6: fam == iptables.IPv6, Entries: []string{entry}}},
 				}

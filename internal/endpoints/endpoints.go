@@ -29,25 +29,19 @@ import (
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/atomicfile"
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/metrics"
 )
 
 // PodIPsAnnotation is the annotation the registry writes.
 const PodIPsAnnotation = endpointapi.PodIPsAnnotation
 
-// Programmer programs an endpoint's dataplane (the policy loop). Register
-// returns only after it succeeds.
-type Programmer interface {
-	ProgramEndpoint(ctx context.Context, ep endpointapi.Endpoint) error
-	RemoveEndpoint(ctx context.Context, ep endpointapi.Endpoint) error
-}
-
 // Registry holds this node's endpoints, persisted in a directory so an agent
 // restart forgets none.
 type Registry struct {
 	dir        string
 	client     kubernetes.Interface
-	programmer Programmer
+	programmer contract.EndpointProgrammer // Register returns only after it succeeds
 
 	mu  sync.Mutex
 	eps map[string]endpointapi.Endpoint
@@ -55,7 +49,7 @@ type Registry struct {
 
 // NewRegistry loads the endpoints persisted in dir, dropping those whose
 // host veth is gone (their pods were deleted while the agent was down).
-func NewRegistry(dir string, client kubernetes.Interface, programmer Programmer) (*Registry, error) {
+func NewRegistry(dir string, client kubernetes.Interface, programmer contract.EndpointProgrammer) (*Registry, error) {
 	r := &Registry{dir: dir, client: client, programmer: programmer, eps: map[string]endpointapi.Endpoint{}}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating endpoint dir: %w", err)

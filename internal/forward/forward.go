@@ -19,16 +19,15 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 )
 
 // Chains.
 const (
-	Chain        = "SLUICE-FORWARD"
-	FromPodChain = "SLUICE-FROM-POD"
-	ToPodChain   = "SLUICE-TO-POD"
+	Chain = "SLUICE-FORWARD"
 	// PodInterfaces matches the host side of every pod veth Sluice makes.
-	PodInterfaces = "sl+"
+	PodInterfaces = contract.HostVethPrefix + "+"
 	jumpComment   = "sluice: forwarding decision for pod traffic"
 )
 
@@ -40,8 +39,8 @@ const JumpComment = jumpComment
 
 func rules() []string {
 	return []string{
-		fmt.Sprintf("-A %s -i %s -m comment --comment \"egress policy of the sending pod\" -j %s", Chain, PodInterfaces, FromPodChain),
-		fmt.Sprintf("-A %s -o %s -m comment --comment \"ingress policy of the receiving pod\" -j %s", Chain, PodInterfaces, ToPodChain),
+		fmt.Sprintf("-A %s -i %s -m comment --comment \"egress policy of the sending pod\" -j %s", Chain, PodInterfaces, contract.FromPodChain),
+		fmt.Sprintf("-A %s -o %s -m comment --comment \"ingress policy of the receiving pod\" -j %s", Chain, PodInterfaces, contract.ToPodChain),
 		fmt.Sprintf("-A %s -i %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
 		fmt.Sprintf("-A %s -o %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
 	}
@@ -58,12 +57,12 @@ func Render() []byte {
 }
 
 // Check reports whether the chain and the jump to it are as rendered.
-func Check(r *iptables.Runner) bool {
+func Check(r contract.HookWriter) bool {
 	live, err := r.Rules("filter", Chain)
 	if err != nil || !slices.Equal(live, rules()) {
 		return false
 	}
-	for _, c := range []string{FromPodChain, ToPodChain} {
+	for _, c := range []string{contract.FromPodChain, contract.ToPodChain} {
 		if _, err := r.Rules("filter", c); err != nil {
 			return false
 		}
@@ -78,8 +77,8 @@ func Check(r *iptables.Runner) bool {
 
 // Apply writes the chain, creates the policy chains if missing, and puts
 // the jump first in FORWARD.
-func Apply(r *iptables.Runner) error {
-	for _, c := range []string{FromPodChain, ToPodChain, Chain} {
+func Apply(r contract.HookWriter) error {
+	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, Chain} {
 		if err := r.EnsureChain("filter", c); err != nil {
 			return err
 		}
@@ -93,7 +92,7 @@ func Apply(r *iptables.Runner) error {
 // EnsureFirstJump makes a built-in chain's first rule the jump to one of
 // Sluice's chains, moving it back to the top when someone inserted a rule
 // above it: a blanket accept above it would skip Sluice's decision.
-func EnsureFirstJump(r *iptables.Runner, table, from, to, comment string) error {
+func EnsureFirstJump(r contract.HookWriter, table, from, to, comment string) error {
 	jumps, err := r.Rules(table, from)
 	if err != nil {
 		return err
@@ -106,12 +105,13 @@ func EnsureFirstJump(r *iptables.Runner, table, from, to, comment string) error 
 	return r.EnsureJump(table, from, to, comment)
 }
 
-// Remove deletes the jump and the chains.
+// Remove deletes the jump and the chains (on uninstall, with the real
+// runner: deleting chains is no part of the writer contract).
 func Remove(r *iptables.Runner) error {
 	if err := r.DeleteJump("filter", "FORWARD", Chain, jumpComment); err != nil {
 		return err
 	}
-	for _, c := range []string{Chain, FromPodChain, ToPodChain} {
+	for _, c := range []string{Chain, contract.FromPodChain, contract.ToPodChain} {
 		if err := r.DeleteChain("filter", c); err != nil {
 			return err
 		}

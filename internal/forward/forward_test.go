@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
 )
@@ -21,10 +22,10 @@ func TestApplyKeepsPolicyChainsAndComesFirst(t *testing.T) {
 			if err := r.Raw("-A", "FORWARD", "-s", map[iptables.Family]string{4: "10.244.0.0/16", 6: "fd00::/8"}[fam], "-j", "ACCEPT"); err != nil {
 				return err
 			}
-			if err := r.EnsureChain("filter", FromPodChain); err != nil {
+			if err := r.EnsureChain("filter", contract.FromPodChain); err != nil {
 				return err
 			}
-			if err := r.Raw("-A", FromPodChain, "-j", "DROP"); err != nil {
+			if err := r.Raw("-A", contract.FromPodChain, "-j", "DROP"); err != nil {
 				return err
 			}
 			if Check(r) {
@@ -38,7 +39,7 @@ func TestApplyKeepsPolicyChainsAndComesFirst(t *testing.T) {
 				fwd, _ := r.Rules("filter", "FORWARD")
 				t.Fatalf("Check after Apply failed:\n%s\nFORWARD:\n%s", strings.Join(live, "\n"), strings.Join(fwd, "\n"))
 			}
-			from, _ := r.Rules("filter", FromPodChain)
+			from, _ := r.Rules("filter", contract.FromPodChain)
 			if len(from) != 1 || !strings.Contains(from[0], "DROP") {
 				t.Errorf("the policy loop's rule was flushed: %v", from)
 			}

@@ -14,8 +14,12 @@ import (
 
 	goipt "github.com/coreos/go-iptables/iptables"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/metrics"
 )
+
+// Runner is the rule writer the loops are given.
+var _ contract.HookWriter = (*Runner)(nil)
 
 // Family is an IP family.
 type Family int
