@@ -17,51 +17,7 @@ import (
 // connections that conntrack would otherwise pass as established. The
 // reference semantics decide each flow, so the cut matches the rules.
 func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]*Namespace, locals []LocalEndpoint) (int, error) {
-	byIP := map[netip.Addr]*Pod{}
-	for _, p := range pods {
-		for _, ip := range p.IPs {
-			byIP[ip] = p
-		}
-	}
-	local := map[netip.Addr]bool{}
-	for _, ep := range locals {
-		for _, ip := range ep.Pod.IPs {
-			local[ip] = true
-		}
-	}
-	endpoint := func(ip netip.Addr) Endpoint {
-		if p, ok := byIP[ip]; ok {
-			return Endpoint{Pod: p, Namespace: namespaces[p.Namespace], IP: ip}
-		}
-		return Endpoint{IP: ip}
-	}
-	list := make([]*Policy, 0, len(pols))
-	for _, p := range pols {
-		list = append(list, p)
-	}
-	// Only the policies that select one of the two pods can decide a flow;
-	// finding them once per pod keeps a sync at scale from evaluating
-	// every policy for every flow.
-	selecting := map[*Pod][]*Policy{}
-	relevant := func(pods ...*Pod) []*Policy {
-		var out []*Policy
-		for _, pod := range pods {
-			if pod == nil {
-				continue
-			}
-			ps, ok := selecting[pod]
-			if !ok {
-				for _, p := range list {
-					if p.Selects(pod) {
-						ps = append(ps, p)
-					}
-				}
-				selecting[pod] = ps
-			}
-			out = append(out, ps...)
-		}
-		return out
-	}
+	j := newFlowJudge(pols, pods, namespaces, locals)
 	filter := &denyFilter{}
 	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
 		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
@@ -69,21 +25,7 @@ func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]
 			return 0, err
 		}
 		for _, f := range flows {
-			src, ok1 := netip.AddrFromSlice(f.Forward.SrcIP)
-			dst, ok2 := netip.AddrFromSlice(f.Forward.DstIP)
-			if !ok1 || !ok2 {
-				continue
-			}
-			src, dst = src.Unmap(), dst.Unmap()
-			if !local[src] && !local[dst] {
-				continue
-			}
-			proto := protoOf(f.Forward.Protocol)
-			if proto == "" {
-				continue
-			}
-			s, d := endpoint(src), endpoint(dst)
-			if !Allowed(relevant(s.Pod, d.Pod), s, d, proto, int32(f.Forward.DstPort)) {
+			if j.denied(f.Forward) {
 				filter.add(f.Forward)
 			}
 		}
@@ -100,6 +42,86 @@ func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]
 		total += n
 	}
 	return int(total), nil
+}
+
+// flowJudge decides conntrack flows with the reference semantics, over
+// one snapshot of the model.
+type flowJudge struct {
+	byIP       map[netip.Addr]*Pod
+	local      map[netip.Addr]bool
+	namespaces map[string]*Namespace
+	policies   []*Policy
+	// selecting caches, per pod, the policies that select it.
+	selecting map[*Pod][]*Policy
+}
+
+func newFlowJudge(pols map[string]*Policy, pods []*Pod, namespaces map[string]*Namespace, locals []LocalEndpoint) *flowJudge {
+	j := &flowJudge{byIP: map[netip.Addr]*Pod{}, local: map[netip.Addr]bool{}, namespaces: namespaces,
+		policies: make([]*Policy, 0, len(pols)), selecting: map[*Pod][]*Policy{}}
+	for _, p := range pods {
+		for _, ip := range p.IPs {
+			j.byIP[ip] = p
+		}
+	}
+	for _, ep := range locals {
+		for _, ip := range ep.Pod.IPs {
+			j.local[ip] = true
+		}
+	}
+	for _, p := range pols {
+		j.policies = append(j.policies, p)
+	}
+	return j
+}
+
+// denied reports whether a flow to or from a local endpoint is one the
+// policies no longer allow.
+func (j *flowJudge) denied(t netlink.IPTuple) bool {
+	src, ok1 := netip.AddrFromSlice(t.SrcIP)
+	dst, ok2 := netip.AddrFromSlice(t.DstIP)
+	if !ok1 || !ok2 {
+		return false
+	}
+	src, dst = src.Unmap(), dst.Unmap()
+	if !j.local[src] && !j.local[dst] {
+		return false
+	}
+	proto := protoOf(t.Protocol)
+	if proto == "" {
+		return false
+	}
+	s, d := j.endpoint(src), j.endpoint(dst)
+	return !Allowed(j.relevant(s.Pod, d.Pod), s, d, proto, int32(t.DstPort))
+}
+
+func (j *flowJudge) endpoint(ip netip.Addr) Endpoint {
+	if p, ok := j.byIP[ip]; ok {
+		return Endpoint{Pod: p, Namespace: j.namespaces[p.Namespace], IP: ip}
+	}
+	return Endpoint{IP: ip}
+}
+
+// relevant returns the policies that select one of the pods. Only they
+// can decide a flow; finding them once per pod keeps a sync at scale from
+// evaluating every policy for every flow.
+func (j *flowJudge) relevant(pods ...*Pod) []*Policy {
+	var out []*Policy
+	for _, pod := range pods {
+		if pod == nil {
+			continue
+		}
+		ps, ok := j.selecting[pod]
+		if !ok {
+			for _, p := range j.policies {
+				if p.Selects(pod) {
+					ps = append(ps, p)
+				}
+			}
+			j.selecting[pod] = ps
+		}
+		out = append(out, ps...)
+	}
+	return out
 }
 
 func protoOf(p uint8) Protocol {

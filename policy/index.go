@@ -292,7 +292,18 @@ func setMember(list []string, key string, present bool) []string {
 // ordered by host veth; both are the same for every family.
 func (s *clusterState) renderFamily(f *familyState, changes []podChange, used map[usage]bool, locals []LocalEndpoint) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
-	// Policy chains, for the policies some endpoint uses.
+	needed := s.renderPolicyChains(f, used, rs)
+	s.renderSets(f, changes, needed, rs)
+	s.renderEndpointChains(f, rs)
+	f.r.dispatch(rs, locals, true)
+	f.r.dispatch(rs, locals, false)
+	return rs
+}
+
+// renderPolicyChains puts into rs the chains of the policies some endpoint
+// uses, rendered again only when the policy changed, and returns the sets
+// they need.
+func (s *clusterState) renderPolicyChains(f *familyState, used map[usage]bool, rs *Ruleset) map[string]*setDef {
 	for u := range f.policyChains {
 		if !used[u] {
 			delete(f.policyChains, u)
@@ -314,8 +325,13 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange, used ma
 			}
 		}
 	}
-	// Sets: drop the unneeded, update the rest for changed pods and
-	// namespaces, index the new over every pod.
+	return needed
+}
+
+// renderSets puts into rs the needed sets: it drops the unneeded, updates
+// the rest for changed pods and namespaces, and indexes the new over
+// every pod.
+func (s *clusterState) renderSets(f *familyState, changes []podChange, needed map[string]*setDef, rs *Ruleset) {
 	for name := range f.sets {
 		if needed[name] == nil {
 			delete(f.sets, name)
@@ -358,7 +374,11 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange, used ma
 		}
 		rs.Sets[name] = is.set
 	}
-	// Endpoint chains, rendered again only when their policies change.
+}
+
+// renderEndpointChains puts into rs the local endpoints' chains, rendered
+// again only when their policies change.
+func (s *clusterState) renderEndpointChains(f *familyState, rs *Ruleset) {
 	local := make(map[string]bool, len(s.selections))
 	for _, sel := range s.selections {
 		local[sel.ep.HostVeth] = true
@@ -380,9 +400,6 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange, used ma
 		rs.Chains[EndpointChain(veth, false)] = re.ingress
 		rs.Chains[EndpointChain(veth, true)] = re.egress
 	}
-	f.r.dispatch(rs, locals, true)
-	f.r.dispatch(rs, locals, false)
-	return rs
 }
 
 // candidates calls fn for every pod that may contribute to a set: those

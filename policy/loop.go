@@ -308,6 +308,33 @@ func (l *Loop) Run(ctx context.Context) error {
 	defer netns.Close()
 	l.netns = netns
 
+	factory, err := l.startInformers(ctx)
+	if err != nil {
+		return err
+	}
+	defer factory.Shutdown()
+
+	// The first sync models everything the caches hold; later ones only
+	// what the event handlers marked.
+	if err := l.markAll(); err != nil {
+		return err
+	}
+	l.queue.Add(syncKey)
+
+	var helpers sync.WaitGroup
+	helpers.Go(func() { l.runRereader(ctx) })
+	helpers.Go(func() { l.runCutter(ctx) })
+	go func() { <-ctx.Done(); l.queue.ShutDown() }()
+	for l.processNext(ctx) {
+	}
+	helpers.Wait() // they use the namespace handle closed on return
+	return nil
+}
+
+// startInformers starts the informers of pods, namespaces and policies,
+// whose event handlers mark what changed and queue a sync, and waits for
+// their caches.
+func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFactory, error) {
 	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
 	pods, nss, nps := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Networking().V1().NetworkPolicies()
 	watch := func(inf cache.SharedIndexInformer, dirty func(*dirtyKeys) map[string]bool) error {
@@ -334,29 +361,13 @@ func (l *Loop) Run(ctx context.Context) error {
 		nps.Informer():  func(d *dirtyKeys) map[string]bool { return d.policies },
 	} {
 		if err := watch(inf, dirty); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	l.pods, l.namespaces, l.policies = pods.Lister(), nss.Lister(), nps.Lister()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
-	defer factory.Shutdown()
-
-	// The first sync models everything the caches hold; later ones only
-	// what the event handlers marked.
-	if err := l.markAll(); err != nil {
-		return err
-	}
-	l.queue.Add(syncKey)
-
-	var helpers sync.WaitGroup
-	helpers.Go(func() { l.runRereader(ctx) })
-	helpers.Go(func() { l.runCutter(ctx) })
-	go func() { <-ctx.Done(); l.queue.ShutDown() }()
-	for l.processNext(ctx) {
-	}
-	helpers.Wait() // they use the namespace handle closed on return
-	return nil
+	return factory, nil
 }
 
 // markAll marks every cached object changed. Event handlers may still be
@@ -468,16 +479,56 @@ func (l *Loop) processNext(ctx context.Context) bool {
 // sync brings the model up to date with what changed, renders what that
 // touches, and applies what differs from the kernel.
 func (l *Loop) sync(ctx context.Context) error {
-	logger := klog.FromContext(ctx)
-	began := time.Now()
+	t := syncTimes{began: time.Now()}
 	defer func() {
-		if d := time.Since(began); d > 100*time.Millisecond {
-			logger.V(2).Info("slow policy sync", "ms", d.Milliseconds())
+		if d := time.Since(t.began); d > 100*time.Millisecond {
+			klog.FromContext(ctx).V(2).Info("slow policy sync", "ms", d.Milliseconds())
 		}
 	}()
-	// A periodic re-read, if one is waiting: what it found wrong is put
-	// right by this sync's Apply.
-	repairing := false
+	repairing := l.adoptReread()
+	gen, dirty, eps := l.takeChanges()
+	inputChanged := len(dirty.policies)+len(dirty.pods)+len(dirty.namespaces) > 0
+	if err := l.updateModel(ctx, dirty); err != nil {
+		// Converting again is harmless; losing a key would leave its
+		// object unprogrammed until the informers' resync.
+		l.mu.Lock()
+		l.dirty.restore(dirty)
+		l.mu.Unlock()
+		return err
+	}
+	if eps != nil {
+		l.state.SetEndpoints(eps)
+	}
+	l.seenEndpoint = gen
+
+	t.modelled = time.Now()
+	rulesets := l.state.Commit()
+	t.rendered = time.Now()
+	changed, failed, err := l.applyFamilies(ctx, rulesets, repairing, t)
+	if err != nil {
+		return err
+	}
+	if inputChanged && changed {
+		// A change may stop allowing flows that conntrack would let
+		// through as established: cut them, without holding up the
+		// next change.
+		pols, pods, namespaces, locals := l.state.Snapshot()
+		l.requestCut(cutRequest{pols, pods, namespaces, locals})
+	}
+	l.publish(ctx, gen, failed)
+	return nil
+}
+
+// syncTimes are when a sync began, finished the model and finished
+// rendering, for the log line of what it wrote.
+type syncTimes struct {
+	began, modelled, rendered time.Time
+}
+
+// adoptReread takes a periodic re-read, if one is waiting: what it found
+// wrong is put right by this sync's Apply. It reports whether it adopted
+// one, so what the sync writes counts as a repair of drift.
+func (l *Loop) adoptReread() (repairing bool) {
 	select {
 	case states := <-l.kernel:
 		for i, v6 := range l.families() {
@@ -494,72 +545,90 @@ func (l *Loop) sync(ctx context.Context) error {
 		}
 	default:
 	}
+	return repairing
+}
 
+// takeChanges takes the keys the event handlers marked, and the endpoint
+// set when it changed since the model last saw it (nil otherwise), with
+// its generation.
+func (l *Loop) takeChanges() (gen uint64, dirty dirtyKeys, eps map[string]endpointapi.Endpoint) {
 	l.mu.Lock()
-	gen := l.wanted
-	dirty := l.dirty.take()
-	var eps map[string]endpointapi.Endpoint
+	defer l.mu.Unlock()
+	gen = l.wanted
+	dirty = l.dirty.take()
 	if gen != l.seenEndpoint {
 		eps = maps.Clone(l.endpoints)
 	}
-	l.mu.Unlock()
-	inputChanged := len(dirty.policies)+len(dirty.pods)+len(dirty.namespaces) > 0
-	if err := l.updateModel(ctx, dirty); err != nil {
-		// Converting again is harmless; losing a key would leave its
-		// object unprogrammed until the informers' resync.
-		l.mu.Lock()
-		l.dirty.restore(dirty)
-		l.mu.Unlock()
-		return err
-	}
-	if eps != nil {
-		l.state.SetEndpoints(eps)
-	}
-	l.seenEndpoint = gen
+	return gen, dirty, eps
+}
 
-	modelled := time.Now()
-	rulesets := l.state.Commit()
-	rendered := time.Now()
-	changed := false
-	var failed []Failure
+// applyFamilies applies each family's ruleset and then its hooks. It
+// reports whether anything was written, and the policy chains that fail
+// closed.
+func (l *Loop) applyFamilies(ctx context.Context, rulesets []*Ruleset, repairing bool, t syncTimes) (changed bool, failed []Failure, err error) {
 	for i, v6 := range l.families() {
 		st, err := l.dataplanes[v6].Apply(rulesets[i])
 		if err != nil {
-			return err
+			return changed, failed, err
 		}
 		failed = append(failed, st.Failed...)
 		// After the chains, so a new node's first pod packet already
 		// meets the endpoint dispatch when the jump to it appears.
 		if err := l.ensureHooks(ctx, v6); err != nil {
-			return err
+			return changed, failed, err
 		}
-		if st.Changed() {
-			changed = true
-			if repairing {
-				metrics.DriftRepairs.WithLabelValues("policy-chain").Add(float64(st.ChainsWritten + st.ChainsDeleted))
-				metrics.DriftRepairs.WithLabelValues("policy-ipset").Add(float64(st.SetsChanged + st.SetsDeleted))
-			}
-			logger.V(2).Info("policy rules written", "ipv6", v6, "stats", st, "repair", repairing,
-				"modelMs", modelled.Sub(began).Milliseconds(), "renderMs", rendered.Sub(modelled).Milliseconds(),
-				"applyMs", time.Since(rendered).Milliseconds())
+		if !st.Changed() {
+			continue
 		}
+		changed = true
+		if repairing {
+			metrics.DriftRepairs.WithLabelValues("policy-chain").Add(float64(st.ChainsWritten + st.ChainsDeleted))
+			metrics.DriftRepairs.WithLabelValues("policy-ipset").Add(float64(st.SetsChanged + st.SetsDeleted))
+		}
+		klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", v6, "stats", st, "repair", repairing,
+			"modelMs", t.modelled.Sub(t.began).Milliseconds(), "renderMs", t.rendered.Sub(t.modelled).Milliseconds(),
+			"applyMs", time.Since(t.rendered).Milliseconds())
 	}
-	if inputChanged && changed {
-		// A change may stop allowing flows that conntrack would let
-		// through as established: cut them, without holding up the
-		// next change.
-		pols, pods, namespaces, locals := l.state.Snapshot()
-		l.requestCut(cutRequest{pols, pods, namespaces, locals})
-	}
+	return changed, failed, nil
+}
+
+// publish reports an applied sync: the Events of policies the kernel
+// refused or took again, the metrics, and the status, and it wakes the
+// ProgramEndpoint calls that waited for generation gen.
+func (l *Loop) publish(ctx context.Context, gen uint64, failed []Failure) {
 	locals := l.state.LocalEndpoints()
 	l.reportRefused(ctx, failed, locals)
 	notProgrammed := maps.Clone(l.invalid)
 	maps.Copy(notProgrammed, l.refused)
 	metrics.PoliciesNotProgrammed.WithLabelValues("invalid").Set(float64(len(l.invalid)))
 	metrics.PoliciesNotProgrammed.WithLabelValues("kernel").Set(float64(len(l.refused)))
+	selected, epPolicies := l.publishSelected(locals)
+	metrics.EndpointsProgrammed.Set(float64(len(locals)))
+	metrics.PoliciesProgrammed.Set(float64(len(l.state.policies)))
 
-	selected := map[string]int{}
-	epPolicies := map[string][]string{}
+	l.mu.Lock()
+	if gen > l.applied {
+		l.applied = gen
+	}
+	close(l.appliedCh)
+	l.appliedCh = make(chan struct{})
+	first := !l.status.Ready
+	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
+		NotProgrammed: notProgrammed, Hooks: l.hookProblems()}
+	l.mu.Unlock()
+	if first {
+		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),
+			"sinceStartMs", time.Since(l.started).Milliseconds())
+	}
+}
+
+// publishSelected counts, per policy, the local endpoints it selects, and
+// lists, per host veth, the policies selecting it; it keeps the
+// per-policy gauge in line, dropping the series of policies that select
+// nothing here any more.
+func (l *Loop) publishSelected(locals []LocalEndpoint) (selected map[string]int, epPolicies map[string][]string) {
+	selected = map[string]int{}
+	epPolicies = map[string][]string{}
 	for _, ep := range locals {
 		all := uniqueSorted(append(slices.Clone(ep.Ingress), ep.Egress...))
 		for _, k := range all {
@@ -577,23 +646,7 @@ func (l *Loop) sync(ctx context.Context) error {
 		metrics.PolicyEndpoints.WithLabelValues(k).Set(float64(n))
 		l.selectedKeys[k] = true
 	}
-	metrics.EndpointsProgrammed.Set(float64(len(locals)))
-	metrics.PoliciesProgrammed.Set(float64(len(l.state.policies)))
-	l.mu.Lock()
-	if gen > l.applied {
-		l.applied = gen
-	}
-	close(l.appliedCh)
-	l.appliedCh = make(chan struct{})
-	first := !l.status.Ready
-	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
-		NotProgrammed: notProgrammed, Hooks: l.hookProblems()}
-	l.mu.Unlock()
-	if first {
-		logger.Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),
-			"sinceStartMs", time.Since(l.started).Milliseconds())
-	}
-	return nil
+	return selected, epPolicies
 }
 
 // updateModel converts the changed objects into the model. Converting a
