@@ -68,7 +68,9 @@ type Loop struct {
 	nodes    corelisters.NodeLister
 	queue    workqueue.TypedRateLimitingInterface[string]
 	underlay *Underlay
-	ipt      map[bool]*iptables.Runner // by ipv6
+	// families are the IP families the loop programs, IPv4 first, as
+	// Status.Lease lists them; Run builds them.
+	families []*family
 	// offloadDone records devices whose checksum offload was applied; only
 	// the sync goroutine touches it.
 	offloadDone map[string]bool
@@ -78,9 +80,6 @@ type Loop struct {
 	// problems are the peers last reported as not programmed; only the
 	// sync goroutine touches them.
 	problems map[peerKey]string
-	// filterCleared records, by family, that a non-vxlan backend removed
-	// the VXLAN source filter a former vxlan configuration may have left.
-	filterCleared map[bool]bool
 
 	mu     sync.RWMutex
 	status Status
@@ -111,12 +110,10 @@ func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder)
 		cfg.ResyncPeriod = 5 * time.Second
 	}
 	return &Loop{
-		cfg:           cfg,
-		client:        client,
-		recorder:      recorder,
-		ipt:           map[bool]*iptables.Runner{},
-		offloadDone:   map[string]bool{},
-		filterCleared: map[bool]bool{},
+		cfg:         cfg,
+		client:      client,
+		recorder:    recorder,
+		offloadDone: map[string]bool{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "overlay"}),
@@ -147,14 +144,12 @@ func (l *Loop) Run(ctx context.Context) error {
 	if err := l.checkFamilies(); err != nil {
 		return err
 	}
-	for _, v6 := range l.families() {
-		fam := iptables.IPv4
-		if v6 {
-			fam = iptables.IPv6
-		}
-		if l.ipt[v6], err = iptables.New(fam, l.cfg.IPTablesMode); err != nil {
+	for _, fam := range iptables.Families(l.cfg.Net.EnableIPv4, l.cfg.Net.EnableIPv6) {
+		r, err := iptables.New(fam, l.cfg.IPTablesMode)
+		if err != nil {
 			return err
 		}
+		l.families = append(l.families, &family{Family: fam, ipt: r})
 	}
 	logger.Info("underlay selected", "interface", l.underlay.Link.Attrs().Name, "ipv4", l.underlay.IP4, "ipv6", l.underlay.IP6, "mtu", l.underlay.Link.Attrs().MTU)
 	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
@@ -279,15 +274,15 @@ func (l *Loop) setStatus(f func(*Status)) {
 	f(&l.status)
 }
 
-func (l *Loop) families() []bool {
-	var fams []bool
-	if l.cfg.Net.EnableIPv4 {
-		fams = append(fams, false)
-	}
-	if l.cfg.Net.EnableIPv6 {
-		fams = append(fams, true)
-	}
-	return fams
+// family is the overlay loop's share of one IP family, as kube-proxy
+// builds one single-family proxier per family: its rule writer, and what
+// the loop did to the family's rules.
+type family struct {
+	iptables.Family
+	ipt *iptables.Runner
+	// filterCleared records that a non-vxlan backend removed the VXLAN
+	// source filter a former vxlan configuration may have left.
+	filterCleared bool
 }
 
 func (l *Loop) checkFamilies() error {
@@ -304,8 +299,8 @@ func (l *Loop) checkFamilies() error {
 // interface's.
 func (l *Loop) publicIPs() []netip.Addr {
 	var ips []netip.Addr
-	for _, v6 := range l.families() {
-		ips = append(ips, l.publicIP(v6))
+	for _, f := range l.families {
+		ips = append(ips, l.publicIP(f.Is6()))
 	}
 	return ips
 }
@@ -377,8 +372,8 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	}
 	l.reportPeers(ctx, peers)
 	l.setStatus(func(s *Status) { s.Peers = peers })
-	for _, v6 := range l.families() {
-		if err := l.syncRules(ctx, v6, nodes, repair); err != nil {
+	for _, f := range l.families {
+		if err := l.syncRules(ctx, f, nodes, repair); err != nil {
 			return total, err
 		}
 	}
@@ -414,7 +409,8 @@ func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Cha
 	var total vxlan.Changes
 	var peers []PeerStatus
 	lease := l.Status().Lease
-	for i, v6 := range l.families() {
+	for i, f := range l.families {
+		v6 := f.Is6()
 		tab := l.table(lease[i], v6)
 		var fam []PeerStatus
 		for _, n := range nodes {
@@ -452,28 +448,28 @@ func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Cha
 
 // syncRules checks the family's iptables rules and sets, and repairs what
 // drifted: masquerade and the VXLAN source filter.
-func (l *Loop) syncRules(ctx context.Context, v6 bool, nodes []*corev1.Node, repair bool) error {
+func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
 	ready := l.Status().Ready
 	if l.cfg.IPMasq {
 		network := l.cfg.Net.Network
-		if v6 {
+		if f.Is6() {
 			network = l.cfg.Net.IPv6Network
 		}
-		rules := masq.Rules{Network: network, RandomFully: l.ipt[v6].HasRandomFully()}
-		if ok, err := rules.Check(l.ipt[v6]); err != nil || !ok {
-			if err := rules.Apply(l.ipt[v6]); err != nil {
+		rules := masq.Rules{Network: network, RandomFully: f.ipt.HasRandomFully()}
+		if ok, err := rules.Check(f.ipt); err != nil || !ok {
+			if err := rules.Apply(f.ipt); err != nil {
 				return err
 			}
 			if ready {
-				logger.Info("masquerade rules repaired", "ipv6", v6)
+				logger.Info("masquerade rules repaired", "ipv6", f.Is6())
 				countRepair("masquerade")
 			}
 		}
 	}
 	// The forwarding decision (SLUICE-FORWARD) is the policy loop's: it
 	// owns the jumps into its chains and repairs them.
-	return l.syncSourceFilter(ctx, v6, nodes, repair && ready)
+	return l.syncSourceFilter(ctx, f, nodes, repair && ready)
 }
 
 func addChanges(a, b vxlan.Changes) vxlan.Changes {

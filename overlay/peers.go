@@ -139,14 +139,15 @@ func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 // addresses and the INPUT filter that drops VXLAN from anyone else (see
 // package srcfilter). Other backends have no VXLAN port to guard: they
 // remove a filter left from a former vxlan configuration, once.
-func (l *Loop) syncSourceFilter(ctx context.Context, v6 bool, nodes []*corev1.Node, repair bool) error {
+func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
+	v6 := f.Is6()
 	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
-		if !l.filterCleared[v6] {
-			if err := srcfilter.Remove(l.ipt[v6], v6); err != nil {
+		if !f.filterCleared {
+			if err := srcfilter.Remove(f.ipt, v6); err != nil {
 				logger.Error(err, "removing the VXLAN source filter of a former vxlan backend", "ipv6", v6)
 			}
-			l.filterCleared[v6] = true
+			f.filterCleared = true
 		}
 		return nil
 	}
@@ -159,10 +160,10 @@ func (l *Loop) syncSourceFilter(ctx context.Context, v6 bool, nodes []*corev1.No
 		logger.Info("known-node set repaired", "set", flt.SetName(), "changes", n)
 		metrics.DriftRepairs.WithLabelValues(repairVXLANInput).Add(float64(n))
 	}
-	if flt.Check(l.ipt[v6]) {
+	if flt.Check(f.ipt) {
 		return nil
 	}
-	if err := flt.Apply(l.ipt[v6]); err != nil {
+	if err := flt.Apply(f.ipt); err != nil {
 		return err
 	}
 	if l.Status().Ready {

@@ -61,8 +61,9 @@ type Loop struct {
 	pods       corelisters.PodLister
 	namespaces corelisters.NamespaceLister
 	policies   networkinglisters.NetworkPolicyLister
-	dataplanes map[bool]*Dataplane // by ipv6
-	writers    map[bool]contract.HookWriter
+	// families are the IP families the loop programs, in the order of
+	// the renderers of state; Run builds them.
+	families []*family
 
 	mu        sync.Mutex
 	endpoints map[string]endpointapi.Endpoint
@@ -86,13 +87,6 @@ type Loop struct {
 	invalid, refused map[string]string
 	// dataplaneHook lets a test poison a dataplane.
 	dataplaneHook func(*Dataplane)
-	// hooks is, per family (by ipv6), what the last re-read found of the
-	// jumps into the policy chains; hooksWritten whether they were
-	// written since the agent started; spoofDrops the anti-spoofing
-	// counter last read.
-	hooks        map[bool]hookState
-	hooksWritten map[bool]bool
-	spoofDrops   map[bool]uint64
 
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
@@ -164,17 +158,12 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 		recorder:     recorder,
 		endpoints:    map[string]endpointapi.Endpoint{},
 		appliedCh:    make(chan struct{}),
-		dataplanes:   map[bool]*Dataplane{},
-		writers:      map[bool]contract.HookWriter{},
 		policyCache:  map[string]cachedObject[*Policy]{},
 		podCache:     map[string]cachedObject[*Pod]{},
 		nsCache:      map[string]cachedObject[*Namespace]{},
 		selectedKeys: map[string]bool{},
 		invalid:      map[string]string{},
 		refused:      map[string]string{},
-		hooks:        map[bool]hookState{},
-		hooksWritten: map[bool]bool{},
-		spoofDrops:   map[bool]uint64{},
 		kernel:       make(chan []KernelState, 1),
 		rereadNow:    make(chan struct{}, 1),
 		cutFlows:     make(chan cutRequest, 1),
@@ -184,8 +173,8 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 	}
 	l.dirty.take()
 	var renderers []*Renderer
-	for _, v6 := range l.families() {
-		renderers = append(renderers, &Renderer{IPv6: v6, AcceptMark: cfg.AcceptMark})
+	for _, fam := range iptables.Families(cfg.IPv4, cfg.IPv6) {
+		renderers = append(renderers, &Renderer{IPv6: fam.Is6(), AcceptMark: cfg.AcceptMark})
 	}
 	l.state = newClusterState(renderers)
 	return l
@@ -284,20 +273,8 @@ func (l *Loop) Run(ctx context.Context) error {
 			logger.Error(err, "turning off conntrack's loose TCP pickup; a new deny may not cut established connections")
 		}
 	}
-	for _, v6 := range l.families() {
-		fam := iptables.IPv4
-		if v6 {
-			fam = iptables.IPv6
-		}
-		r, err := iptables.New(fam, l.cfg.IPTablesMode)
-		if err != nil {
-			return err
-		}
-		l.writers[v6] = r
-		l.dataplanes[v6] = NewDataplane(r, v6)
-		if l.dataplaneHook != nil {
-			l.dataplaneHook(l.dataplanes[v6])
-		}
+	if err := l.buildFamilies(); err != nil {
+		return err
 	}
 	// The re-reader and the connection cutter run in their own goroutines,
 	// which must enter the namespace this one programs.
@@ -422,8 +399,8 @@ func (l *Loop) runRereader(ctx context.Context) {
 func (l *Loop) reread(ctx context.Context) {
 	var states []KernelState
 	err := l.netns.Do(func(ns.NetNS) error {
-		for _, v6 := range l.families() {
-			k, err := l.dataplanes[v6].Read()
+		for _, f := range l.families {
+			k, err := f.dataplane.Read()
 			if err != nil {
 				return err
 			}
@@ -443,15 +420,35 @@ func (l *Loop) reread(ctx context.Context) {
 	l.queue.Add(syncKey)
 }
 
-func (l *Loop) families() []bool {
-	var f []bool
-	if l.cfg.IPv4 {
-		f = append(f, false)
+// family is the policy loop's share of one IP family, as kube-proxy
+// builds one single-family proxier per family: the rule writer, the
+// dataplane, and what the loop knows of the family's hooks.
+type family struct {
+	iptables.Family
+	ipt       contract.HookWriter
+	dataplane *Dataplane
+	// hooks is what the last re-read found of the jumps into the policy
+	// chains; hooksWritten whether they were written since the agent
+	// started; spoofDrops the anti-spoofing counter last read.
+	hooks        hookState
+	hooksWritten bool
+	spoofDrops   uint64
+}
+
+// buildFamilies makes each configured family's rule writer and dataplane.
+func (l *Loop) buildFamilies() error {
+	for _, fam := range iptables.Families(l.cfg.IPv4, l.cfg.IPv6) {
+		r, err := iptables.New(fam, l.cfg.IPTablesMode)
+		if err != nil {
+			return err
+		}
+		f := &family{Family: fam, ipt: r, dataplane: NewDataplane(r, fam.Is6())}
+		if l.dataplaneHook != nil {
+			l.dataplaneHook(f.dataplane)
+		}
+		l.families = append(l.families, f)
 	}
-	if l.cfg.IPv6 {
-		f = append(f, true)
-	}
-	return f
+	return nil
 }
 
 func (l *Loop) processNext(ctx context.Context) bool {
@@ -531,9 +528,9 @@ type syncTimes struct {
 func (l *Loop) adoptReread() (repairing bool) {
 	select {
 	case states := <-l.kernel:
-		for i, v6 := range l.families() {
-			l.noteHooks(v6, states[i].hooks)
-			if l.dataplanes[v6].Adopt(states[i]) {
+		for i, f := range l.families {
+			l.noteHooks(f, states[i].hooks)
+			if f.dataplane.Adopt(states[i]) {
 				repairing = true
 			} else {
 				// A write raced the read: read again.
@@ -566,15 +563,15 @@ func (l *Loop) takeChanges() (gen uint64, dirty dirtyKeys, eps map[string]endpoi
 // reports whether anything was written, and the policy chains that fail
 // closed.
 func (l *Loop) applyFamilies(ctx context.Context, rulesets []*Ruleset, repairing bool, t syncTimes) (changed bool, failed []Failure, err error) {
-	for i, v6 := range l.families() {
-		st, err := l.dataplanes[v6].Apply(rulesets[i])
+	for i, f := range l.families {
+		st, err := f.dataplane.Apply(rulesets[i])
 		if err != nil {
 			return changed, failed, err
 		}
 		failed = append(failed, st.Failed...)
 		// After the chains, so a new node's first pod packet already
 		// meets the endpoint dispatch when the jump to it appears.
-		if err := l.ensureHooks(ctx, v6); err != nil {
+		if err := l.ensureHooks(ctx, f); err != nil {
 			return changed, failed, err
 		}
 		if !st.Changed() {
@@ -585,7 +582,7 @@ func (l *Loop) applyFamilies(ctx context.Context, rulesets []*Ruleset, repairing
 			metrics.DriftRepairs.WithLabelValues("policy-chain").Add(float64(st.ChainsWritten + st.ChainsDeleted))
 			metrics.DriftRepairs.WithLabelValues("policy-ipset").Add(float64(st.SetsChanged + st.SetsDeleted))
 		}
-		klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", v6, "stats", st, "repair", repairing,
+		klog.FromContext(ctx).V(2).Info("policy rules written", "ipv6", f.Is6(), "stats", st, "repair", repairing,
 			"modelMs", t.modelled.Sub(t.began).Milliseconds(), "renderMs", t.rendered.Sub(t.modelled).Milliseconds(),
 			"applyMs", time.Since(t.rendered).Milliseconds())
 	}
@@ -842,64 +839,56 @@ func (l *Loop) policyEvent(key, typ, reason, msg string) {
 }
 
 // noteHooks takes what a re-read found of one family's hooks.
-func (l *Loop) noteHooks(v6 bool, hs hookState) {
+func (l *Loop) noteHooks(f *family, hs hookState) {
 	if hs.flushed {
 		// The writer's belief is void: read everything again.
-		l.dataplanes[v6].chains = nil
+		f.dataplane.chains = nil
 	}
-	l.hooks[v6] = hs
-	fam := "ipv4"
-	if v6 {
-		fam = "ipv6"
-	}
-	last := l.spoofDrops[v6]
+	f.hooks = hs
+	last := f.spoofDrops
 	switch {
 	case hs.problem != "":
 	case hs.spoofDrops >= last:
-		metrics.SpoofedPacketsDropped.WithLabelValues(fam).Add(float64(hs.spoofDrops - last))
-		l.spoofDrops[v6] = hs.spoofDrops
+		metrics.SpoofedPacketsDropped.WithLabelValues(f.String()).Add(float64(hs.spoofDrops - last))
+		f.spoofDrops = hs.spoofDrops
 	default: // the rule was written again: its counter restarted
-		metrics.SpoofedPacketsDropped.WithLabelValues(fam).Add(float64(hs.spoofDrops))
-		l.spoofDrops[v6] = hs.spoofDrops
+		metrics.SpoofedPacketsDropped.WithLabelValues(f.String()).Add(float64(hs.spoofDrops))
+		f.spoofDrops = hs.spoofDrops
 	}
 }
 
 // ensureHooks writes one family's hooks when the agent starts and when a
 // re-read found them wrong.
-func (l *Loop) ensureHooks(ctx context.Context, v6 bool) error {
-	hs := l.hooks[v6]
-	if l.hooksWritten[v6] && hs.problem == "" {
+func (l *Loop) ensureHooks(ctx context.Context, f *family) error {
+	hs := f.hooks
+	if f.hooksWritten && hs.problem == "" {
 		return nil
 	}
-	if err := applyHooks(l.writers[v6]); err != nil {
+	if err := applyHooks(f.ipt); err != nil {
 		if hs.problem == "" {
 			hs.problem = "not written yet"
 		}
-		l.hooks[v6] = hs
+		f.hooks = hs
 		return fmt.Errorf("writing the jumps into the policy chains: %w", err)
 	}
-	if l.hooksWritten[v6] {
-		klog.FromContext(ctx).Info("policy hooks repaired", "ipv6", v6, "problem", hs.problem)
+	if f.hooksWritten {
+		klog.FromContext(ctx).Info("policy hooks repaired", "ipv6", f.Is6(), "problem", hs.problem)
 		metrics.DriftRepairs.WithLabelValues("policy-hook").Inc()
 	}
 	if hs.problem != "" {
-		l.spoofDrops[v6] = 0 // written again: the counter starts over
+		f.spoofDrops = 0 // written again: the counter starts over
 	}
-	l.hooksWritten[v6] = true
-	l.hooks[v6] = hookState{spoofDrops: hs.spoofDrops}
+	f.hooksWritten = true
+	f.hooks = hookState{spoofDrops: hs.spoofDrops}
 	return nil
 }
 
 // hookProblems says what is wrong with the hooks of any family.
 func (l *Loop) hookProblems() string {
 	var out []string
-	for _, v6 := range l.families() {
-		if p := l.hooks[v6].problem; p != "" {
-			fam := "ipv4"
-			if v6 {
-				fam = "ipv6"
-			}
-			out = append(out, fam+": "+p)
+	for _, f := range l.families {
+		if p := f.hooks.problem; p != "" {
+			out = append(out, f.String()+": "+p)
 		}
 	}
 	return strings.Join(out, "; ")

@@ -29,6 +29,32 @@ const (
 	IPv6 Family = 6
 )
 
+// Families is where a configuration's "IPv4" and "IPv6" switches become
+// families, in the order (IPv4 first) in which the loops keep every
+// per-family slice.
+func Families(ipv4, ipv6 bool) []Family {
+	var out []Family
+	if ipv4 {
+		out = append(out, IPv4)
+	}
+	if ipv6 {
+		out = append(out, IPv6)
+	}
+	return out
+}
+
+// Is6 reports whether the family is IPv6.
+func (f Family) Is6() bool { return f == IPv6 }
+
+// String returns "ipv4" or "ipv6", as logs and metric labels name a
+// family.
+func (f Family) String() string {
+	if f.Is6() {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
 // Mode is the iptables backend.
 type Mode string
 
