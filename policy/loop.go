@@ -85,8 +85,10 @@ type Loop struct {
 	// refused the ones the kernel would not take, with the reason; both
 	// fail closed. refused is what has been reported in Events.
 	invalid, refused map[string]string
-	// dataplaneHook lets a test poison a dataplane.
+	// dataplaneHook lets a test poison a dataplane, and writerHook put
+	// a fake rule writer in front of (or in place of) a family's runner.
 	dataplaneHook func(*Dataplane)
+	writerHook    func(contract.HookWriter) contract.HookWriter
 
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
@@ -442,7 +444,11 @@ func (l *Loop) buildFamilies() error {
 		if err != nil {
 			return err
 		}
-		f := &family{Family: fam, ipt: r, dataplane: NewDataplane(r, fam.Is6())}
+		var w contract.HookWriter = r
+		if l.writerHook != nil {
+			w = l.writerHook(w)
+		}
+		f := &family{Family: fam, ipt: w, dataplane: NewDataplane(w, fam.Is6())}
 		if l.dataplaneHook != nil {
 			l.dataplaneHook(f.dataplane)
 		}

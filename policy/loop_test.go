@@ -2,8 +2,10 @@ package policy
 
 import (
 	"context"
+	"errors"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
 )
@@ -61,10 +64,18 @@ func startLoop(t *testing.T, cfg Config, hook func(*Dataplane), objs ...runtime.
 // startLoopIn runs a loop in a namespace, with local endpoints, and waits
 // for its first sync. The loop writes its own hooks: nothing else runs.
 func startLoopIn(t testing.TB, netns ns.NetNS, cfg Config, hook func(*Dataplane), eps []endpointapi.Endpoint, objs ...runtime.Object) *loopHarness {
+	h := runLoop(t, netns, cfg, func(l *Loop) { l.dataplaneHook = hook }, eps, objs...)
+	h.waitFor("the first sync", func(s Status) bool { return s.Ready })
+	return h
+}
+
+// runLoop runs a loop in a namespace, with local endpoints, after setup
+// had its way with it, and returns without waiting for a sync.
+func runLoop(t testing.TB, netns ns.NetNS, cfg Config, setup func(*Loop), eps []endpointapi.Endpoint, objs ...runtime.Object) *loopHarness {
 	h := &loopHarness{t: t, ns: netns, client: fake.NewClientset(objs...), events: record.NewFakeRecorder(100), done: make(chan error, 1)}
 	cfg.NodeName, cfg.IPv4, cfg.IPTablesMode = "node-1", true, iptables.ModeNFT
 	h.loop = NewLoop(cfg, h.client, h.events)
-	h.loop.dataplaneHook = hook
+	setup(h.loop)
 	h.loop.Seed(eps)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
@@ -76,7 +87,6 @@ func startLoopIn(t testing.TB, netns ns.NetNS, cfg Config, hook func(*Dataplane)
 			t.Errorf("loop: %v", err)
 		}
 	})
-	h.waitFor("the first sync", func(s Status) bool { return s.Ready })
 	return h
 }
 
@@ -234,5 +244,60 @@ func TestDirtyKeysRestored(t *testing.T) {
 	d.restore(taken)
 	if !d.policies["x/p"] || !d.pods["x/a"] {
 		t.Errorf("restore lost keys: %+v", d)
+	}
+}
+
+// flakyWriter is a rule writer whose Restore fails while failing is set,
+// as when the kernel or the iptables lock refuses a transaction; the rest
+// goes to the real runner.
+type flakyWriter struct {
+	contract.HookWriter
+	failing  atomic.Bool
+	failures atomic.Int32
+}
+
+func (w *flakyWriter) Restore(table string, payload []byte) error {
+	if w.failing.Load() {
+		w.failures.Add(1)
+		return errors.New("injected restore failure")
+	}
+	return w.HookWriter.Restore(table, payload)
+}
+
+// TestLoopRetriesAFailedSync: while the rule writer fails, the loop is not
+// ready, says why, and ProgramEndpoint does not claim success; once the
+// writer works, the loop's own retry (the re-read is an hour away)
+// programs everything with no API change to wake it.
+func TestLoopRetriesAFailedSync(t *testing.T) {
+	w := &flakyWriter{}
+	w.failing.Store(true)
+	setup := func(l *Loop) {
+		l.writerHook = func(r contract.HookWriter) contract.HookWriter { w.HookWriter = r; return w }
+	}
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2")}
+	h := runLoop(t, nettest.NewNS(t), Config{ResyncPeriod: time.Hour}, setup, eps, apiObjects()...)
+	deadline := time.Now().Add(10 * time.Second)
+	for w.failures.Load() < 2 || !strings.Contains(h.loop.Status().LastError, "injected") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the failing sync was not retried: %d failed restores, status %+v", w.failures.Load(), h.loop.Status())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s := h.loop.Status(); s.Ready {
+		t.Errorf("ready although no sync was applied: %+v", s)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := h.loop.ProgramEndpoint(ctx, localEndpoint("x/b", "10.244.1.3")); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Errorf("ProgramEndpoint while every sync fails = %v, want the sync's error", err)
+	}
+
+	w.failing.Store(false)
+	h.waitFor("the retried sync", func(s Status) bool { return s.Ready && s.LastError == "" && s.Endpoints == 2 })
+	kernel := h.save()
+	for _, key := range []string{"x/a", "x/b"} {
+		if !strings.Contains(kernel, "-g "+EndpointChain(vethOf(key), false)) {
+			t.Errorf("%s is not dispatched after the retry:\n%s", key, kernel)
+		}
 	}
 }

@@ -14,14 +14,23 @@ import (
 )
 
 // The e2e netpol model: namespaces x, y, z with pods a, b, c, each serving
-// TCP and UDP on 80 and 81 with named ports serve-80-tcp etc.
+// TCP and UDP on 80 and 81 with named ports serve-80-tcp etc. The pods are
+// dual-stack; ipv6 says which family the world's flows and rules use.
 type world struct {
 	pods map[string]*Pod
 	nss  map[string]*Namespace
+	ipv6 bool
 }
 
-func newWorld() *world {
-	w := &world{pods: map[string]*Pod{}, nss: map[string]*Namespace{}}
+// newWorld is the model over IPv4, newWorld6 the same over IPv6.
+func newWorld() *world  { return newWorldOf(false) }
+func newWorld6() *world { return newWorldOf(true) }
+
+// worlds are the model in each family, for tests that hold in both.
+func worlds() []*world { return []*world{newWorld(), newWorld6()} }
+
+func newWorldOf(ipv6 bool) *world {
+	w := &world{pods: map[string]*Pod{}, nss: map[string]*Namespace{}, ipv6: ipv6}
 	i := 0
 	for _, ns := range []string{"x", "y", "z"} {
 		w.nss[ns] = &Namespace{Name: ns, Labels: labels.Set{"ns": ns}}
@@ -29,7 +38,7 @@ func newWorld() *world {
 			i++
 			w.pods[ns+"/"+name] = &Pod{
 				Namespace: ns, Name: name, Labels: labels.Set{"pod": name},
-				IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, byte(i), 2})},
+				IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, byte(i), 2}), netip.MustParseAddr(fmt.Sprintf("fd00:10:244:%d::2", i))},
 				NamedPorts: map[string]NamedPort{
 					"serve-80-tcp": {TCP, 80}, "serve-80-udp": {UDP, 80},
 					"serve-81-tcp": {TCP, 81}, "serve-81-udp": {UDP, 81},
@@ -42,7 +51,40 @@ func newWorld() *world {
 
 func (w *world) ep(key string) Endpoint {
 	p := w.pods[key]
-	return Endpoint{Pod: p, Namespace: w.nss[p.Namespace], IP: p.IPs[0]}
+	return Endpoint{Pod: p, Namespace: w.nss[p.Namespace], IP: w.ip(key)}
+}
+
+// ip is a pod's address in the world's family.
+func (w *world) ip(key string) netip.Addr {
+	if w.ipv6 {
+		return w.pods[key].IPs[1]
+	}
+	return w.pods[key].IPs[0]
+}
+
+// family names the world's family, for subtests.
+func (w *world) family() string {
+	if w.ipv6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+// outside is an address outside the cluster: the lab's outside world.
+func (w *world) outside() Endpoint {
+	if w.ipv6 {
+		return Endpoint{IP: netip.MustParseAddr("2001:db8::fe")}
+	}
+	return Endpoint{IP: netip.MustParseAddr("198.18.0.254")}
+}
+
+// podBlock is the ipBlock of every pod address of the world's family,
+// except the /24 (/64) of the 5th pod, y/b.
+func (w *world) podBlock() *networkingv1.IPBlock {
+	if w.ipv6 {
+		return &networkingv1.IPBlock{CIDR: "fd00:10:244::/48", Except: []string{"fd00:10:244:5::/64"}}
+	}
+	return &networkingv1.IPBlock{CIDR: "10.244.0.0/16", Except: []string{"10.244.5.0/24"}}
 }
 
 // table computes "from -> to" for every pod pair on one port.
@@ -110,9 +152,12 @@ type policyCase struct {
 }
 
 func TestTruthTables(t *testing.T) {
-	w := newWorld()
-	for _, c := range policyCases(w) {
-		diff(t, c.name, w.table(c.pols, c.proto, c.port), c.expect)
+	for _, w := range worlds() {
+		t.Run(w.family(), func(t *testing.T) {
+			for _, c := range policyCases(w) {
+				diff(t, c.name, w.table(c.pols, c.proto, c.port), c.expect)
+			}
+		})
 	}
 }
 
@@ -146,8 +191,8 @@ func policyCases(w *world) []policyCase {
 			w.expect(true, func(from, to string) bool { return to == "x/a" || (from == "x/a" && nsOf(to) != "z") })},
 		{"ipBlock with except",
 			[]*Policy{np("x", "block", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a"),
-				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "10.244.0.0/16", Except: []string{"10.244.5.0/24"}}}}}}})}, TCP, 80,
-			// y/b is the 5th pod: 10.244.5.2.
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{IPBlock: w.podBlock()}}}}})}, TCP, 80,
+			// y/b is the 5th pod: 10.244.5.2 and fd00:10:244:5::2.
 			w.expect(true, func(from, to string) bool { return to == "x/a" && from == "y/b" })},
 		{"numeric port: 80 allowed",
 			[]*Policy{np("x", "p80", networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP)}}}})}, TCP, 80,

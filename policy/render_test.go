@@ -39,7 +39,7 @@ func (w *world) render(pols []*Policy) *Ruleset {
 		in, out := Selecting(m, pod)
 		eps = append(eps, LocalEndpoint{Pod: pod, HostVeth: vethOf(k), Ingress: in, Egress: out})
 	}
-	r := &Renderer{AcceptMark: 0x10000}
+	r := &Renderer{IPv6: w.ipv6, AcceptMark: 0x10000}
 	return r.Render(m, eps, pods, w.nss)
 }
 
@@ -63,10 +63,15 @@ func forwardVerdict(t *testing.T, rs *Ruleset, p *packet) bool {
 
 // TestRenderedRulesAgreeWithTheReference traces every pod pair, on both
 // ports and protocols, through the rendered rules of every truth-table
-// case, and compares with the reference semantics.
+// case, in each family, and compares with the reference semantics.
 func TestRenderedRulesAgreeWithTheReference(t *testing.T) {
-	w := newWorld()
-	outside := Endpoint{IP: netip.MustParseAddr("198.18.0.254")}
+	for _, w := range worlds() {
+		t.Run(w.family(), func(t *testing.T) { agreeWithTheReference(t, w) })
+	}
+}
+
+func agreeWithTheReference(t *testing.T, w *world) {
+	outside := w.outside()
 	for _, c := range policyCases(w) {
 		rs := w.render(c.pols)
 		for from := range w.pods {
@@ -76,7 +81,7 @@ func TestRenderedRulesAgreeWithTheReference(t *testing.T) {
 				}
 				for _, proto := range []Protocol{TCP, UDP} {
 					for _, port := range []int32{80, 81} {
-						p := &packet{in: vethOf(from), out: vethOf(to), src: w.pods[from].IPs[0], dst: w.pods[to].IPs[0], proto: proto, dport: port}
+						p := &packet{in: vethOf(from), out: vethOf(to), src: w.ip(from), dst: w.ip(to), proto: proto, dport: port}
 						want := Allowed(c.pols, w.ep(from), w.ep(to), proto, port)
 						if got := forwardVerdict(t, rs, p); got != want {
 							t.Errorf("%s: %s -> %s %s/%d: rules say %v, reference %v", c.name, from, to, proto, port, got, want)
@@ -85,15 +90,50 @@ func TestRenderedRulesAgreeWithTheReference(t *testing.T) {
 				}
 			}
 			// To and from the outside world.
-			p := &packet{in: vethOf(from), dst: outside.IP, src: w.pods[from].IPs[0], proto: TCP, dport: 8080}
+			p := &packet{in: vethOf(from), dst: outside.IP, src: w.ip(from), proto: TCP, dport: 8080}
 			if got, want := forwardVerdict(t, rs, p), Allowed(c.pols, w.ep(from), outside, TCP, 8080); got != want {
 				t.Errorf("%s: %s -> outside: rules say %v, reference %v", c.name, from, got, want)
 			}
-			p = &packet{out: vethOf(from), src: outside.IP, dst: w.pods[from].IPs[0], proto: TCP, dport: 80}
+			p = &packet{out: vethOf(from), src: outside.IP, dst: w.ip(from), proto: TCP, dport: 80}
 			if got, want := forwardVerdict(t, rs, p), Allowed(c.pols, outside, w.ep(from), TCP, 80); got != want {
 				t.Errorf("%s: outside -> %s: rules say %v, reference %v", c.name, from, got, want)
 			}
 		}
+	}
+}
+
+// TestConntrackStateDecidesBeforePolicy: whatever the policies, a packet
+// of a connection conntrack knows (ESTABLISHED, RELATED) passes the
+// endpoint chains, and one it calls INVALID is dropped, in both families
+// and both directions. Cutting a flow that a new policy denies is the
+// conntrack cutter's work, not the rules'.
+func TestConntrackStateDecidesBeforePolicy(t *testing.T) {
+	for _, w := range worlds() {
+		t.Run(w.family(), func(t *testing.T) {
+			outside := w.outside()
+			for _, c := range policyCases(w) {
+				rs := w.render(c.pols)
+				for from := range w.pods {
+					flows := []*packet{
+						{in: vethOf(from), dst: outside.IP, src: w.ip(from), proto: TCP, dport: 8080},
+						{out: vethOf(from), src: outside.IP, dst: w.ip(from), proto: UDP, dport: 81},
+					}
+					for to := range w.pods {
+						if from != to {
+							flows = append(flows, &packet{in: vethOf(from), out: vethOf(to), src: w.ip(from), dst: w.ip(to), proto: c.proto, dport: c.port})
+						}
+					}
+					for _, p := range flows {
+						for state, want := range map[string]bool{"ESTABLISHED": true, "RELATED": true, "INVALID": false} {
+							p.state = state
+							if got := forwardVerdict(t, rs, p); got != want {
+								t.Errorf("%s: %s %s -> %s %s/%d: rules say %v, want %v", c.name, state, p.src, p.dst, p.proto, p.dport, got, want)
+							}
+						}
+					}
+				}
+			}
+		})
 	}
 }
 

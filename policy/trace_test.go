@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,6 +24,17 @@ type packet struct {
 	src, dst netip.Addr
 	proto    Protocol
 	dport    int32
+	// state is the packet's conntrack state: NEW (the first packet of a
+	// connection) when empty, else ESTABLISHED, RELATED or INVALID.
+	state string
+}
+
+// ctState is the packet's conntrack state.
+func (p *packet) ctState() string {
+	if p.state == "" {
+		return "NEW"
+	}
+	return p.state
 }
 
 const (
@@ -137,8 +149,7 @@ func (tr *tracer) matches(f []string, p *packet) bool {
 			}
 			i++
 		case "--ctstate":
-			// Every traced packet is the first of a new connection.
-			if !strings.Contains(f[i+1], "NEW") {
+			if !slices.Contains(strings.Split(f[i+1], ","), p.ctState()) {
 				return false
 			}
 			i++
