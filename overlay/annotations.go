@@ -9,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/sluice-net/sluice/overlay/netconf"
 	"github.com/sluice-net/sluice/overlay/vxlan"
 )
 
@@ -104,7 +105,7 @@ func peerOf(n *corev1.Node, ipv6 bool) (vxlan.Peer, string, bool) {
 		return p, fmt.Sprintf("annotation %s=%q is not an %s address", key, ipStr, familyName(ipv6)), true
 	}
 	p.PublicIP = ip
-	if n.Annotations[AnnBackendType] == "vxlan" {
+	if n.Annotations[AnnBackendType] == netconf.BackendVXLAN {
 		var d backendData
 		if err := json.Unmarshal([]byte(n.Annotations[dataKey]), &d); err != nil || d.VtepMAC == "" {
 			return p, fmt.Sprintf("vxlan node without a VtepMAC in annotation %s=%q", dataKey, n.Annotations[dataKey]), true

@@ -1,12 +1,3 @@
-// Package overlay is sluiced's overlay loop. It finds the node's pod subnet
-// (its lease), publishes it with the node's tunnel endpoint as flannel-format
-// annotations, and keeps the kernel's VXLAN device, routes, neighbour and
-// FDB entries, and masquerade rules in line with the cluster's Nodes.
-//
-// The loop is level-triggered: any Node event, and a timer, queue one full
-// sync that reads all Nodes from the informer cache and the kernel's current
-// state, and writes only the differences. A failed sync is retried with
-// backoff; nothing is dropped.
 package overlay
 
 import (

@@ -13,6 +13,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/overlay/lease"
+	"github.com/sluice-net/sluice/overlay/netconf"
 )
 
 // ReasonReady is the NetworkUnavailable=False reason Sluice sets, as
@@ -77,7 +78,7 @@ func (l *Loop) publishAnnotations(ctx context.Context, self *corev1.Node) error 
 		}
 	}
 	var mac4, mac6 = VtepMAC(l.cfg.NodeName, false), VtepMAC(l.cfg.NodeName, true)
-	if l.cfg.Net.Backend.Type != "vxlan" {
+	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
 		mac4, mac6 = nil, nil
 	}
 	want := ownAnnotations(l.cfg.Net.Backend.Type, l.cfg.Net.Backend.VNI, ip4, ip6, mac4, mac6)

@@ -62,7 +62,7 @@ type selection struct {
 // familyState is what clusterState renders for one IP family.
 type familyState struct {
 	r              *Renderer
-	policyChains   map[usage]*renderedPolicy
+	policyChains   map[policyChainRef]*renderedPolicy
 	sets           map[string]*indexedSet
 	endpointChains map[string]*renderedEndpoint // by host veth
 }
@@ -93,7 +93,7 @@ func newClusterState(families []*Renderer) *clusterState {
 		dirtyPolicies: map[string]bool{}, dirtyPods: map[string]bool{}, dirtyNamespaces: map[string]bool{},
 	}
 	for _, r := range families {
-		s.families = append(s.families, &familyState{r: r, policyChains: map[usage]*renderedPolicy{},
+		s.families = append(s.families, &familyState{r: r, policyChains: map[policyChainRef]*renderedPolicy{},
 			sets: map[string]*indexedSet{}, endpointChains: map[string]*renderedEndpoint{}})
 	}
 	return s
@@ -215,13 +215,13 @@ func (s *clusterState) Commit() []*Ruleset {
 	}
 	s.updateSelections()
 	s.locals = s.localEndpoints()
-	used := map[usage]bool{}
+	used := map[policyChainRef]bool{}
 	for _, ep := range s.locals {
 		for _, k := range ep.Ingress {
-			used[usage{k, false}] = true
+			used[policyChainRef{k, false}] = true
 		}
 		for _, k := range ep.Egress {
-			used[usage{k, true}] = true
+			used[policyChainRef{k, true}] = true
 		}
 	}
 	rulesets := make([]*Ruleset, 0, len(s.families))
@@ -290,7 +290,7 @@ func setMember(list []string, key string, present bool) []string {
 // renderFamily brings one family's chains and sets up to date. used are
 // the policy chains some local endpoint jumps to, and locals the endpoints
 // ordered by host veth; both are the same for every family.
-func (s *clusterState) renderFamily(f *familyState, changes []podChange, used map[usage]bool, locals []LocalEndpoint) *Ruleset {
+func (s *clusterState) renderFamily(f *familyState, changes []podChange, used map[policyChainRef]bool, locals []LocalEndpoint) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
 	needed := s.renderPolicyChains(f, used, rs)
 	s.renderSets(f, changes, needed, rs)
@@ -303,7 +303,7 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange, used ma
 // renderPolicyChains puts into rs the chains of the policies some endpoint
 // uses, rendered again only when the policy changed, and returns the sets
 // they need.
-func (s *clusterState) renderPolicyChains(f *familyState, used map[usage]bool, rs *Ruleset) map[string]*setDef {
+func (s *clusterState) renderPolicyChains(f *familyState, used map[policyChainRef]bool, rs *Ruleset) map[string]*setDef {
 	for u := range f.policyChains {
 		if !used[u] {
 			delete(f.policyChains, u)

@@ -50,8 +50,8 @@ type Config struct {
 }
 
 // Loop is the policy loop. It is the endpoint registry's
-// contract.EndpointProgrammer: an
-// endpoint registration returns once a sync that includes it is applied.
+// contract.EndpointProgrammer: an endpoint registration returns once a
+// sync that includes it is applied.
 type Loop struct {
 	cfg      Config
 	client   kubernetes.Interface
@@ -772,13 +772,13 @@ func modelPod(p *corev1.Pod) *Pod {
 func (l *Loop) reportRefused(ctx context.Context, failed []Failure, locals []LocalEndpoint) {
 	now := map[string]string{}
 	if len(failed) > 0 {
-		owners := map[string]usage{}
+		owners := map[string]policyChainRef{}
 		for _, ep := range locals {
 			for _, k := range ep.Ingress {
-				owners[PolicyChain(k, false)] = usage{k, false}
+				owners[PolicyChain(k, false)] = policyChainRef{k, false}
 			}
 			for _, k := range ep.Egress {
-				owners[PolicyChain(k, true)] = usage{k, true}
+				owners[PolicyChain(k, true)] = policyChainRef{k, true}
 			}
 		}
 		for _, f := range failed {
@@ -811,7 +811,7 @@ func (l *Loop) reportRefused(ctx context.Context, failed []Failure, locals []Loc
 }
 
 // refusalReason says what in a policy the kernel refused.
-func (l *Loop) refusalReason(u usage, f Failure) string {
+func (l *Loop) refusalReason(u policyChainRef, f Failure) string {
 	reason, _, _ := strings.Cut(f.Reason, "\n") // iptables-restore quotes the payload after
 	if f.Set == "" {
 		return "the kernel refused its rules: " + reason

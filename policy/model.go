@@ -1,15 +1,13 @@
-// Package policy is sluiced's policy loop: Kubernetes networking/v1
-// NetworkPolicy (and, later, Calico's v3 policies) translated into
-// per-veth iptables chains with ipsets.
-//
+package policy
+
 // This file is the normalised model every source of policy is converted
 // into, and the reference semantics (Allowed) that the rendered rules must
 // agree with. The model quotes the API reference where a branch implements
 // it.
-package policy
 
 import (
 	"net/netip"
+	"sort"
 
 	"k8s.io/apimachinery/pkg/labels"
 )
@@ -131,7 +129,7 @@ func (p *Peer) matchesIP(ip netip.Addr) bool {
 	return true
 }
 
-// portMatches reports whether a rule port matches a destination port of a
+// matches reports whether a rule port matches a destination port of a
 // destination pod.
 func (pt *Port) matches(proto Protocol, port int32, dst *Pod) bool {
 	if pt.Protocol != proto {
@@ -238,4 +236,23 @@ func allowedDir(policies []*Policy, self, peer Endpoint, proto Protocol, port in
 		}
 	}
 	return !isolated
+}
+
+// Selecting returns the keys of the policies that select a pod, per
+// direction, in a stable order.
+func Selecting(policies map[string]*Policy, pod *Pod) (ingress, egress []string) {
+	for k, p := range policies {
+		if !p.Selects(pod) {
+			continue
+		}
+		if p.Ingress {
+			ingress = append(ingress, k)
+		}
+		if p.Egress {
+			egress = append(egress, k)
+		}
+	}
+	sort.Strings(ingress)
+	sort.Strings(egress)
+	return ingress, egress
 }

@@ -33,7 +33,8 @@ const (
 	dispatchBucket = 1 // hex characters of the first dispatch level
 )
 
-// Endpoint describes a local pod endpoint for rendering.
+// LocalEndpoint is a pod endpoint on this node, as the renderer needs it:
+// its pod, its host veth and the policies selecting it.
 type LocalEndpoint struct {
 	Pod      *Pod
 	HostVeth string // sl + 11 hex
@@ -140,13 +141,13 @@ func (r *Renderer) namedPortSetName(scope, name string, proto Protocol) string {
 // Render is its reference, and the tests hold the two equal.
 func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint, pods []*Pod, namespaces map[string]*Namespace) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
-	used := map[usage]bool{}
+	used := map[policyChainRef]bool{}
 	for _, ep := range endpoints {
 		for _, k := range ep.Ingress {
-			used[usage{k, false}] = true
+			used[policyChainRef{k, false}] = true
 		}
 		for _, k := range ep.Egress {
-			used[usage{k, true}] = true
+			used[policyChainRef{k, true}] = true
 		}
 	}
 	keys := make([]string, 0, len(policies))
@@ -157,7 +158,7 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 	for _, k := range keys {
 		p := policies[k]
 		for _, egress := range []bool{false, true} {
-			if !used[usage{k, egress}] {
+			if !used[policyChainRef{k, egress}] {
 				continue
 			}
 			rules, defs := r.policyRules(p, egress)
@@ -178,8 +179,9 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 	return rs
 }
 
-// usage is a policy's chain of one direction.
-type usage struct {
+// policyChainRef is a policy's chain in one direction: the policy's key,
+// and whether it is the egress chain.
+type policyChainRef struct {
 	key    string
 	egress bool
 }
@@ -431,25 +433,6 @@ func comment(s string) string {
 		s = s[:200]
 	}
 	return s
-}
-
-// Selecting returns the keys of the policies that select a pod, per
-// direction, in a stable order.
-func Selecting(policies map[string]*Policy, pod *Pod) (ingress, egress []string) {
-	for k, p := range policies {
-		if !p.Selects(pod) {
-			continue
-		}
-		if p.Ingress {
-			ingress = append(ingress, k)
-		}
-		if p.Egress {
-			egress = append(egress, k)
-		}
-	}
-	sort.Strings(ingress)
-	sort.Strings(egress)
-	return ingress, egress
 }
 
 // ipBlockEntries returns the hash:net entries of an ipBlock: the block,

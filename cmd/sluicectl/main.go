@@ -1,4 +1,3 @@
-// Command sluicectl shows Sluice's status and runs a local lab cluster.
 package main
 
 import (

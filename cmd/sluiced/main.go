@@ -1,6 +1,3 @@
-// Command sluiced is Sluice's node agent. It runs the overlay loop, the
-// policy loop and the endpoint registry the CNI plugin hands pods to, in
-// one process.
 package main
 
 import (

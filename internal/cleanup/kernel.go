@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/ipset"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/overlay/vxlan"
@@ -20,7 +21,7 @@ import (
 
 var (
 	// podVeth is the host side of a pod veth, as cni.HostVethName makes it.
-	podVeth = regexp.MustCompile(`^sl[0-9a-f]{11}$`)
+	podVeth = regexp.MustCompile(`^` + regexp.QuoteMeta(contract.HostVethPrefix) + `[0-9a-f]{11}$`)
 	// tunnelDevice is a VXLAN device of the overlay loop.
 	tunnelDevice = regexp.MustCompile(`^vx6?-sluice\.[0-9]+$`)
 )
