@@ -50,6 +50,7 @@ func BenchmarkAntiSpoofCost(b *testing.B) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		b.Skip("iperf3 is not installed")
 	}
+	quietKlog()
 	addrs := map[string][2]string{"x/a": {"10.244.1.2", "fd00:10:244:1::2"}, "x/c": {"10.244.1.4", "fd00:10:244:1::4"}}
 	pn := wirePods(b, addrs)
 	// No re-read during the run: it would put the deleted jump back.

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -138,7 +139,9 @@ func (d *Dataplane) Read() (KernelState, error) {
 			continue
 		}
 		typ, keys, err := ipset.Content(n)
-		if err != nil {
+		if errors.Is(err, ipset.ErrNotExist) {
+			continue // destroyed since it was listed
+		} else if err != nil {
 			return k, err
 		}
 		k.setKeys[n] = keySignature(typ, keys)

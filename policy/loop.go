@@ -85,6 +85,8 @@ type Loop struct {
 	// refused the ones the kernel would not take, with the reason; both
 	// fail closed. refused is what has been reported in Events.
 	invalid, refused map[string]string
+	// chainOwners maps policy chain names to their policy and direction.
+	chainOwners map[string]policyChainRef
 	// dataplaneHook lets a test poison a dataplane, and writerHook put
 	// a fake rule writer in front of (or in place of) a family's runner.
 	dataplaneHook func(*Dataplane)
@@ -771,26 +773,12 @@ func modelPod(p *corev1.Pod) *Pod {
 // Event PolicyProgrammed when it is programmed again.
 func (l *Loop) reportRefused(ctx context.Context, failed []Failure, locals []LocalEndpoint) {
 	now := map[string]string{}
-	if len(failed) > 0 {
-		owners := map[string]policyChainRef{}
-		for _, ep := range locals {
-			for _, k := range ep.Ingress {
-				owners[PolicyChain(k, false)] = policyChainRef{k, false}
-			}
-			for _, k := range ep.Egress {
-				owners[PolicyChain(k, true)] = policyChainRef{k, true}
-			}
+	for _, f := range failed {
+		u, ok := l.chainOwner(f.Chain, locals)
+		if _, dup := now[u.key]; !ok || dup {
+			continue
 		}
-		for _, f := range failed {
-			u, ok := owners[f.Chain]
-			if !ok {
-				continue
-			}
-			if _, dup := now[u.key]; dup {
-				continue
-			}
-			now[u.key] = l.refusalReason(u, f)
-		}
+		now[u.key] = l.refusalReason(u, f)
 	}
 	logger := klog.FromContext(ctx)
 	for key, why := range now {
@@ -808,6 +796,31 @@ func (l *Loop) reportRefused(ctx context.Context, failed []Failure, locals []Loc
 		}
 	}
 	l.refused = now
+}
+
+// chainOwner finds the policy and direction of a policy chain. Chain names
+// are a hash of the key, so the answer never goes stale and is kept: a
+// node with a refused policy hashes the local endpoints' policies once,
+// not on every sync.
+func (l *Loop) chainOwner(chain string, locals []LocalEndpoint) (policyChainRef, bool) {
+	if u, ok := l.chainOwners[chain]; ok {
+		return u, true
+	}
+	if l.chainOwners == nil {
+		l.chainOwners = map[string]policyChainRef{}
+	}
+	for _, ep := range locals {
+		for _, dir := range []struct {
+			keys   []string
+			egress bool
+		}{{ep.Ingress, false}, {ep.Egress, true}} {
+			for _, k := range dir.keys {
+				l.chainOwners[PolicyChain(k, dir.egress)] = policyChainRef{k, dir.egress}
+			}
+		}
+	}
+	u, ok := l.chainOwners[chain]
+	return u, ok
 }
 
 // refusalReason says what in a policy the kernel refused.

@@ -132,6 +132,16 @@ func (r *Renderer) cidrSetName(p *Peer) string {
 	return setPrefix + "C" + r.fam() + "-" + shortHash(p.CIDR.String()+";except="+strings.Join(ex, ","))
 }
 
+// IPBlockSetName names the ipset that holds an ipBlock peer in a family,
+// for troubleshooting ("which set is this block?") and tests.
+func IPBlockSetName(cidr netip.Prefix, except []netip.Prefix, ipv6 bool) string {
+	masked := make([]netip.Prefix, 0, len(except))
+	for _, e := range except {
+		masked = append(masked, e.Masked())
+	}
+	return (&Renderer{IPv6: ipv6}).cidrSetName(&Peer{CIDR: cidr.Masked(), Except: masked})
+}
+
 func (r *Renderer) namedPortSetName(scope, name string, proto Protocol) string {
 	return setPrefix + "N" + r.fam() + "-" + shortHash(scope+";port="+name+";"+string(proto))
 }

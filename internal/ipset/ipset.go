@@ -278,15 +278,26 @@ func Sync(name, typ string, ipv6 bool, want []Entry) (int, error) {
 	return changes, nil
 }
 
+// ErrNotExist says a set does not exist (any more).
+var ErrNotExist = errors.New("no such ipset")
+
 // Content returns a set's type and its entries' keys (Entry.Key: the
-// nomatch flag, which dumps lose, is not part of it), sorted.
+// nomatch flag, which dumps lose, is not part of it), sorted. A set that
+// is gone is ErrNotExist: a reader beside the writer may list a set the
+// writer destroys next.
 func Content(name string) (string, []string, error) {
 	res, err := netlink.IpsetList(name)
 	if err != nil {
+		if isNotExist(err) {
+			return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
+		}
 		return "", nil, fmt.Errorf("listing ipset %s: %w", name, err)
 	}
 	members, err := Members(name)
 	if err != nil {
+		if isNotExist(err) {
+			return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
+		}
 		return "", nil, err
 	}
 	keys := make([]string, 0, len(members))
