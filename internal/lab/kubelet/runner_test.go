@@ -23,15 +23,20 @@ import (
 )
 
 // fakeInit stands in for `sluicectl lab container-init --spec DIR/NAME.json`:
-// it acts out the container named by the spec file.
+// it acts out the container named by the spec file. It records its start in
+// DIR/order only once its signal handling is in place, so a test that waits
+// for the record never signals a container that is still starting.
 const fakeInit = `#!/bin/sh
 spec="$4"; dir=$(dirname "$spec"); name=$(basename "$spec" .json)
+case "$name" in
+stubborn) trap '' TERM ;;
+polite) trap 'exit 0' TERM ;;
+esac
 echo "$name" >> "$dir/order"
 case "$name" in
 init) exit 0 ;;
 crash) exit 3 ;;
-stubborn) trap '' TERM; while :; do sleep 0.05; done ;;
-polite) trap 'exit 0' TERM; while :; do sleep 0.05; done ;;
+*) while :; do sleep 0.05; done ;;
 esac
 `
 
@@ -88,6 +93,11 @@ func TestRunnerInitFirstThenSIGKILLAfterGrace(t *testing.T) {
 	r := newTestRunner(t, []string{"init"}, "stubborn", "polite")
 	r.start(context.Background())
 	waitFor(t, "both containers running", func() bool { return running(r, "stubborn") && running(r, "polite") })
+	// Running means started; the record means ready for signals.
+	waitFor(t, "both containers started", func() bool {
+		order, _ := os.ReadFile(filepath.Join(r.dir, "order"))
+		return len(strings.Fields(string(order))) == 3
+	})
 	order, _ := os.ReadFile(filepath.Join(r.dir, "order"))
 	if lines := strings.Fields(string(order)); len(lines) != 3 || lines[0] != "init" {
 		t.Errorf("start order %q, want init first", lines)
