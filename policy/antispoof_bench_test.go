@@ -1,47 +1,12 @@
 package policy
 
 import (
-	"encoding/json"
 	"os/exec"
-	"sort"
 	"testing"
 	"time"
 
 	"github.com/sluice-net/sluice/internal/nettest"
 )
-
-// iperfNS runs a 3-second single-flow iperf3 between two namespaces and
-// returns the received throughput in Gb/s.
-func iperfNS(b *testing.B, server, client, target string) float64 {
-	b.Helper()
-	srv := exec.Command("ip", "netns", "exec", server, "iperf3", "-s", "-1", "-p", "5299")
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
-	time.Sleep(300 * time.Millisecond)
-	out, err := exec.Command("ip", "netns", "exec", client, "iperf3", "-c", target, "-p", "5299", "-t", "3", "-J").Output()
-	if err != nil {
-		b.Fatalf("iperf3 to %s: %v\n%s", target, err, out)
-	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		b.Fatalf("iperf3 output: %v", err)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
-}
-
-func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	return s[len(s)/2]
-}
 
 // BenchmarkAntiSpoofCost measures pod-to-pod throughput on one node with
 // the reverse-path check and without it (its jump deleted), alternating
@@ -61,12 +26,12 @@ func BenchmarkAntiSpoofCost(b *testing.B) {
 	}
 	var with, without []float64
 	for i := 0; i < b.N; i++ {
-		with = append(with, iperfNS(b, nettest.Name(pn.pods["x/c"]), nettest.Name(pn.pods["x/a"]), addrs["x/c"][0]))
+		with = append(with, nettest.Iperf(b, nettest.Name(pn.pods["x/c"]), nettest.Name(pn.pods["x/a"]), addrs["x/c"][0]))
 		toggle("-D")
-		without = append(without, iperfNS(b, nettest.Name(pn.pods["x/c"]), nettest.Name(pn.pods["x/a"]), addrs["x/c"][0]))
+		without = append(without, nettest.Iperf(b, nettest.Name(pn.pods["x/c"]), nettest.Name(pn.pods["x/a"]), addrs["x/c"][0]))
 		toggle("-I")
 	}
-	b.ReportMetric(median(with), "antispoof-Gbps")
-	b.ReportMetric(median(without), "none-Gbps")
-	b.ReportMetric(median(with)/median(without), "throughput-ratio")
+	b.ReportMetric(nettest.Median(with), "antispoof-Gbps")
+	b.ReportMetric(nettest.Median(without), "none-Gbps")
+	b.ReportMetric(nettest.Median(with)/nettest.Median(without), "throughput-ratio")
 }

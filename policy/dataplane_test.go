@@ -21,6 +21,16 @@ import (
 
 func init() { log.SetOutput(io.Discard) } // vishvananda/netlink's ipset notes
 
+// forwardingWriter is an IPv4 nft writer for the current namespace, with
+// the forwarding chain in place, as sluiced has it before the first Apply.
+func forwardingWriter() (*iptables.Runner, error) {
+	r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+	if err != nil {
+		return nil, err
+	}
+	return r, forward.Apply(r)
+}
+
 func save(t *testing.T, ns string) string {
 	out, err := exec.Command("ip", "netns", "exec", ns, "iptables-nft-save", "-t", "filter").CombinedOutput()
 	if err != nil {
@@ -39,11 +49,8 @@ func TestDataplaneWritesOnlyChanges(t *testing.T) {
 		// SCTP traffic.
 		Ports: []networkingv1.NetworkPolicyPort{port(80, corev1.ProtocolTCP), namedPort("serve-81-udp", corev1.ProtocolUDP), port(9, corev1.ProtocolSCTP)}}}})
 	nettest.Do(t, n, func() error {
-		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		r, err := forwardingWriter()
 		if err != nil {
-			return err
-		}
-		if err := forward.Apply(r); err != nil {
 			return err
 		}
 		d := NewDataplane(r, false)

@@ -9,7 +9,6 @@ import (
 
 	"github.com/sluice-net/sluice/internal/forward"
 	"github.com/sluice-net/sluice/internal/ipset"
-	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
 )
 
@@ -46,11 +45,8 @@ func TestPoisonedSetFailsClosedAlone(t *testing.T) {
 	n := nettest.NewNS(t)
 	w, deny, fromBlock, fromY, blockSet := poisonedWorld()
 	nettest.Do(t, n, func() error {
-		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		r, err := forwardingWriter()
 		if err != nil {
-			return err
-		}
-		if err := forward.Apply(r); err != nil {
 			return err
 		}
 		d := NewDataplane(r, false)
@@ -129,11 +125,8 @@ func TestRefusedChainFailsClosedAlone(t *testing.T) {
 	n := nettest.NewNS(t)
 	w, deny, fromBlock, fromY, blockSet := poisonedWorld()
 	nettest.Do(t, n, func() error {
-		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		r, err := forwardingWriter()
 		if err != nil {
-			return err
-		}
-		if err := forward.Apply(r); err != nil {
 			return err
 		}
 		d := NewDataplane(r, false)

@@ -1,12 +1,10 @@
 package srcfilter
 
 import (
-	"encoding/json"
 	"net/netip"
 	"os/exec"
 	"sort"
 	"testing"
-	"time"
 
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -78,28 +76,7 @@ func setFilter(b *testing.B, f fam, hosts []*host, on bool) {
 // iperf runs an iperf3 server in one namespace and a 3-second single-flow
 // client in another, and returns the received throughput in Gb/s.
 func iperf(b *testing.B, serverNS, clientNS string, target netip.Addr) float64 {
-	b.Helper()
-	srv := exec.Command("ip", "netns", "exec", serverNS, "iperf3", "-s", "-1", "-p", "5299")
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
-	time.Sleep(300 * time.Millisecond) // the server's listen; a benchmark, not a test
-	out, err := exec.Command("ip", "netns", "exec", clientNS, "iperf3", "-c", target.String(), "-p", "5299", "-t", "3", "-J").Output()
-	if err != nil {
-		b.Fatalf("iperf3 to %s: %v\n%s", target, err, out)
-	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		b.Fatalf("iperf3 output: %v", err)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
+	return nettest.Iperf(b, serverNS, clientNS, target.String())
 }
 
 func median(xs []float64) float64 {

@@ -1,10 +1,11 @@
 package labtest
 
 import (
-	"encoding/json"
 	"os/exec"
 	"testing"
 	"time"
+
+	"github.com/sluice-net/sluice/internal/nettest"
 )
 
 // Commander runs a command somewhere: a lab Place, or a plain namespace.
@@ -26,15 +27,9 @@ func Iperf(b *testing.B, server, client Commander, target string) float64 {
 	if err != nil {
 		b.Fatalf("iperf3 to %s: %v\n%s", target, err, out)
 	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
+	gbps, err := nettest.IperfGbps(out)
+	if err != nil {
+		b.Fatal(err)
 	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		b.Fatalf("iperf3 output: %v", err)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
+	return gbps
 }
