@@ -10,7 +10,7 @@ export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
 TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
-.PHONY: all build deps tools test bench lab lab-down lint clean
+.PHONY: all build deps tools images test bench lab lab-down lint clean
 
 all: build
 
@@ -29,10 +29,17 @@ deps:
 tools:
 	test/tools/build.sh
 
-test: deps tools
+# The images of real lab nodes (--runtime containerd), built here with
+# debootstrap and buildah: Debian bookworm, a Go builder, Sluice's image
+# from the Dockerfile, pause and agnhost. Cached by content in
+# $(TOOLS_DIR)/images; a second run rebuilds nothing.
+images: tools
+	test/tools/images.sh
+
+test: deps tools images
 	$(GO) test $(TEST_FLAGS) ./...
 
-bench: deps tools
+bench: deps tools images
 	@mkdir -p $(dir $(BENCH_OUT))
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
 	@echo "benchmark report: $(BENCH_OUT)"
