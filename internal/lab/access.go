@@ -40,6 +40,9 @@ func (s *State) FindPod(ref string) (*PodRecord, *Node, error) {
 	if !ok || namespace == "" || name == "" {
 		return nil, nil, fmt.Errorf("pod must be given as namespace/name, got %q", ref)
 	}
+	if s.RealNodes() {
+		return s.findRealPod(namespace, name)
+	}
 	for i := range s.Nodes {
 		b, err := os.ReadFile(s.Nodes[i].PodRecordPath(namespace, name))
 		if err != nil {
@@ -90,6 +93,10 @@ func (s *State) Resolve(where string) (Place, error) {
 		}
 		if rec.HostNetwork {
 			return Place{NetNSPath: netnsPath(n.NetNS), MountPID: pid}, nil
+		}
+		if s.RealNodes() {
+			// A container's process, reachable from the root namespace.
+			return Place{NetNSPath: rec.NetNS, MountPID: pid}, nil
 		}
 		return Place{NetNSPath: fmt.Sprintf("/proc/%d/root%s", pid, rec.NetNS), MountPID: pid}, nil
 	}
