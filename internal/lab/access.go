@@ -175,6 +175,17 @@ func Probe(from Place, ip string, port int, udp bool, timeout time.Duration) (st
 				return err
 			}
 		}
+		if udp {
+			// One datagram is the answer; lab responders end it with a
+			// newline, agnhost's do not.
+			buf := make([]byte, 2048)
+			n, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			reply, _, _ = strings.Cut(strings.TrimSpace(string(buf[:n])), "\n")
+			return nil
+		}
 		r := bufio.NewReader(c)
 		if !udp {
 			// A greeting comes at once; wait a little for one.
