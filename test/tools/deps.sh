@@ -16,6 +16,8 @@ missing=()
 for cmd in "${!need[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# pause is linked statically (test/tools/images.sh).
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/libc.a ] || missing+=(libc6-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
 	echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
