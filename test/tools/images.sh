@@ -184,4 +184,6 @@ export_image "$pause_ref" pause "$pause_key"
 # 2.45 is the tag the network-policy-api conformance suite uses.
 export_image "$agnhost_ref" agnhost "$agnhost_key" registry.k8s.io/e2e-test-images/agnhost:2.45
 mv "$img/images.list.partial" "$img/images.list"
+# Images a rebuild replaced keep their layers until pruned.
+"${B[@]}" rmi --prune >/dev/null 2>&1 || true
 echo "images: ready in $((SECONDS - start)) s; list in $img/images.list"
