@@ -10,7 +10,7 @@ export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
 TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
-.PHONY: all build deps tools test bench lab lab-down lint clean
+.PHONY: all build deps tools images test bench lab lab-down lint clean
 
 all: build
 
@@ -29,20 +29,35 @@ deps:
 tools:
 	test/tools/build.sh
 
-test: deps tools
+# The images of real lab nodes (--runtime containerd), built here with
+# debootstrap and buildah: Debian bookworm, a Go builder, Sluice's image
+# from the Dockerfile, pause and agnhost. Cached by content in
+# $(TOOLS_DIR)/images; a second run rebuilds nothing.
+images: tools
+	test/tools/images.sh
+
+# The core policy truth tables run a second time on real nodes: the real
+# kubelet and containerd, the DaemonSet as containers of the Dockerfile's
+# image (test/realnodee2e has the rest of the real-node tests).
+REAL_NODE_POLICY_TESTS := TestNoPolicyAllOpen|TestDefaultDenyIngressThenAllowFromNamespace|TestNamedPortAndEgress|TestIPBlockExceptEndPortAndTheOutsideHost
+
+test: deps tools images
 	$(GO) test $(TEST_FLAGS) ./...
+	SLUICE_LAB_RUNTIME=containerd $(GO) test $(TEST_FLAGS) -run '$(REAL_NODE_POLICY_TESTS)' ./test/policye2e/
 	$(GO) test -run '^$$' -fuzz '^FuzzFromNetworkPolicy$$' -fuzztime 30s ./policy/
 
-bench: deps tools
+bench: deps tools images
 	@mkdir -p $(dir $(BENCH_OUT))
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
 	@echo "benchmark report: $(BENCH_OUT)"
 
-# The lab installs Sluice the way a cluster does: kubectl apply of the
-# manifest, whose DaemonSet pods the lab kubelets run as processes. The demo
-# then shows NetworkPolicy at work and fails if it does not.
-lab: deps build tools
-	$(BIN)/sluicectl lab up --nodes 3 --cni manifest --manifest manifests/sluice.yaml
+# The lab is a real cluster: every node runs the kubelet and containerd,
+# and Sluice installs the way a cluster installs it, kubectl apply of the
+# manifest, whose DaemonSet runs as containers of the image built from the
+# Dockerfile. The demo then shows NetworkPolicy at work through kubectl exec
+# into agnhost pods, and fails if it does not.
+lab: deps build tools images
+	$(BIN)/sluicectl lab up --nodes 3 --runtime containerd --cni manifest --manifest manifests/sluice.yaml
 	$(BIN)/sluicectl lab demo
 
 lab-down: build

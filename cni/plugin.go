@@ -108,8 +108,8 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return types.NewError(types.ErrInternal, "sluice: IPAM plugin "+plan.ipamType+" returned no IP", "")
 	}
 	hostVeth := plan.hostVeth
-	hostIface, contIface, err := wire(netns, args.IfName, hostVeth, plan.mtu, res)
-	undo = append(undo, func() { _ = unwire(args.Netns, args.IfName, hostVeth) })
+	hostIface, contIface, err := wire(netns, args.ContainerID, args.IfName, hostVeth, plan.mtu, res)
+	undo = append(undo, func() { _ = unwire(args.Netns, args.ContainerID, args.IfName, hostVeth) })
 	if err != nil {
 		return types.NewError(types.ErrInternal, "sluice: wiring the pod", err.Error())
 	}
@@ -239,7 +239,7 @@ func cmdDel(args *skel.CmdArgs) error {
 		fmt.Fprintf(os.Stderr, "sluice: unregistering %s: %v (continuing)\n", args.ContainerID, err)
 	}
 	hostVeth := HostVethName(string(k8s.K8S_POD_NAMESPACE), string(k8s.K8S_POD_NAME), args.ContainerID)
-	if err := unwire(args.Netns, args.IfName, hostVeth); err != nil {
+	if err := unwire(args.Netns, args.ContainerID, args.IfName, hostVeth); err != nil {
 		errs = append(errs, err.Error())
 	}
 	ipamType, ipamConf, ok := loadIPAMConf(conf.DataDir, args.ContainerID, args.IfName)
@@ -295,7 +295,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("sluice: opening netns %q", args.Netns), err.Error())
 	}
 	defer netns.Close()
-	if err := check(netns, args.IfName, plan.hostVeth, plan.mtu, res); err != nil {
+	if err := check(netns, args.ContainerID, args.IfName, plan.hostVeth, plan.mtu, res); err != nil {
 		return types.NewError(types.ErrInternal, "sluice: the pod's network drifted: "+err.Error(), "")
 	}
 	return nil

@@ -39,12 +39,33 @@ func HostVethName(podNamespace, podName, containerID string) string {
 	return contract.HostVethPrefix + hex.EncodeToString(h[:])[:11]
 }
 
+// The host veth's alias records the sandbox that owns it: "sluice:" and the
+// container ID. Its name comes from the pod's namespace and name, so every
+// sandbox of one pod gets the same name; when a runtime replaces a pod's
+// sandbox and then retries the DEL of the old one (containerd does), DEL
+// must leave the current sandbox's veth alone. Calico's plugin skips such a
+// "DEL for an old sandbox of a running pod" the same way.
+const ownerAliasPrefix = "sluice:"
+
+func ownerAlias(containerID string) string { return ownerAliasPrefix + containerID }
+
+// vethOwner returns the container ID that owns the host veth, "" if the
+// veth records none (made by an older plugin), and whether it exists.
+func vethOwner(hostVeth string) (owner string, exists bool) {
+	l, err := netlinksafe.LinkByName(hostVeth)
+	if err != nil {
+		return "", false
+	}
+	owner, _ = strings.CutPrefix(l.Attrs().Alias, ownerAliasPrefix)
+	return owner, true
+}
+
 // wire creates the veth pair and configures both ends for the IPs in res.
 // The pair is made with one netlink call from the host side: the pod end is
 // created straight inside the pod's namespace, and the host end gets its
 // fixed MAC at birth, so its link-local address (the pod's IPv6 gateway) is
 // right from the start.
-func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result) (hostIface, contIface *current.Interface, err error) {
+func wire(netns ns.NetNS, containerID, ifName, hostVeth string, mtu int, res *current.Result) (hostIface, contIface *current.Interface, err error) {
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: hostVeth, MTU: mtu, HardwareAddr: hostVethMAC},
 		PeerName:      ifName,
@@ -53,7 +74,12 @@ func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result)
 	}
 	err = netlink.LinkAdd(veth)
 	if errors.Is(err, unix.EEXIST) {
-		// A leftover of an earlier sandbox of the same pod holds the name.
+		// A leftover of an earlier sandbox of the same pod holds the name
+		// (or of this one, from an ADD that failed half-way): the sandbox
+		// being added is the pod's current one, so it takes the name.
+		if owner, _ := vethOwner(hostVeth); owner != containerID {
+			fmt.Fprintf(os.Stderr, "sluice: %s: replacing the host veth %s of the pod's earlier sandbox %q\n", containerID, hostVeth, owner)
+		}
 		if l, lerr := netlinksafe.LinkByName(hostVeth); lerr == nil {
 			_ = netlink.LinkDel(l)
 		}
@@ -61,6 +87,12 @@ func wire(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("creating veth pair %s/%s: %w", hostVeth, ifName, err)
+	}
+	// The kernel takes no alias in the message that creates a link.
+	if l, err := netlinksafe.LinkByName(hostVeth); err != nil {
+		return nil, nil, err
+	} else if err := netlink.LinkSetAlias(l, ownerAlias(containerID)); err != nil {
+		return nil, nil, fmt.Errorf("recording the owner of %s: %w", hostVeth, err)
 	}
 	contIface = &current.Interface{Name: ifName, Sandbox: netns.Path()}
 	err = netns.Do(func(ns.NetNS) error {
@@ -182,10 +214,15 @@ func hostPrefix(a net.IP) *net.IPNet {
 	return &net.IPNet{IP: a, Mask: net.CIDRMask(128, 128)}
 }
 
-// unwire deletes the host veth, which takes the pod end and the host routes
-// with it. A missing veth is not an error: DEL must be idempotent.
-func unwire(netnsPath, ifName, hostVeth string) error {
-	if l, err := netlinksafe.LinkByName(hostVeth); err == nil {
+// unwire deletes the host veth of containerID, which takes the pod end and
+// the host routes with it, and the pod end in netnsPath if it is still
+// there. A missing veth is not an error: DEL must be idempotent. A veth
+// that another sandbox owns is left alone (see ownerAliasPrefix); a veth
+// with no owner recorded is deleted, as before owners were recorded.
+func unwire(netnsPath, containerID, ifName, hostVeth string) error {
+	if owner, exists := vethOwner(hostVeth); exists && owner != "" && owner != containerID {
+		fmt.Fprintf(os.Stderr, "sluice: %s: DEL of an old sandbox; the host veth %s belongs to the pod's current sandbox %s and stays\n", containerID, hostVeth, owner)
+	} else if l, err := netlinksafe.LinkByName(hostVeth); err == nil {
 		if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
 			return fmt.Errorf("deleting %s: %w", hostVeth, err)
 		}
@@ -208,11 +245,14 @@ func unwire(netnsPath, ifName, hostVeth string) error {
 
 // check compares the live wiring with the result ADD returned, and says
 // what drifted.
-func check(netns ns.NetNS, ifName, hostVeth string, mtu int, res *current.Result) error {
+func check(netns ns.NetNS, containerID, ifName, hostVeth string, mtu int, res *current.Result) error {
 	var problems []string
 	link, err := netlinksafe.LinkByName(hostVeth)
 	if err != nil {
 		return fmt.Errorf("host veth %s is missing", hostVeth)
+	}
+	if owner, _ := strings.CutPrefix(link.Attrs().Alias, ownerAliasPrefix); owner != containerID {
+		problems = append(problems, fmt.Sprintf("host veth %s belongs to sandbox %q", hostVeth, owner))
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
 		problems = append(problems, hostVeth+" is down")

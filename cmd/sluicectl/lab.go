@@ -17,6 +17,7 @@ import (
 	"github.com/sluice-net/sluice/internal/lab/container"
 	"github.com/sluice-net/sluice/internal/lab/demo"
 	"github.com/sluice-net/sluice/internal/lab/kubelet"
+	"github.com/sluice-net/sluice/internal/lab/realnode"
 )
 
 type labFlags struct {
@@ -48,7 +49,7 @@ POD means namespace/name. NODE means a node name such as node-1.`,
 	}
 	cmd.PersistentFlags().StringVar(&f.name, "lab", "default", "name of the lab")
 	cmd.PersistentFlags().StringVar(&f.dir, "lab-dir", "", "lab directory (default $SLUICE_LAB_ROOT/NAME, SLUICE_LAB_ROOT defaults to /tmp/sluice-lab)")
-	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet(), labContainerInit(), labDemo(f))
+	cmd.AddCommand(labUp(f), labDown(f), labStatus(f), labKubeconfig(f), labExec(f), labProbe(f), labDaemon(f), labKubelet(), labNode(), labContainerInit(), labDemo(f))
 	return cmd
 }
 
@@ -75,6 +76,7 @@ func labUp(f *labFlags) *cobra.Command {
 	c.Flags().BoolVar(&o.NoPodCIDR, "no-pod-cidr", false, "do not allocate node pod CIDRs, like kubeadm init without --pod-network-cidr")
 	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (apply Sluice's built-in manifest; the lab kubelets run its DaemonSet's pods), manifest (the same once you apply a manifest, or --manifest does), reference (ptp + host-local, one node only) or none")
 	c.Flags().StringVar(&o.Manifest, "manifest", "", "with --cni manifest: kubectl apply this manifest and wait until its DaemonSet is Ready on every node")
+	c.Flags().StringVar(&o.Runtime, "runtime", lab.RuntimeLab, "nodes: lab (the lab kubelet, pods as processes) or containerd (the real kubelet v1.36.3 and containerd on every node, images built by 'make images')")
 	c.Flags().StringVar(&o.ToolsDir, "tools-dir", lab.DefaultToolsDir(), "cache of the Kubernetes and CNI tools built by 'make tools'")
 	c.Flags().DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the lab to be ready")
 	return c
@@ -256,6 +258,22 @@ func labKubelet() *cobra.Command {
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return kubelet.Run(cmd.Context(), dir, node)
+		},
+	}
+	c.Flags().StringVar(&dir, "dir", "", "lab directory")
+	c.Flags().StringVar(&node, "node", "", "node name")
+	return c
+}
+
+func labNode() *cobra.Command {
+	var dir, node string
+	c := &cobra.Command{
+		Use:    "node",
+		Short:  "Run a real lab node: containerd and the kubelet (started by the lab daemon)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return realnode.Run(cmd.Context(), dir, node)
 		},
 	}
 	c.Flags().StringVar(&dir, "dir", "", "lab directory")

@@ -40,6 +40,9 @@ func (s *State) FindPod(ref string) (*PodRecord, *Node, error) {
 	if !ok || namespace == "" || name == "" {
 		return nil, nil, fmt.Errorf("pod must be given as namespace/name, got %q", ref)
 	}
+	if s.RealNodes() {
+		return s.findRealPod(namespace, name)
+	}
 	for i := range s.Nodes {
 		b, err := os.ReadFile(s.Nodes[i].PodRecordPath(namespace, name))
 		if err != nil {
@@ -90,6 +93,10 @@ func (s *State) Resolve(where string) (Place, error) {
 		}
 		if rec.HostNetwork {
 			return Place{NetNSPath: netnsPath(n.NetNS), MountPID: pid}, nil
+		}
+		if s.RealNodes() {
+			// A container's process, reachable from the root namespace.
+			return Place{NetNSPath: rec.NetNS, MountPID: pid}, nil
 		}
 		return Place{NetNSPath: fmt.Sprintf("/proc/%d/root%s", pid, rec.NetNS), MountPID: pid}, nil
 	}
@@ -143,7 +150,11 @@ func (s *State) ResolveTarget(target string, ipv6 bool) (string, error) {
 var ErrNoAnswer = errors.New("no answer")
 
 // Probe connects from a place to ip:port over TCP (or sends a UDP datagram)
-// and returns the first line of the reply.
+// and returns the first line of the reply. Lab pods, nodes and the outside
+// world greet a TCP connection and answer any datagram. A TCP server that
+// says nothing first, such as agnhost netexec on real nodes, is asked
+// "GET /hostname" over HTTP and the answer is the body; UDP datagrams say
+// "hostname", which netexec answers with the pod's name.
 func Probe(from Place, ip string, port int, udp bool, timeout time.Duration) (string, error) {
 	var reply string
 	addr := net.JoinHostPort(ip, strconv.Itoa(port))
@@ -157,13 +168,39 @@ func Probe(from Place, ip string, port int, udp bool, timeout time.Duration) (st
 			return err
 		}
 		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(timeout))
+		deadline := time.Now().Add(timeout)
+		_ = c.SetDeadline(deadline)
 		if udp {
-			if _, err := c.Write([]byte("probe\n")); err != nil {
+			if _, err := c.Write([]byte("hostname\n")); err != nil {
 				return err
 			}
 		}
-		line, err := bufio.NewReader(c).ReadString('\n')
+		if udp {
+			// One datagram is the answer; lab responders end it with a
+			// newline, agnhost's do not.
+			buf := make([]byte, 2048)
+			n, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			reply, _, _ = strings.Cut(strings.TrimSpace(string(buf[:n])), "\n")
+			return nil
+		}
+		r := bufio.NewReader(c)
+		if !udp {
+			// A greeting comes at once; wait a little for one.
+			_ = c.SetReadDeadline(time.Now().Add(min(300*time.Millisecond, timeout/2)))
+			if _, err := r.Peek(1); err != nil {
+				var ne net.Error
+				if !errors.As(err, &ne) || !ne.Timeout() {
+					return err
+				}
+				_ = c.SetDeadline(deadline)
+				return httpHostname(c, r, ip, &reply)
+			}
+			_ = c.SetDeadline(deadline)
+		}
+		line, err := r.ReadString('\n')
 		if err != nil && line == "" {
 			return err
 		}
@@ -174,6 +211,36 @@ func Probe(from Place, ip string, port int, udp bool, timeout time.Duration) (st
 		return "", fmt.Errorf("%w from %s: %v", ErrNoAnswer, addr, err)
 	}
 	return reply, nil
+}
+
+// httpHostname asks an HTTP server for /hostname and returns the body.
+func httpHostname(c net.Conn, r *bufio.Reader, host string, reply *string) error {
+	if _, err := fmt.Fprintf(c, "GET /hostname HTTP/1.0\r\nHost: %s\r\n\r\n", host); err != nil {
+		return err
+	}
+	status, err := r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(status, "HTTP/") {
+		*reply = strings.TrimSpace(status)
+		return nil
+	}
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(l) == "" {
+			break
+		}
+	}
+	body, _ := r.ReadString('\n')
+	*reply = strings.TrimSpace(body)
+	if *reply == "" {
+		*reply = strings.TrimSpace(status)
+	}
+	return nil
 }
 
 // Dial opens a connection from inside the place's network namespace.

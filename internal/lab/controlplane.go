@@ -34,8 +34,16 @@ func KubectlPath(toolsDir string) string {
 // CNIToolsPath is where the reference CNI plugins are cached.
 func CNIToolsPath(toolsDir string) string { return filepath.Join(toolsDir, cniToolsName) }
 
-func checkTools(dir string) error {
+func checkTools(dir, runtime string) error {
 	var missing []string
+	if runtime == RuntimeContainerd {
+		if _, err := os.Stat(filepath.Join(dir, kubeletToolsName, "kubelet")); err != nil {
+			missing = append(missing, kubeletToolsName+"/kubelet")
+		}
+		if _, err := os.Stat(ImageListPath(dir)); err != nil {
+			missing = append(missing, "images/images.list (build the images with 'make images')")
+		}
+	}
 	for _, t := range kubernetesTools {
 		if _, err := os.Stat(filepath.Join(dir, kubernetesToolsName, t)); err != nil {
 			missing = append(missing, kubernetesToolsName+"/"+t)
@@ -106,6 +114,11 @@ func (s *State) controlPlane() []component {
 		"--allow-privileged=true",
 		"--cert-dir=" + s.Path("pki", "apiserver-certs"),
 		"--endpoint-reconciler-type=none",
+		// Real kubelets serve exec, logs and port-forward on 10250 and
+		// accept this client certificate.
+		"--kubelet-client-certificate=" + p.path("kubelet-client.crt"),
+		"--kubelet-client-key=" + p.path("kubelet-client.key"),
+		"--kubelet-preferred-address-types=InternalIP",
 		"--v=1",
 	}}
 	kcm := component{name: "kube-controller-manager", netns: s.ControlNS, args: []string{
@@ -121,6 +134,16 @@ func (s *State) controlPlane() []component {
 		"--service-cluster-ip-range=" + serviceCIDR,
 		"--v=1",
 	}}
+	if s.RealNodes() {
+		// kube-proxy on real nodes serves the kubernetes Service
+		// (10.96.0.1) that in-cluster clients such as sluiced use, from
+		// the endpoints the API server publishes for itself.
+		for i, a := range apiserver.args {
+			if a == "--endpoint-reconciler-type=none" {
+				apiserver.args[i] = "--endpoint-reconciler-type=lease"
+			}
+		}
+	}
 	if s.NoPodCIDR {
 		// Like `kubeadm init` without --pod-network-cidr: nodes get no
 		// spec.podCIDR, and the network plugin has to cope.

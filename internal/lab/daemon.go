@@ -88,6 +88,13 @@ func RunDaemon(ctx context.Context, dir string) error {
 }
 
 func (s *State) kubeletComponent(n Node) component {
+	if s.RealNodes() {
+		// containerd and the real kubelet, entered with nsenter --net only:
+		// `ip netns exec` would remount /sys and hide the cgroup mounts.
+		return component{name: "node-" + n.Name, netns: n.NetNS, privateMounts: true, args: []string{
+			s.Sluicectl, "lab", "node", "--dir", s.Dir, "--node", n.Name,
+		}}
+	}
 	return component{name: "kubelet-" + n.Name, netns: n.NetNS, privateMounts: true, args: []string{
 		s.Sluicectl, "lab", "kubelet", "--dir", s.Dir, "--node", n.Name,
 	}}
@@ -278,7 +285,23 @@ func (s *State) waitNodesReady(ctx context.Context) error {
 		ready, registered := 0, 0
 		for _, n := range s.Nodes {
 			node, err := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-			if err != nil || !nodeReady(node) {
+			if err != nil {
+				continue
+			}
+			if s.RealNodes() && !nodeReady(node) {
+				// A real kubelet reports its node Ready only once the
+				// runtime's network is: after a CNI config is installed.
+				// Sluice's DaemonSet tolerates the not-ready taint.
+				registered++
+				if s.CNI == CNIReference && !s.NoPodCIDR && !written[n.Name] && len(node.Spec.PodCIDRs) > 0 {
+					if err := WriteReferenceConflist(n, node.Spec.PodCIDRs, 1500); err != nil {
+						return err
+					}
+					written[n.Name] = true
+				}
+				continue
+			}
+			if !nodeReady(node) {
 				continue
 			}
 			registered++
@@ -305,7 +328,13 @@ func (s *State) waitNodesReady(ctx context.Context) error {
 			klog.InfoS("sluice manifest applied")
 			installed = true
 		}
-		if ready == len(s.Nodes) {
+		// With --cni manifest or none, nobody installs a CNI config before
+		// lab up returns: real nodes are done once registered.
+		done := ready == len(s.Nodes)
+		if s.RealNodes() && (s.CNI == CNIManifest || s.CNI == CNINone) {
+			done = registered == len(s.Nodes)
+		}
+		if done {
 			if _, err := cs.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{}); err == nil {
 				return nil
 			}

@@ -28,17 +28,27 @@ func Down(dir string) error {
 	}
 	// Processes can also be inside a lab namespace without being the
 	// daemon's children (a crashed daemon's orphans, `lab exec` shells).
-	for _, pid := range s.processesInLab() {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
+	// On real nodes, containers (and their shims, reparented to init) are
+	// found through the lab's cgroups too; a pod's namespace is pinned in
+	// the node's mount namespace and may be unreachable once the node's
+	// processes are gone.
+	left := func() []int { return append(s.processesInLab(), s.cgroupProcs()...) }
+	for round := 0; round < 3 && len(left()) > 0; round++ {
+		for _, pid := range left() {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		waitGone(func() bool { return len(left()) > 0 }, 5*time.Second)
 	}
-	waitGone(func() bool { return len(s.processesInLab()) > 0 }, 5*time.Second)
-	if left := s.processesInLab(); len(left) > 0 {
-		errs = append(errs, fmt.Errorf("processes still in lab namespaces: %v", left))
+	if l := left(); len(l) > 0 {
+		errs = append(errs, fmt.Errorf("processes still in lab namespaces or cgroups: %v", l))
 	}
 	for _, n := range s.NetNSes {
 		if err := deleteNetNS(n); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := s.removeCgroups(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := os.RemoveAll(s.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("removing lab dir: %w", err))

@@ -86,3 +86,30 @@ func DaemonSetProgress(ds *appsv1.DaemonSet) string {
 	st := ds.Status
 	return fmt.Sprintf("desired %d, updated %d, ready %d, available %d", st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable)
 }
+
+// WaitNodesReady waits until every node of the lab reports Ready.
+func (s *State) WaitNodesReady(ctx context.Context) error {
+	cs, err := s.Client()
+	if err != nil {
+		return err
+	}
+	for {
+		nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		ready := 0
+		if err == nil {
+			for i := range nodes.Items {
+				if nodeReady(&nodes.Items[i]) {
+					ready++
+				}
+			}
+		}
+		if ready == len(s.Nodes) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d/%d nodes Ready: %w", ready, len(s.Nodes), ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

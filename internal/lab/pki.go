@@ -39,6 +39,9 @@ func labIdentities(nodes []Node) []identity {
 		{name: "admin", user: "lab-admin", groups: []string{"system:masters"}},
 		{name: "kube-controller-manager", user: "system:kube-controller-manager"},
 		{name: "kube-scheduler", user: "system:kube-scheduler"},
+		// Real nodes run kube-proxy, bound to system:node-proxier by the
+		// API server's default RBAC.
+		{name: "kube-proxy", user: "system:kube-proxy"},
 	}
 	for _, n := range nodes {
 		// The lab kubelet authenticates as the node, so the Node authorizer
@@ -108,6 +111,32 @@ func (p pki) generate(s *State) error {
 	}
 	srvKeyDER, _ := x509.MarshalECPrivateKey(srvKey)
 	if err := writePEM(p.path("apiserver.key"), "EC PRIVATE KEY", srvKeyDER, 0o600); err != nil {
+		return err
+	}
+
+	// The API server's client certificate for kubelets (exec, logs,
+	// port-forward): kubelets trust the lab CA.
+	cliKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("generating kubelet client key: %w", err)
+	}
+	cliTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		NotBefore:    now,
+		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	cliDER, err := x509.CreateCertificate(rand.Reader, cliTmpl, ca, &cliKey.PublicKey, caKey)
+	if err != nil {
+		return fmt.Errorf("creating kubelet client certificate: %w", err)
+	}
+	if err := writePEM(p.path("kubelet-client.crt"), "CERTIFICATE", cliDER, 0o644); err != nil {
+		return err
+	}
+	cliKeyDER, _ := x509.MarshalECPrivateKey(cliKey)
+	if err := writePEM(p.path("kubelet-client.key"), "EC PRIVATE KEY", cliKeyDER, 0o600); err != nil {
 		return err
 	}
 

@@ -43,6 +43,7 @@ const (
 	daemonPidFileName   = "daemon.pid"
 	maxNodes            = 200
 	kubernetesToolsName = "k8s-v1.36.3"
+	kubeletToolsName    = "k8s-node-v1.36.3"
 	cniToolsName        = "cni-v1.10.0"
 )
 
@@ -81,7 +82,27 @@ type State struct {
 	ExternalIP4   string   `json:"externalIP4"`
 	ExternalIP6   string   `json:"externalIP6,omitempty"`
 	KubeconfigOut string   `json:"adminKubeconfig"`
+	// Runtime is RuntimeLab (the lab kubelet) or RuntimeContainerd (the
+	// real kubelet and containerd on every node).
+	Runtime string `json:"runtime,omitempty"`
+	// CgroupName, on real nodes, is the cgroup (in every hierarchy) under
+	// which the kubelets put their pods: /CgroupName/NODE.
+	CgroupName string `json:"cgroupName,omitempty"`
 }
+
+// Runtimes of a lab's nodes.
+const (
+	// RuntimeLab runs the lab kubelet, a stand-in that calls the CNI
+	// conflist itself and runs Sluice's image as processes.
+	RuntimeLab = "lab"
+	// RuntimeContainerd runs the real kubelet and containerd on every
+	// node, with images built by test/tools/images.sh.
+	RuntimeContainerd = "containerd"
+)
+
+// RealNodes reports whether the lab's nodes run the real kubelet and
+// containerd.
+func (s *State) RealNodes() bool { return s.Runtime == RuntimeContainerd }
 
 // DefaultRoot is where labs live unless SLUICE_LAB_ROOT says otherwise. It
 // must not be under a path that nodes bind over (/run, /var/lib, /opt,

@@ -28,7 +28,9 @@ type Options struct {
 	CNI string
 	// Manifest, with CNIManifest, is applied with kubectl once the nodes
 	// are Ready, and Up returns when its DaemonSet is Ready on every node.
-	Manifest  string
+	Manifest string
+	// Runtime is RuntimeLab (the default) or RuntimeContainerd.
+	Runtime   string
 	ToolsDir  string
 	Sluicectl string // the binary that runs the daemon and kubelets
 	Timeout   time.Duration
@@ -47,6 +49,12 @@ func Up(o Options) (*State, error) {
 	}
 	if o.Manifest != "" && o.CNI != CNIManifest {
 		return nil, fmt.Errorf("--manifest needs --cni manifest (--cni sluice applies the manifest built into sluicectl)")
+	}
+	if o.Runtime == "" {
+		o.Runtime = RuntimeLab
+	}
+	if o.Runtime != RuntimeLab && o.Runtime != RuntimeContainerd {
+		return nil, fmt.Errorf("--runtime must be lab or containerd, got %q", o.Runtime)
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -67,7 +75,7 @@ func Up(o Options) (*State, error) {
 		}
 		o.Sluicectl = exe
 	}
-	if err := checkTools(o.ToolsDir); err != nil {
+	if err := checkTools(o.ToolsDir, o.Runtime); err != nil {
 		return nil, err
 	}
 	if _, err := Load(o.Dir); err == nil {
@@ -107,6 +115,11 @@ func Up(o Options) (*State, error) {
 		if err := s.WaitAgentsReady(ctx); err != nil {
 			return s, err
 		}
+		if s.RealNodes() {
+			if err := s.WaitNodesReady(ctx); err != nil {
+				return s, err
+			}
+		}
 	}
 	return s, nil
 }
@@ -133,6 +146,10 @@ func newState(o Options, dir string) *State {
 		ControlIP6:  controlPlaneIP6,
 		ExternalIP4: externalIP4,
 		ExternalIP6: externalIP6,
+		Runtime:     o.Runtime,
+	}
+	if o.Runtime == RuntimeContainerd {
+		s.CgroupName = "sluice-lab-" + id
 	}
 	s.KubeconfigOut = s.AdminKubeconfig()
 	s.NetNSes = []string{s.UnderlayNS, s.ControlNS, s.ExternalNS}
@@ -148,9 +165,15 @@ func newState(o Options, dir string) *State {
 
 // Node host paths. Each is a directory under the node's Dir, bind-mounted
 // over the real path inside the node's mount namespace.
-var nodeHostPaths = []string{"/etc/cni/net.d", "/opt/cni/bin", "/run", "/var/lib"}
+var nodeHostPaths = []string{"/etc/cni/net.d", "/opt/cni/bin", "/run", "/var/lib", "/var/log"}
+
+// NodeHostPaths are the paths private to each node.
+func NodeHostPaths() []string { return append([]string(nil), nodeHostPaths...) }
 
 func (n Node) hostDir(path string) string { return filepath.Join(n.Dir, "host", path) }
+
+// HostDir is where the node's private copy of a host path lives.
+func (n Node) HostDir(path string) string { return n.hostDir(path) }
 
 func (s *State) provision() error {
 	for _, d := range []string{"logs", "etcd", "pki"} {
@@ -178,7 +201,11 @@ func (s *State) provision() error {
 			}
 		}
 	}
-	if s.RunsSluiceImage() {
+	if s.RealNodes() {
+		if err := s.writeRealNodeConfigs(); err != nil {
+			return err
+		}
+	} else if s.RunsSluiceImage() {
 		if err := s.stageImage(); err != nil {
 			return err
 		}

@@ -77,6 +77,11 @@ func Start(o lab.Options) (*Lab, error) {
 	if err != nil {
 		return nil, err
 	}
+	if o.Runtime == "" {
+		// SLUICE_LAB_RUNTIME=containerd runs a package's labs on real
+		// nodes, e.g. the policy truth tables.
+		o.Runtime = os.Getenv("SLUICE_LAB_RUNTIME")
+	}
 	o.Sluicectl = filepath.Join(bins, "sluicectl")
 	o.Dir = filepath.Join(root, "lab")
 	if o.Name == "" {
@@ -166,9 +171,33 @@ func (p PodSpec) Pod() *corev1.Pod {
 	}
 }
 
+// AgnhostImage is the test image that test/tools/images.sh builds for real
+// nodes.
+const AgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.63.0"
+
+// RealPod is the spec's pod for real nodes, where pods run images: agnhost
+// porter answers on every containerPort with the pod's namespace/name, over
+// HTTP on TCP ports and as a datagram on UDP ports, like a lab pod.
+func (p PodSpec) RealPod() *corev1.Pod {
+	pod := p.Pod()
+	c := &pod.Spec.Containers[0]
+	c.Image, c.ImagePullPolicy, c.Args = AgnhostImage, corev1.PullNever, []string{"porter"}
+	for _, cp := range c.Ports {
+		kind := "SERVE_PORT_"
+		if cp.Protocol == corev1.ProtocolUDP {
+			kind = "SERVE_UDP_PORT_"
+		}
+		c.Env = append(c.Env, corev1.EnvVar{Name: fmt.Sprintf("%s%d", kind, cp.ContainerPort), Value: pod.Namespace + "/" + pod.Name})
+	}
+	return pod
+}
+
 // CreatePod creates a pod and waits until it is Running with an IP.
 func (l *Lab) CreatePod(ctx context.Context, p PodSpec) (*corev1.Pod, error) {
 	pod := p.Pod()
+	if l.RealNodes() {
+		pod = p.RealPod()
+	}
 	if err := l.EnsureNamespace(ctx, pod.Namespace); err != nil {
 		return nil, err
 	}

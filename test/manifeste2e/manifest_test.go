@@ -14,12 +14,14 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/internal/lab/demo"
@@ -345,22 +347,29 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 	}
 	traffic := startTraffic(echo)
 	const image = "ghcr.io/sluice-net/sluice:v0.1.1-rolling"
-	ds, err := shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Get(ctx, lab.AgentDaemonSet, metav1.GetOptions{})
+	// The DaemonSet controller writes the object too: retry a conflict.
+	var ds *appsv1.DaemonSet
+	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		var err error
+		ds, err = shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Get(ctx, lab.AgentDaemonSet, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		tmpl := &ds.Spec.Template
+		if tmpl.Annotations == nil {
+			tmpl.Annotations = map[string]string{}
+		}
+		tmpl.Annotations["lab.sluice.dev/rolled"] = "1"
+		for i := range tmpl.Spec.InitContainers {
+			tmpl.Spec.InitContainers[i].Image = image
+		}
+		for i := range tmpl.Spec.Containers {
+			tmpl.Spec.Containers[i].Image = image
+		}
+		ds, err = shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Update(ctx, ds, metav1.UpdateOptions{})
+		return err
+	})
 	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &ds.Spec.Template
-	if tmpl.Annotations == nil {
-		tmpl.Annotations = map[string]string{}
-	}
-	tmpl.Annotations["lab.sluice.dev/rolled"] = "1"
-	for i := range tmpl.Spec.InitContainers {
-		tmpl.Spec.InitContainers[i].Image = image
-	}
-	for i := range tmpl.Spec.Containers {
-		tmpl.Spec.Containers[i].Image = image
-	}
-	if ds, err = shared.Client.AppsV1().DaemonSets(lab.AgentNamespace).Update(ctx, ds, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	maxDown := 0

@@ -152,7 +152,17 @@ func TestAgentRestartRewritesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	counters := func() string {
-		out, err := shared.Exec(node.Name, "iptables-save", "-c", "-t", "filter")
+		// iptables-save (nft) fails when it lists a set that the agent
+		// replaces at that moment ("Set with index 0 in kernel doesn't
+		// exist"); a second read sees the new one.
+		var out string
+		var err error
+		for try := 0; try < 5; try++ {
+			if out, err = shared.Exec(node.Name, "iptables-save", "-c", "-t", "filter"); err == nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}

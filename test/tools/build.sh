@@ -2,13 +2,17 @@
 # Builds the lab's tools from the Go module proxy into a cache keyed by
 # version, so a second run costs nothing:
 #   $SLUICE_TOOLS_DIR/k8s-v1.36.3/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
+#   $SLUICE_TOOLS_DIR/k8s-node-v1.36.3/{kubelet,kube-proxy} (real lab nodes, --runtime containerd)
+#   $SLUICE_TOOLS_DIR/crictl-v1.37.0/crictl (the real-node tests drive sandboxes with it)
 #   $SLUICE_TOOLS_DIR/cni-v1.10.0/{ptp,bridge,host-local,loopback,portmap,bandwidth}
+# The images of real nodes are test/tools/images.sh's.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${SLUICE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice/tools}"
 
 k8s_version="$(cd "$here/k8s" && go list -m -f '{{.Version}}' k8s.io/kubernetes)"
 cni_version="$(cd "$here/cni" && go list -m -f '{{.Version}}' github.com/containernetworking/plugins)"
+cri_version="$(cd "$here/cri" && go list -m -f '{{.Version}}' sigs.k8s.io/cri-tools)"
 
 build() { # dir name pkgs...
 	local mod="$1" dest="$2"; shift 2
@@ -17,13 +21,21 @@ build() { # dir name pkgs...
 	if [ "$missing" = 0 ]; then echo "tools: $dest is cached"; return; fi
 	echo "tools: building $dest (the Kubernetes set takes about 5 minutes on 2 cores)"
 	mkdir -p "$dest.partial"
-	(cd "$here/$mod" && CGO_ENABLED=0 go build -trimpath -o "$dest.partial/" "$@")
+	(cd "$here/$mod" && CGO_ENABLED=0 go build -trimpath ${LDFLAGS:+-ldflags "$LDFLAGS"} -o "$dest.partial/" "$@")
 	rm -rf "$dest" && mv "$dest.partial" "$dest"
 }
 
 build k8s "$out/k8s-$k8s_version" ./etcd \
 	k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
 	k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+# The node components of real lab nodes (--runtime containerd), in their
+# own directory: they came later, and the control plane's cache stays valid
+# without them. They carry their version, which the kubelet reports in its
+# Node's status.
+k8s_minor="${k8s_version#v1.}"
+LDFLAGS="-X k8s.io/component-base/version.gitVersion=$k8s_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${k8s_minor%%.*}" \
+	build k8s "$out/k8s-node-$k8s_version" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+build cri "$out/crictl-$cri_version" sigs.k8s.io/cri-tools/cmd/crictl
 build cni "$out/cni-$cni_version" \
 	github.com/containernetworking/plugins/plugins/main/ptp \
 	github.com/containernetworking/plugins/plugins/main/bridge \

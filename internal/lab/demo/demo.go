@@ -188,11 +188,17 @@ func (d *Demo) Setup(ctx context.Context) error {
 }
 
 func (d *Demo) createPod(ctx context.Context, name string) error {
+	web := corev1.Container{Name: "web", Image: "lab", Ports: []corev1.ContainerPort{{ContainerPort: Port}}}
+	if d.lab.RealNodes() {
+		// Real nodes run images: agnhost serves its name over HTTP.
+		web.Image, web.ImagePullPolicy = AgnhostImage, corev1.PullNever
+		web.Args = []string{"netexec", fmt.Sprintf("--http-port=%d", Port), "--udp-port=8081"}
+	}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: Namespace, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{
 			NodeName:                      d.nodes[name],
-			Containers:                    []corev1.Container{{Name: "web", Image: "lab", Ports: []corev1.ContainerPort{{ContainerPort: Port}}}},
+			Containers:                    []corev1.Container{web},
 			TerminationGracePeriodSeconds: new(int64),
 		},
 	}
@@ -237,8 +243,24 @@ func (d *Demo) Measure() Matrix {
 	return m
 }
 
-// connects reports whether the target pod itself answered.
+// AgnhostImage is the test image that test/tools/images.sh builds.
+const AgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.63.0"
+
+// connects reports whether the target pod itself answered. On real nodes
+// the probe runs inside the source pod, through kubectl exec, as the
+// public test suites probe: curl asks the target's agnhost for its name.
 func (d *Demo) connects(p Pair) bool {
+	if d.lab.RealNodes() {
+		ip, err := d.lab.ResolveTarget(Namespace+"/"+p.To, false)
+		if err != nil {
+			return false
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), probeTimeout+5*time.Second)
+		defer cancel()
+		secs := fmt.Sprintf("%.1f", probeTimeout.Seconds())
+		out, err := d.lab.Kubectl(ctx, "-n", Namespace, "exec", p.From, "--", "curl", "-s", "--max-time", secs, fmt.Sprintf("http://%s:%d/hostname", ip, Port))
+		return err == nil && strings.TrimSpace(out) == p.To
+	}
 	from, err := d.lab.Resolve(Namespace + "/" + p.From)
 	if err != nil {
 		return false

@@ -1,0 +1,223 @@
+// Package realnode runs a real lab node: containerd, and the kubelet and
+// kube-proxy of Kubernetes v1.36.3, in the node's network namespace and a mount namespace
+// of the node's own, in which the node's host paths are private.
+//
+// The lab daemon starts one process per node with `nsenter --net=` (not `ip
+// netns exec`, which remounts /sys and hides the cgroup mounts the kubelet
+// needs) in a new mount namespace. That process binds the node's paths,
+// starts containerd, imports the images built by test/tools/images.sh into
+// its k8s.io namespace, starts the kubelet, and restarts either when it
+// exits. Containers then run under the lab's cgroup, which lab down removes.
+package realnode
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/sluice-net/sluice/internal/lab"
+)
+
+// Run prepares the node's mount namespace and runs containerd and the
+// kubelet until ctx ends.
+func Run(ctx context.Context, dir, nodeName string) error {
+	s, err := lab.Load(dir)
+	if err != nil {
+		return err
+	}
+	n, ok := s.Node(nodeName)
+	if !ok {
+		return fmt.Errorf("lab has no node %q", nodeName)
+	}
+	if err := bindHostPaths(*n); err != nil {
+		return err
+	}
+	if err := lab.WriteFileAtomic(filepath.Join(n.Dir, "kubelet.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	logger := klog.FromContext(ctx).WithValues("node", n.Name)
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	containerd := []string{"containerd", "--config", n.ContainerdConfig()}
+	wg.Add(1)
+	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-containerd", containerd) }()
+	if err := waitSocket(ctx, lab.ContainerdSocket, time.Minute); err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := importImages(ctx, s.ToolsDir); err != nil {
+		return err
+	}
+	logger.Info("images imported", "took", time.Since(start).Round(time.Millisecond))
+
+	nodeIP := n.IP4
+	if s.IPv6 && n.IP6 != "" {
+		nodeIP += "," + n.IP6
+	}
+	kubelet := []string{lab.KubeletPath(s.ToolsDir),
+		"--config=" + n.KubeletConfig(),
+		"--kubeconfig=" + s.Path("pki", "node-"+n.Name+".kubeconfig"),
+		"--hostname-override=" + n.Name,
+		"--node-ip=" + nodeIP,
+		"--v=1",
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-kubelet", kubelet) }()
+	proxy := []string{lab.KubeProxyPath(s.ToolsDir), "--config=" + n.KubeProxyConfig(), "--v=1"}
+	wg.Add(1)
+	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-kube-proxy", proxy) }()
+	<-ctx.Done()
+	return nil
+}
+
+// bindHostPaths gives this mount namespace the node's private host paths,
+// and the kernel settings the kubelet insists on as files of its own.
+func bindHostPaths(n lab.Node) error {
+	for _, p := range lab.NodeHostPaths() {
+		// The mount point must exist on the host; only an empty directory
+		// is created there, the content lives in the lab directory.
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			return fmt.Errorf("creating mount point %s: %w", p, err)
+		}
+		src := n.HostDir(p)
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			return err
+		}
+		if err := syscall.Mount(src, p, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+			return fmt.Errorf("binding %s over %s: %w", src, p, err)
+		}
+	}
+	for name := range lab.KernelTunables {
+		src := filepath.Join(n.SysctlDir(), name)
+		dst := filepath.Join("/proc/sys", name)
+		if err := syscall.Mount(src, dst, "", syscall.MS_BIND, ""); err != nil {
+			return fmt.Errorf("binding %s over %s: %w", src, dst, err)
+		}
+	}
+	return nil
+}
+
+// supervise runs argv, logging to the lab's logs, and restarts it a second
+// after it exits until ctx ends. On ctx's end it sends SIGTERM, then
+// SIGKILL after 10 s.
+func supervise(ctx context.Context, s *lab.State, name string, argv []string) {
+	for ctx.Err() == nil {
+		err := runOnce(ctx, s, name, argv)
+		if ctx.Err() != nil {
+			return
+		}
+		klog.ErrorS(err, "node component exited; restarting", "component", name)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func runOnce(ctx context.Context, s *lab.State, name string, argv []string) error {
+	logf, err := os.OpenFile(s.Path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", name, err)
+	}
+	_ = lab.WriteFileAtomic(s.Path("logs", name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		return ctx.Err()
+	}
+}
+
+func waitSocket(ctx context.Context, path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("containerd not serving on %s after %s: %w", path, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func ctr(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "ctr", append([]string{"--address", lab.ContainerdSocket, "--namespace", "k8s.io"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// importImages imports every built image into containerd's k8s.io
+// namespace, the one the CRI plugin serves, and unpacks it for the
+// overlayfs snapshotter. An archive holding several tags is imported once
+// and tagged.
+func importImages(ctx context.Context, toolsDir string) error {
+	imgs, err := lab.Images(toolsDir)
+	if err != nil {
+		return err
+	}
+	imported := map[string]string{} // archive -> ref it was imported as
+	for _, img := range imgs {
+		if first, ok := imported[img.Archive]; ok {
+			if _, err := ctr(ctx, "images", "tag", "--force", first, img.Ref); err != nil {
+				return err
+			}
+			continue
+		}
+		if _, err := ctr(ctx, "images", "import", img.Archive); err != nil {
+			return err
+		}
+		imported[img.Archive] = img.Ref
+	}
+	out, err := ctr(ctx, "images", "ls", "--quiet")
+	if err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	for _, ref := range strings.Fields(out) {
+		have[ref] = true
+	}
+	for _, img := range imgs {
+		if !have[img.Ref] {
+			return fmt.Errorf("image %s is not in containerd after importing %s", img.Ref, img.Archive)
+		}
+	}
+	return nil
+}
