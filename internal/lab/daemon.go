@@ -153,22 +153,7 @@ func (sup *supervisor) runOnce(ctx context.Context, c component) error {
 	}
 	sup.procs[c.name] = cmd.Process
 	sup.mu.Unlock()
-	_ = WriteFileAtomic(sup.state.Path("logs", c.name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		return ctx.Err()
-	}
+	return sup.state.WaitOrStop(ctx, c.name, cmd, 5*time.Second)
 }
 
 func (sup *supervisor) stopAll() { sup.wg.Wait() }

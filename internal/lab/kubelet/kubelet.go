@@ -104,16 +104,8 @@ func Run(ctx context.Context, dir, nodeName string) error {
 // bindHostPaths gives this mount namespace the node's private host paths
 // and a sysfs of the node's own network namespace.
 func bindHostPaths(n lab.Node) error {
-	for _, p := range []string{"/etc/cni/net.d", "/opt/cni/bin", "/run", "/var/lib"} {
-		// The mount point must exist on the host; only an empty directory
-		// is created there, the content lives in the lab directory.
-		if err := os.MkdirAll(p, 0o755); err != nil {
-			return fmt.Errorf("creating mount point %s: %w", p, err)
-		}
-		src := filepath.Join(n.Dir, "host", p)
-		if err := syscall.Mount(src, p, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
-			return fmt.Errorf("binding %s over %s: %w", src, p, err)
-		}
+	if err := lab.BindNodeHostPaths(n, []string{"/etc/cni/net.d", "/opt/cni/bin", "/run", "/var/lib"}); err != nil {
+		return err
 	}
 	// A sysfs mounted from inside the node's network namespace shows that
 	// namespace's interfaces under /sys/class/net, as on a real node.

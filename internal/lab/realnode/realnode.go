@@ -86,19 +86,8 @@ func Run(ctx context.Context, dir, nodeName string) error {
 // bindHostPaths gives this mount namespace the node's private host paths,
 // and the kernel settings the kubelet insists on as files of its own.
 func bindHostPaths(n lab.Node) error {
-	for _, p := range lab.NodeHostPaths() {
-		// The mount point must exist on the host; only an empty directory
-		// is created there, the content lives in the lab directory.
-		if err := os.MkdirAll(p, 0o755); err != nil {
-			return fmt.Errorf("creating mount point %s: %w", p, err)
-		}
-		src := n.HostDir(p)
-		if err := os.MkdirAll(src, 0o755); err != nil {
-			return err
-		}
-		if err := syscall.Mount(src, p, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
-			return fmt.Errorf("binding %s over %s: %w", src, p, err)
-		}
+	if err := lab.BindNodeHostPaths(n, lab.NodeHostPaths()); err != nil {
+		return err
 	}
 	for name := range lab.KernelTunables {
 		src := filepath.Join(n.SysctlDir(), name)
@@ -138,22 +127,7 @@ func runOnce(ctx context.Context, s *lab.State, name string, argv []string) erro
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
-	_ = lab.WriteFileAtomic(s.Path("logs", name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		return ctx.Err()
-	}
+	return s.WaitOrStop(ctx, name, cmd, 10*time.Second)
 }
 
 func waitSocket(ctx context.Context, path string, timeout time.Duration) error {
