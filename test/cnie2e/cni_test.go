@@ -192,8 +192,16 @@ func TestAgentDownThenBack(t *testing.T) {
 	}
 	// A refused ADD leaves nothing half-made on the node (the client pod
 	// of another test may run there, so count the pod's own veth name).
-	if out, _ := shared.Exec("node-2", "ip", "-o", "link"); strings.Contains(out, cniVethOf("down", "waits")) {
-		t.Errorf("a refused ADD left its veth:\n%s", out)
+	// The kubelet keeps retrying, and a retry caught in the middle has its
+	// veth until the refusal rolls it back: a leaked veth is one that never
+	// goes away.
+	var links string
+	leaked := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		links, _ = shared.Exec("node-2", "ip", "-o", "link")
+		return !strings.Contains(links, cniVethOf("down", "waits")), nil
+	}) != nil
+	if leaked {
+		t.Errorf("a refused ADD left its veth:\n%s", links)
 	}
 	os.Remove(node.AgentDisabledPath())
 	if _, err := shared.WaitRunning(ctx, "down", "waits"); err != nil {
