@@ -5,6 +5,7 @@
 #   $SLUICE_TOOLS_DIR/k8s-node-v1.36.3/{kubelet,kube-proxy} (real lab nodes, --runtime containerd)
 #   $SLUICE_TOOLS_DIR/crictl-v1.37.0/crictl (the real-node tests drive sandboxes with it)
 #   $SLUICE_TOOLS_DIR/cni-v1.10.0/{ptp,bridge,host-local,loopback,portmap,bandwidth}
+#   $SLUICE_TOOLS_DIR/coredns-v1.15.0/coredns (the lab's cluster DNS, about 1 minute)
 # The images of real nodes are test/tools/images.sh's.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -13,6 +14,7 @@ out="${SLUICE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice/tools}"
 k8s_version="$(cd "$here/k8s" && go list -m -f '{{.Version}}' k8s.io/kubernetes)"
 cni_version="$(cd "$here/cni" && go list -m -f '{{.Version}}' github.com/containernetworking/plugins)"
 cri_version="$(cd "$here/cri" && go list -m -f '{{.Version}}' sigs.k8s.io/cri-tools)"
+coredns_version="$(cd "$here/coredns" && go list -m -f '{{.Version}}' github.com/coredns/coredns)"
 
 build() { # dir name pkgs...
 	local mod="$1" dest="$2"; shift 2
@@ -36,6 +38,8 @@ k8s_minor="${k8s_version#v1.}"
 LDFLAGS="-X k8s.io/component-base/version.gitVersion=$k8s_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${k8s_minor%%.*}" \
 	build k8s "$out/k8s-node-$k8s_version" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 build cri "$out/crictl-$cri_version" sigs.k8s.io/cri-tools/cmd/crictl
+# CoreDNS with the plugins a cluster's DNS uses (see coredns/main.go).
+build coredns "$out/coredns-$coredns_version" github.com/sluice-net/sluice/test/tools/coredns
 build cni "$out/cni-$cni_version" \
 	github.com/containernetworking/plugins/plugins/main/ptp \
 	github.com/containernetworking/plugins/plugins/main/bridge \

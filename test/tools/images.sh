@@ -11,6 +11,13 @@
 #                            pause.c of k8s.io/kubernetes, static
 #   registry.k8s.io/e2e-test-images/agnhost:2.63.0 (and :2.45)
 #                            agnhost of k8s.io/kubernetes, with sh, bash, curl and nc
+#   registry.k8s.io/kube-proxy:v1.36.3
+#                            kube-proxy of k8s.io/kubernetes with Debian's iptables
+#                            (iptables-nft, as Debian selects it), nftables and conntrack
+#   registry.k8s.io/kube-proxy:v1.36.3-iptables-legacy
+#                            the same, with iptables-legacy selected
+#   registry.k8s.io/coredns/coredns:v1.15.0
+#                            CoreDNS (test/tools/coredns) on the Debian base
 #
 # Images live in a private buildah store under $SLUICE_TOOLS_DIR/images and
 # are exported as docker archives, listed with their image IDs (the digest
@@ -179,7 +186,58 @@ else
 	echo "images: $agnhost_ref is cached"
 fi
 
+# --- kube-proxy ------------------------------------------------------------
+# One image per iptables backend: kube-proxy writes its rules with whatever
+# iptables the image selects, and Sluice must follow it (KUBE-IPTABLES-HINT).
+kube_proxy_bin="$out/k8s-node-$k8s_version/kube-proxy"
+kube_proxy_ref=registry.k8s.io/kube-proxy:$k8s_version
+kube_proxy_legacy_ref=registry.k8s.io/kube-proxy:$k8s_version-iptables-legacy
+for variant in nft legacy; do
+	ref="$kube_proxy_ref"
+	[ "$variant" = nft ] || ref="$kube_proxy_legacy_ref"
+	key="$(printf '%s %s %s' "$base_key" "$(sha256sum <"$kube_proxy_bin")" "$variant" | sha)"
+	eval "kube_proxy_${variant}_key=$key"
+	if [ "$(label "$ref")" = "$key" ]; then
+		echo "images: $ref is cached"
+		continue
+	fi
+	echo "images: building $ref"
+	ctx="$img/kube-proxy-context"
+	rm -rf "$ctx" && mkdir -p "$ctx"
+	cp "$kube_proxy_bin" "$ctx/kube-proxy"
+	select=true
+	[ "$variant" = nft ] || select="update-alternatives --set iptables /usr/sbin/iptables-legacy \&\& update-alternatives --set ip6tables /usr/sbin/ip6tables-legacy"
+	sed "s|@SELECT@|$select|" >"$ctx/Containerfile" <<-'EOF'
+		FROM debian:bookworm-slim
+		RUN apt-get update && apt-get install -y --no-install-recommends iptables nftables conntrack ipset kmod && rm -rf /var/lib/apt/lists/* && @SELECT@
+		COPY kube-proxy /usr/local/bin/kube-proxy
+		ENTRYPOINT ["/usr/local/bin/kube-proxy"]
+	EOF
+	"${B[@]}" bud --quiet --pull-never --isolation chroot --network host --layers=false \
+		--annotation "io.sluice.key=$key" -f "$ctx/Containerfile" -t "$ref" "$ctx" >"$img/kube-proxy-build.log" 2>&1 ||
+		{ tail -30 "$img/kube-proxy-build.log"; exit 1; }
+	rm -rf "$ctx"
+done
+
+# --- CoreDNS ----------------------------------------------------------------
+coredns_version="$(cd "$here/coredns" && go list -m -f '{{.Version}}' github.com/coredns/coredns)"
+coredns_bin="$out/coredns-$coredns_version/coredns"
+coredns_ref=registry.k8s.io/coredns/coredns:$coredns_version
+coredns_key="$(printf '%s %s entrypoint-only' "$base_key" "$(sha256sum <"$coredns_bin")" | sha)"
+if [ "$(label "$coredns_ref")" != "$coredns_key" ]; then
+	echo "images: building $coredns_ref"
+	c="$("${B[@]}" from --pull-never "$base_ref")"
+	"${B[@]}" copy --chmod 0755 "$c" "$coredns_bin" /coredns >/dev/null
+	"${B[@]}" config --entrypoint '["/coredns"]' --cmd '' --port 53/udp --port 53/tcp "$c"
+	commit "$c" "$coredns_ref" "$coredns_key"
+else
+	echo "images: $coredns_ref is cached"
+fi
+
 export_image "$sluice_ref" sluice "$sluice_key"
+export_image "$kube_proxy_ref" kube-proxy "$kube_proxy_nft_key"
+export_image "$kube_proxy_legacy_ref" kube-proxy-legacy "$kube_proxy_legacy_key"
+export_image "$coredns_ref" coredns "$coredns_key"
 export_image "$pause_ref" pause "$pause_key"
 # 2.45 is the tag the network-policy-api conformance suite uses.
 export_image "$agnhost_ref" agnhost "$agnhost_key" registry.k8s.io/e2e-test-images/agnhost:2.45
