@@ -135,7 +135,7 @@ func (s *State) controlPlane() []component {
 		"--v=1",
 	}}
 	if s.RealNodes() {
-		// kube-proxy on real nodes serves the kubernetes Service
+		// kube-proxy's DaemonSet on real nodes serves the kubernetes Service
 		// (10.96.0.1) that in-cluster clients such as sluiced use, from
 		// the endpoints the API server publishes for itself.
 		for i, a := range apiserver.args {

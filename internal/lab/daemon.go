@@ -65,6 +65,14 @@ func RunDaemon(ctx context.Context, dir string) error {
 		return err
 	}
 	klog.InfoS("API server ready", "proxy", port)
+	if s.RunsKubeProxy() {
+		// As kubeadm init does: the add-ons go in before any node has a
+		// network; kube-proxy's pods need none.
+		if err := s.applyAddons(ctx); err != nil {
+			return err
+		}
+		klog.InfoS("cluster add-ons applied", "proxyMode", s.ProxyMode, "image", s.kubeProxyImage())
+	}
 	for _, c := range comps[2:] {
 		sup.start(ctx, c)
 	}

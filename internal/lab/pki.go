@@ -39,9 +39,6 @@ func labIdentities(nodes []Node) []identity {
 		{name: "admin", user: "lab-admin", groups: []string{"system:masters"}},
 		{name: "kube-controller-manager", user: "system:kube-controller-manager"},
 		{name: "kube-scheduler", user: "system:kube-scheduler"},
-		// Real nodes run kube-proxy, bound to system:node-proxier by the
-		// API server's default RBAC.
-		{name: "kube-proxy", user: "system:kube-proxy"},
 	}
 	for _, n := range nodes {
 		// The lab kubelet authenticates as the node, so the Node authorizer

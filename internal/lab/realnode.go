@@ -14,7 +14,7 @@ import (
 )
 
 // Real nodes (--runtime containerd): every node runs containerd and the
-// real kubelet in its own network namespace and a private mount namespace,
+// real kubelet (kube-proxy and CoreDNS are add-ons: see addons.go) in its own network namespace and a private mount namespace,
 // in which the node's host paths (/etc/cni/net.d, /opt/cni/bin, /run,
 // /var/lib, /var/log) are its own. The files below are written when the lab
 // is provisioned; internal/lab/realnode starts the processes.
@@ -65,14 +65,6 @@ func KubeletPath(toolsDir string) string {
 	return filepath.Join(toolsDir, kubeletToolsName, "kubelet")
 }
 
-// KubeProxyPath is kube-proxy's binary.
-func KubeProxyPath(toolsDir string) string {
-	return filepath.Join(toolsDir, kubeletToolsName, "kube-proxy")
-}
-
-// KubeProxyConfig is the node's KubeProxyConfiguration file.
-func (n Node) KubeProxyConfig() string { return filepath.Join(n.Dir, "kube-proxy.yaml") }
-
 // ContainerdConfig is the node's containerd config file.
 func (n Node) ContainerdConfig() string { return filepath.Join(n.Dir, "containerd.toml") }
 
@@ -109,9 +101,6 @@ func (s *State) writeRealNodeConfigs() error {
 			return err
 		}
 		if err := WriteFileAtomic(n.KubeletConfig(), []byte(s.kubeletConfig(n)), 0o644); err != nil {
-			return err
-		}
-		if err := WriteFileAtomic(n.KubeProxyConfig(), []byte(s.kubeProxyConfig(n)), 0o644); err != nil {
 			return err
 		}
 		for name, v := range KernelTunables {
@@ -214,7 +203,8 @@ imageGCLowThresholdPercent: 99
 failSwapOn: false
 localStorageCapacityIsolation: false
 resolvConf: ""
-clusterDomain: cluster.local
+clusterDomain: %[5]s
+clusterDNS: [%[6]s]
 volumePluginDir: /var/lib/kubelet/volume-plugins
 serializeImagePulls: false
 registerNode: true
@@ -224,37 +214,7 @@ podPidsLimit: -1
 maxPods: 110
 nodeStatusReportFrequency: 1m
 syncFrequency: 10s
-`, n.Name, s.Path("pki", "ca.crt"), ContainerdSocket, s.CgroupParent(n))
-}
-
-// kubeProxyConfig: iptables mode in the node's network namespace. The
-// conntrack settings are zero so that kube-proxy leaves the kernel's global
-// conntrack table size (and /sys/module/nf_conntrack) as it is.
-func (s *State) kubeProxyConfig(n Node) string {
-	cidr := s.ClusterCIDR
-	if s.IPv6 {
-		cidr += "," + clusterCIDR6
-	}
-	return fmt.Sprintf(`# kube-proxy of lab node %[1]s, written by sluicectl lab up.
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: %[2]q
-hostnameOverride: %[1]s
-mode: iptables
-clusterCIDR: %[3]q
-bindAddress: 0.0.0.0
-metricsBindAddress: 127.0.0.1:10249
-healthzBindAddress: 127.0.0.1:10256
-oomScoreAdj: 0
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-  udpTimeout: 0s
-  udpStreamTimeout: 0s
-`, n.Name, s.Path("pki", "kube-proxy.kubeconfig"), cidr)
+`, n.Name, s.Path("pki", "ca.crt"), ContainerdSocket, s.CgroupParent(n), ClusterDomain, DNSServiceIP)
 }
 
 // cgroupRoots lists the lab's cgroup in every mounted hierarchy.

@@ -88,6 +88,12 @@ type State struct {
 	// CgroupName, on real nodes, is the cgroup (in every hierarchy) under
 	// which the kubelets put their pods: /CgroupName/NODE.
 	CgroupName string `json:"cgroupName,omitempty"`
+	// ProxyMode is kube-proxy's mode on real nodes: ProxyIPTables,
+	// ProxyNFTables or ProxyNone (no kube-proxy and no CoreDNS).
+	ProxyMode string `json:"proxyMode,omitempty"`
+	// ProxyBackend is the iptables backend of kube-proxy's image in
+	// iptables mode: ProxyBackendNFT or ProxyBackendLegacy.
+	ProxyBackend string `json:"proxyBackend,omitempty"`
 }
 
 // Runtimes of a lab's nodes.

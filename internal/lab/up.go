@@ -30,7 +30,14 @@ type Options struct {
 	// are Ready, and Up returns when its DaemonSet is Ready on every node.
 	Manifest string
 	// Runtime is RuntimeLab (the default) or RuntimeContainerd.
-	Runtime   string
+	Runtime string
+	// ProxyMode is kube-proxy's mode: ProxyIPTables (the default on real
+	// nodes), ProxyNFTables or ProxyNone (the only one the lab kubelet,
+	// which runs no containers, has).
+	ProxyMode string
+	// ProxyBackend is the iptables backend of kube-proxy's image:
+	// ProxyBackendNFT (the default) or ProxyBackendLegacy.
+	ProxyBackend string
 	ToolsDir  string
 	Sluicectl string // the binary that runs the daemon and kubelets
 	Timeout   time.Duration
@@ -55,6 +62,9 @@ func Up(o Options) (*State, error) {
 	}
 	if o.Runtime != RuntimeLab && o.Runtime != RuntimeContainerd {
 		return nil, fmt.Errorf("--runtime must be lab or containerd, got %q", o.Runtime)
+	}
+	if err := resolveProxy(&o); err != nil {
+		return nil, err
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -121,7 +131,43 @@ func Up(o Options) (*State, error) {
 			}
 		}
 	}
+	// CoreDNS runs once there is a pod network: with a CNI that lab up
+	// installs, up waits for it too.
+	withDNS := s.CNI == CNISluice || s.CNI == CNIReference || o.Manifest != ""
+	ctx, cancel := context.WithTimeout(context.Background(), o.Timeout)
+	defer cancel()
+	if err := s.WaitAddonsReady(ctx, withDNS); err != nil {
+		return s, err
+	}
 	return s, nil
+}
+
+// resolveProxy checks the kube-proxy options and fills in their defaults.
+func resolveProxy(o *Options) error {
+	if o.ProxyMode == "" {
+		o.ProxyMode = ProxyNone
+		if o.Runtime == RuntimeContainerd {
+			o.ProxyMode = ProxyIPTables
+		}
+	}
+	switch o.ProxyMode {
+	case ProxyIPTables, ProxyNFTables, ProxyNone:
+	default:
+		return fmt.Errorf("--proxy-mode must be iptables, nftables or none, got %q", o.ProxyMode)
+	}
+	if o.ProxyMode != ProxyNone && o.Runtime != RuntimeContainerd {
+		return fmt.Errorf("--proxy-mode %s needs real nodes (--runtime containerd): the lab kubelet runs no kube-proxy", o.ProxyMode)
+	}
+	if o.ProxyBackend == "" {
+		o.ProxyBackend = ProxyBackendNFT
+	}
+	if o.ProxyBackend != ProxyBackendNFT && o.ProxyBackend != ProxyBackendLegacy {
+		return fmt.Errorf("--proxy-iptables must be nft or legacy, got %q", o.ProxyBackend)
+	}
+	if o.ProxyBackend == ProxyBackendLegacy && o.ProxyMode != ProxyIPTables {
+		return fmt.Errorf("--proxy-iptables legacy needs --proxy-mode iptables")
+	}
+	return nil
 }
 
 func newState(o Options, dir string) *State {
@@ -146,7 +192,9 @@ func newState(o Options, dir string) *State {
 		ControlIP6:  controlPlaneIP6,
 		ExternalIP4: externalIP4,
 		ExternalIP6: externalIP6,
-		Runtime:     o.Runtime,
+		Runtime:      o.Runtime,
+		ProxyMode:    o.ProxyMode,
+		ProxyBackend: o.ProxyBackend,
 	}
 	if o.Runtime == RuntimeContainerd {
 		s.CgroupName = "sluice-lab-" + id

@@ -45,8 +45,8 @@ func leftovers(s *lab.State, pids []int) []string {
 }
 
 // labProcesses are the processes that mention the lab's directory on their
-// command line (the daemon, node processes, containerd, kubelet,
-// kube-proxy), run in its cgroups (containers) or in its network
+// command line (the daemon, node processes, containerd, kubelet), run in
+// its cgroups (containers, kube-proxy's among them) or in its network
 // namespaces (containerd's shims).
 func labProcesses(s *lab.State) []int {
 	var pids []int
@@ -98,7 +98,7 @@ func TestDownAfterCrashLeavesNothing(t *testing.T) {
 		t.Fatalf("before lab down only %v; the test cannot tell", left)
 	}
 	crash := map[string]int{"daemon": l.DaemonPID()}
-	for _, c := range []string{"node-node-1", "node-1-containerd", "node-1-kubelet", "node-1-kube-proxy"} {
+	for _, c := range []string{"node-node-1", "node-1-containerd", "node-1-kubelet"} {
 		b, err := os.ReadFile(l.Path("logs", c+".pid"))
 		if err != nil {
 			t.Fatal(err)

@@ -1,6 +1,7 @@
-// Package realnode runs a real lab node: containerd, and the kubelet and
-// kube-proxy of Kubernetes v1.36.3, in the node's network namespace and a mount namespace
-// of the node's own, in which the node's host paths are private.
+// Package realnode runs a real lab node: containerd and the kubelet of
+// Kubernetes v1.36.3, in the node's network namespace and a mount namespace
+// of the node's own, in which the node's host paths are private. kube-proxy
+// runs as the kube-proxy DaemonSet's pods, as on a kubeadm cluster.
 //
 // The lab daemon starts one process per node with `nsenter --net=` (not `ip
 // netns exec`, which remounts /sys and hides the cgroup mounts the kubelet
@@ -74,11 +75,12 @@ func Run(ctx context.Context, dir, nodeName string) error {
 		"--node-ip=" + nodeIP,
 		"--v=1",
 	}
+	env, err := kubeletEnv(s, *n)
+	if err != nil {
+		return err
+	}
 	wg.Add(1)
-	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-kubelet", kubelet) }()
-	proxy := []string{lab.KubeProxyPath(s.ToolsDir), "--config=" + n.KubeProxyConfig(), "--v=1"}
-	wg.Add(1)
-	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-kube-proxy", proxy) }()
+	go func() { defer wg.Done(); supervise(ctx, s, n.Name+"-kubelet", kubelet, env...) }()
 	<-ctx.Done()
 	return nil
 }
@@ -99,12 +101,38 @@ func bindHostPaths(n lab.Node) error {
 	return nil
 }
 
-// supervise runs argv, logging to the lab's logs, and restarts it a second
-// after it exits until ctx ends. On ctx's end it sends SIGTERM, then
-// SIGKILL after 10 s.
-func supervise(ctx context.Context, s *lab.State, name string, argv []string) {
+// kubeletEnv is the kubelet's environment. A node whose kube-proxy uses
+// iptables-legacy is a legacy node: its kubelet finds the legacy tools
+// first on its PATH, so its KUBE-IPTABLES-HINT lands where kube-proxy's
+// rules do, as on a host whose iptables alternative is legacy.
+func kubeletEnv(s *lab.State, n lab.Node) ([]string, error) {
+	if s.ProxyBackend != lab.ProxyBackendLegacy {
+		return nil, nil
+	}
+	dir := filepath.Join(n.Dir, "iptables-legacy-bin")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	for _, tool := range []string{"iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"} {
+		target, err := exec.LookPath(strings.Replace(tool, "tables", "tables-legacy", 1))
+		if err != nil {
+			return nil, fmt.Errorf("a legacy node needs %s: %w", tool, err)
+		}
+		link := filepath.Join(dir, tool)
+		_ = os.Remove(link)
+		if err := os.Symlink(target, link); err != nil {
+			return nil, err
+		}
+	}
+	return []string{"PATH=" + dir + ":" + os.Getenv("PATH")}, nil
+}
+
+// supervise runs argv with env added to the environment, logging to the
+// lab's logs, and restarts it a second after it exits until ctx ends. On
+// ctx's end it sends SIGTERM, then SIGKILL after 10 s.
+func supervise(ctx context.Context, s *lab.State, name string, argv []string, env ...string) {
 	for ctx.Err() == nil {
-		err := runOnce(ctx, s, name, argv)
+		err := runOnce(ctx, s, name, argv, env)
 		if ctx.Err() != nil {
 			return
 		}
@@ -116,7 +144,7 @@ func supervise(ctx context.Context, s *lab.State, name string, argv []string) {
 	}
 }
 
-func runOnce(ctx context.Context, s *lab.State, name string, argv []string) error {
+func runOnce(ctx context.Context, s *lab.State, name string, argv, env []string) error {
 	logf, err := os.OpenFile(s.Path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
@@ -124,6 +152,9 @@ func runOnce(ctx context.Context, s *lab.State, name string, argv []string) erro
 	defer logf.Close()
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
