@@ -15,7 +15,8 @@ import (
 // that flushes them is put right by the loop that needs them, whatever the
 // overlay loop is doing:
 //
-//	filter FORWARD    -> SLUICE-FORWARD (package forward) -> SLUICE-FROM-POD / SLUICE-TO-POD
+//	filter FORWARD    -> SLUICE-FORWARD (package forward) -> SLUICE-FROM-POD / SLUICE-TO-POD,
+//	                  and last -> SLUICE-FORWARD-ACCEPT, after kube-proxy's rules
 //	raw    PREROUTING -> SLUICE-PREROUTING: anti-spoofing
 //	filter, raw       SLUICE-CANARY: an empty chain nothing references;
 //	                  when it is gone, someone flushed the table
@@ -62,12 +63,7 @@ func checkHooks(filter, raw string) hookState {
 		hs.flushed = true
 		problems = append(problems, "a table was flushed (canary chain gone)")
 	}
-	if first := firstRule(filter, "FORWARD"); !strings.HasSuffix(first, "-j "+forward.Chain) {
-		problems = append(problems, "FORWARD does not jump to "+forward.Chain+" first")
-	}
-	if !slices.Equal(chainRules(filter, forward.Chain), forward.Rules()) {
-		problems = append(problems, forward.Chain+" is not as written")
-	}
+	problems = append(problems, forward.Problems(chainRules(filter, "FORWARD"), chainRules(filter, forward.Chain), chainRules(filter, forward.AcceptChain))...)
 	if first := firstRule(raw, "PREROUTING"); !strings.HasSuffix(first, "-j "+PreroutingChain) {
 		problems = append(problems, "raw PREROUTING does not jump to "+PreroutingChain+" first")
 	}

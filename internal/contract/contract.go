@@ -77,6 +77,9 @@ type HookWriter interface {
 	Rules(table, chain string) ([]string, error)
 	// EnsureJump makes sure from jumps to to, first in the chain.
 	EnsureJump(table, from, to, comment string) error
+	// EnsureAppendedJump makes sure from jumps to to, appending the jump
+	// when it is missing and leaving an existing one where it is.
+	EnsureAppendedJump(table, from, to, comment string) error
 	// DeleteJump removes a jump made by EnsureJump, if present.
 	DeleteJump(table, from, to, comment string) error
 }

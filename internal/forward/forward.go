@@ -12,67 +12,99 @@ import (
 // Chains.
 const (
 	Chain = "SLUICE-FORWARD"
+	// AcceptChain accepts the pod traffic that Chain let through, from the
+	// end of FORWARD.
+	AcceptChain = "SLUICE-FORWARD-ACCEPT"
 	// PodInterfaces matches the host side of every pod veth Sluice makes.
 	PodInterfaces = contract.HostVethPrefix + "+"
 	jumpComment   = "sluice: forwarding decision for pod traffic"
+	acceptComment = "sluice: accept pod traffic that policy allowed, after the other rules of FORWARD"
 )
-
-// Rules are the rules of SLUICE-FORWARD, as iptables-save prints them.
-func Rules() []string { return rules() }
 
 // JumpComment is the comment of the jump from FORWARD.
 const JumpComment = jumpComment
 
-func rules() []string {
+// AcceptComment is the comment of the jump to AcceptChain.
+const AcceptComment = acceptComment
+
+// Rules are the rules of SLUICE-FORWARD, as iptables-save prints them.
+func Rules() []string {
 	return []string{
 		fmt.Sprintf("-A %s -i %s -m comment --comment \"egress policy of the sending pod\" -j %s", Chain, PodInterfaces, contract.FromPodChain),
 		fmt.Sprintf("-A %s -o %s -m comment --comment \"ingress policy of the receiving pod\" -j %s", Chain, PodInterfaces, contract.ToPodChain),
-		fmt.Sprintf("-A %s -i %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
-		fmt.Sprintf("-A %s -o %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", Chain, PodInterfaces),
 	}
 }
 
-// Render returns the restore payload of SLUICE-FORWARD.
+// AcceptRules are the rules of SLUICE-FORWARD-ACCEPT.
+func AcceptRules() []string {
+	return []string{
+		fmt.Sprintf("-A %s -i %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", AcceptChain, PodInterfaces),
+		fmt.Sprintf("-A %s -o %s -m comment --comment \"pod traffic that policy allowed\" -j ACCEPT", AcceptChain, PodInterfaces),
+	}
+}
+
+// Render returns the restore payload of both chains.
 func Render() []byte {
 	var b strings.Builder
-	fmt.Fprintf(&b, ":%s - [0:0]\n", Chain)
-	for _, r := range rules() {
+	fmt.Fprintf(&b, ":%s - [0:0]\n:%s - [0:0]\n", Chain, AcceptChain)
+	for _, r := range append(Rules(), AcceptRules()...) {
 		b.WriteString(r + "\n")
 	}
 	return []byte(b.String())
 }
 
-// Check reports whether the chain and the jump to it are as rendered.
-func Check(r contract.HookWriter) bool {
-	live, err := r.Rules("filter", Chain)
-	if err != nil || !slices.Equal(live, rules()) {
-		return false
+// Problems says what is wrong with the chains and the jumps to them, given
+// the rules of FORWARD, SLUICE-FORWARD and SLUICE-FORWARD-ACCEPT (as
+// iptables-save or -S print them); nil when all is in place.
+func Problems(forward, decision, accept []string) []string {
+	var problems []string
+	if len(forward) == 0 || !strings.HasSuffix(forward[0], "-j "+Chain) {
+		problems = append(problems, "FORWARD does not jump to "+Chain+" first")
 	}
+	if !slices.ContainsFunc(forward, func(r string) bool { return strings.HasSuffix(r, "-j "+AcceptChain) }) {
+		problems = append(problems, "FORWARD does not jump to "+AcceptChain)
+	}
+	if !slices.Equal(decision, Rules()) {
+		problems = append(problems, Chain+" is not as written")
+	}
+	if !slices.Equal(accept, AcceptRules()) {
+		problems = append(problems, AcceptChain+" is not as written")
+	}
+	return problems
+}
+
+// Check reports whether the chains and the jumps to them are as rendered.
+func Check(r contract.HookWriter) bool {
 	for _, c := range []string{contract.FromPodChain, contract.ToPodChain} {
 		if _, err := r.Rules("filter", c); err != nil {
 			return false
 		}
 	}
-	jumps, err := r.Rules("filter", "FORWARD")
-	if err != nil || len(jumps) == 0 {
+	fwd, err1 := r.Rules("filter", "FORWARD")
+	decision, err2 := r.Rules("filter", Chain)
+	accept, err3 := r.Rules("filter", AcceptChain)
+	if err1 != nil || err2 != nil || err3 != nil {
 		return false
 	}
-	// Sluice's decision must come first, before anyone's blanket accept.
-	return strings.HasSuffix(jumps[0], "-j "+Chain)
+	// Rules lists rules as "-A CHAIN ...", as iptables-save does.
+	return len(Problems(fwd, decision, accept)) == 0
 }
 
-// Apply writes the chain, creates the policy chains if missing, and puts
-// the jump first in FORWARD.
+// Apply writes the chains, creates the policy chains if missing, puts the
+// decision first in FORWARD and makes sure the accept follows somewhere.
 func Apply(r contract.HookWriter) error {
-	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, Chain} {
+	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, Chain, AcceptChain} {
 		if err := r.EnsureChain("filter", c); err != nil {
 			return err
 		}
 	}
 	if err := r.Restore("filter", Render()); err != nil {
-		return fmt.Errorf("writing the forwarding chain: %w", err)
+		return fmt.Errorf("writing the forwarding chains: %w", err)
 	}
-	return EnsureFirstJump(r, "filter", "FORWARD", Chain, jumpComment)
+	if err := EnsureFirstJump(r, "filter", "FORWARD", Chain, jumpComment); err != nil {
+		return err
+	}
+	return r.EnsureAppendedJump("filter", "FORWARD", AcceptChain, acceptComment)
 }
 
 // EnsureFirstJump makes a built-in chain's first rule the jump to one of
@@ -91,13 +123,16 @@ func EnsureFirstJump(r contract.HookWriter, table, from, to, comment string) err
 	return r.EnsureJump(table, from, to, comment)
 }
 
-// Remove deletes the jump and the chains (on uninstall, with the real
+// Remove deletes the jumps and the chains (on uninstall, with the real
 // runner: deleting chains is no part of the writer contract).
 func Remove(r *iptables.Runner) error {
 	if err := r.DeleteJump("filter", "FORWARD", Chain, jumpComment); err != nil {
 		return err
 	}
-	for _, c := range []string{Chain, contract.FromPodChain, contract.ToPodChain} {
+	if err := r.DeleteJump("filter", "FORWARD", AcceptChain, acceptComment); err != nil {
+		return err
+	}
+	for _, c := range []string{Chain, AcceptChain, contract.FromPodChain, contract.ToPodChain} {
 		if err := r.DeleteChain("filter", c); err != nil {
 			return err
 		}

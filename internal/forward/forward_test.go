@@ -43,8 +43,10 @@ func TestApplyKeepsPolicyChainsAndComesFirst(t *testing.T) {
 			if len(from) != 1 || !strings.Contains(from[0], "DROP") {
 				t.Errorf("the policy loop's rule was flushed: %v", from)
 			}
+			// The decision first, the other program's rule kept in
+			// place, and the accept after it.
 			fwd, _ := r.Rules("filter", "FORWARD")
-			if len(fwd) != 2 {
+			if len(fwd) != 3 || !strings.HasSuffix(fwd[0], "-j "+Chain) || !strings.HasSuffix(fwd[1], "-j ACCEPT") || !strings.HasSuffix(fwd[2], "-j "+AcceptChain) {
 				t.Errorf("FORWARD = %v", fwd)
 			}
 			// Someone inserts above us: Check sees it, Apply moves us back.

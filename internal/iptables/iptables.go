@@ -169,6 +169,28 @@ func (r *Runner) EnsureJump(table, from, to, comment string) error {
 	return nil
 }
 
+// EnsureAppendedJump makes sure a built-in chain jumps to one of Sluice's
+// chains, appending the jump when it is missing. An existing jump is left
+// where it is, so rules that others append later never start a fight over
+// the last place.
+func (r *Runner) EnsureAppendedJump(table, from, to, comment string) error {
+	if err := r.EnsureChain(table, to); err != nil {
+		return err
+	}
+	spec := []string{"-m", "comment", "--comment", comment, "-j", to}
+	ok, err := r.ipt.Exists(table, from, spec...)
+	if err != nil {
+		return fmt.Errorf("checking jump %s -> %s in %s: %w", from, to, table, err)
+	}
+	if ok {
+		return nil
+	}
+	if err := r.ipt.Append(table, from, spec...); err != nil {
+		return fmt.Errorf("appending jump %s -> %s in %s: %w", from, to, table, err)
+	}
+	return nil
+}
+
 // DeleteJump removes a jump made by EnsureJump, if present.
 func (r *Runner) DeleteJump(table, from, to, comment string) error {
 	return r.ipt.DeleteIfExists(table, from, "-m", "comment", "--comment", comment, "-j", to)
@@ -244,20 +266,97 @@ func (r *Runner) SaveTable(table string, counters bool) (string, error) {
 	return string(out), nil
 }
 
-// KubeMode returns the backend in which the kubelet or kube-proxy made
-// their chains, if they did.
-func KubeMode() (Mode, bool) {
-	for _, m := range []Mode{ModeNFT, ModeLegacy} {
-		out, err := exec.Command(binary(IPv4, m, "-save")).Output()
-		if err != nil {
-			continue
-		}
-		s := string(out)
-		if strings.Contains(s, "KUBE-IPTABLES-HINT") || strings.Contains(s, "KUBE-KUBELET-CANARY") {
-			return m, true
+// Chains that say which backend Kubernetes' node components use:
+// kube-proxy's canary (iptables mode only; in nftables mode kube-proxy
+// writes no iptables rules) and the kubelet's hint and canary, which
+// kube-proxy's own iptables wrapper looks for.
+const (
+	kubeProxyCanary = "KUBE-PROXY-CANARY"
+	kubeletHint     = "KUBE-IPTABLES-HINT"
+	kubeletCanary   = "KUBE-KUBELET-CANARY"
+)
+
+// BackendEvidence is what one backend's iptables-save shows.
+type BackendEvidence struct {
+	// Rules counts the "-A" lines.
+	Rules int
+	// KubeProxy is set when kube-proxy's canary chain is there.
+	KubeProxy bool
+	// Kubelet is set when the kubelet's hint or canary chain is there.
+	Kubelet bool
+}
+
+// Evidence reads a backend's iptables-save output.
+func Evidence(save string) BackendEvidence {
+	var e BackendEvidence
+	for _, l := range strings.Split(save, "\n") {
+		switch {
+		case strings.HasPrefix(l, "-A "):
+			e.Rules++
+		case strings.HasPrefix(l, ":"+kubeProxyCanary+" "):
+			e.KubeProxy = true
+		case strings.HasPrefix(l, ":"+kubeletHint+" "), strings.HasPrefix(l, ":"+kubeletCanary+" "):
+			e.Kubelet = true
 		}
 	}
-	return "", false
+	return e
+}
+
+// Detection is the backend chosen and why.
+type Detection struct {
+	Mode   Mode
+	Reason string
+}
+
+// Choose picks the backend the node's Kubernetes components use, as
+// kube-proxy's iptables wrapper does, with kube-proxy's own chains first:
+// Sluice's rules must sit in the same tables as kube-proxy's, or their
+// order and marks mean nothing to each other.
+//  1. the backend where kube-proxy (iptables mode) made its canary;
+//  2. else the one where the kubelet made its hint or canary (nft if both);
+//  3. else the one with more rules;
+//  4. else nft.
+func Choose(nft, legacy BackendEvidence) Detection {
+	switch {
+	case nft.KubeProxy && !legacy.KubeProxy:
+		return Detection{ModeNFT, "kube-proxy's chains are in iptables-nft"}
+	case legacy.KubeProxy && !nft.KubeProxy:
+		return Detection{ModeLegacy, "kube-proxy's chains are in iptables-legacy"}
+	case nft.Kubelet:
+		return Detection{ModeNFT, "the kubelet's " + kubeletHint + " is in iptables-nft"}
+	case legacy.Kubelet:
+		return Detection{ModeLegacy, "the kubelet's " + kubeletHint + " is in iptables-legacy"}
+	case legacy.Rules > nft.Rules:
+		return Detection{ModeLegacy, fmt.Sprintf("no Kubernetes chains; iptables-legacy has more rules (%d against %d)", legacy.Rules, nft.Rules)}
+	default:
+		return Detection{ModeNFT, "no Kubernetes chains; nft is the default"}
+	}
+}
+
+// readEvidence reads one backend's IPv4 tables; a backend whose tools fail
+// shows nothing.
+func readEvidence(m Mode) BackendEvidence {
+	out, err := exec.Command(binary(IPv4, m, "-save")).Output()
+	if err != nil {
+		return BackendEvidence{}
+	}
+	return Evidence(string(out))
+}
+
+// Detect picks the backend the node already uses (see Choose).
+func Detect() Detection { return Choose(readEvidence(ModeNFT), readEvidence(ModeLegacy)) }
+
+// DetectMode is Detect's backend.
+func DetectMode() Mode { return Detect().Mode }
+
+// KubeMode returns the backend in which kube-proxy or the kubelet made
+// their chains, if they did.
+func KubeMode() (Mode, bool) {
+	nft, legacy := readEvidence(ModeNFT), readEvidence(ModeLegacy)
+	if !nft.KubeProxy && !legacy.KubeProxy && !nft.Kubelet && !legacy.Kubelet {
+		return "", false
+	}
+	return Choose(nft, legacy).Mode, true
 }
 
 // CheckMode refuses a backend other than the one kube-proxy and the kubelet
@@ -268,39 +367,6 @@ func CheckMode(m Mode) error {
 		return fmt.Errorf("kube-proxy and the kubelet use iptables-%s, and Sluice was told to use iptables-%s: refusing to mix them; use --iptables-mode=auto or %s", km, m, km)
 	}
 	return nil
-}
-
-// DetectMode picks the backend the node already uses, as kube-proxy's
-// iptables wrapper does: the one in which the kubelet or kube-proxy made
-// their chains, else the one with more rules, else nft.
-func DetectMode() Mode {
-	count := func(mode Mode) (rules int, kube bool) {
-		out, err := exec.Command(binary(IPv4, mode, "-save")).Output()
-		if err != nil {
-			return 0, false
-		}
-		for _, l := range strings.Split(string(out), "\n") {
-			if strings.HasPrefix(l, "-A ") {
-				rules++
-			}
-			if strings.Contains(l, "KUBE-IPTABLES-HINT") || strings.Contains(l, "KUBE-KUBELET-CANARY") {
-				kube = true
-			}
-		}
-		return rules, kube
-	}
-	legacyRules, legacyKube := count(ModeLegacy)
-	nftRules, nftKube := count(ModeNFT)
-	switch {
-	case nftKube:
-		return ModeNFT
-	case legacyKube:
-		return ModeLegacy
-	case legacyRules > nftRules:
-		return ModeLegacy
-	default:
-		return ModeNFT
-	}
 }
 
 // Raw runs the iptables command with arguments, for tests and diagnostics.
