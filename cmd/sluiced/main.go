@@ -159,7 +159,9 @@ func (o options) config() (overlay.Config, error) {
 	}
 	switch o.iptablesMode {
 	case "auto":
-		cfg.IPTablesMode = iptables.DetectMode()
+		d := iptables.Detect()
+		cfg.IPTablesMode = d.Mode
+		klog.InfoS("iptables backend detected", "mode", d.Mode, "reason", d.Reason)
 	case "nft", "legacy":
 		cfg.IPTablesMode = iptables.Mode(o.iptablesMode)
 		if err := iptables.CheckMode(cfg.IPTablesMode); err != nil {
