@@ -393,8 +393,8 @@ func (s *clusterState) renderEndpointChains(f *familyState, rs *Ruleset) {
 		re := f.endpointChains[veth]
 		if re == nil || re.version != sel.version {
 			re = &renderedEndpoint{version: sel.version,
-				ingress: f.r.endpointRules(EndpointChain(veth, false), sel.ingress, false),
-				egress:  f.r.endpointRules(EndpointChain(veth, true), sel.egress, true)}
+				ingress: f.r.endpointRules(EndpointChain(veth, false), endpointAddrs(sel.ep), sel.ingress, false),
+				egress:  f.r.endpointRules(EndpointChain(veth, true), endpointAddrs(sel.ep), sel.egress, true)}
 			f.endpointChains[veth] = re
 		}
 		rs.Chains[EndpointChain(veth, false)] = re.ingress
@@ -448,7 +448,7 @@ func (s *clusterState) LocalEndpoints() []LocalEndpoint { return s.locals }
 func (s *clusterState) localEndpoints() []LocalEndpoint {
 	out := make([]LocalEndpoint, 0, len(s.selections))
 	for _, sel := range s.selections {
-		out = append(out, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, Ingress: sel.ingress, Egress: sel.egress})
+		out = append(out, LocalEndpoint{Pod: sel.pod, HostVeth: sel.ep.HostVeth, IPs: endpointAddrs(sel.ep), Ingress: sel.ingress, Egress: sel.egress})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].HostVeth < out[j].HostVeth })
 	return out
@@ -462,4 +462,18 @@ func (s *clusterState) Snapshot() (map[string]*Policy, []*Pod, map[string]*Names
 		pods = append(pods, p)
 	}
 	return maps.Clone(s.policies), pods, maps.Clone(s.namespaces), s.LocalEndpoints()
+}
+
+// endpointAddrs are the addresses the CNI plugin gave an endpoint (with or
+// without a prefix length); they never change while it exists.
+func endpointAddrs(ep endpointapi.Endpoint) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ep.IPs {
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p.Addr())
+		} else if a, err := netip.ParseAddr(s); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
 }

@@ -38,6 +38,9 @@ const (
 type LocalEndpoint struct {
 	Pod      *Pod
 	HostVeth string // sl + 11 hex
+	// IPs are the endpoint's addresses as the CNI plugin assigned them;
+	// when empty, the pod's.
+	IPs []netip.Addr
 	// Ingress and Egress are the keys of the policies selecting it, in
 	// order, per direction.
 	Ingress, Egress []string
@@ -181,8 +184,12 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 		}
 	}
 	for _, ep := range endpoints {
-		rs.Chains[EndpointChain(ep.HostVeth, false)] = r.endpointRules(EndpointChain(ep.HostVeth, false), ep.Ingress, false)
-		rs.Chains[EndpointChain(ep.HostVeth, true)] = r.endpointRules(EndpointChain(ep.HostVeth, true), ep.Egress, true)
+		self := ep.IPs
+		if len(self) == 0 && ep.Pod != nil {
+			self = ep.Pod.IPs
+		}
+		rs.Chains[EndpointChain(ep.HostVeth, false)] = r.endpointRules(EndpointChain(ep.HostVeth, false), self, ep.Ingress, false)
+		rs.Chains[EndpointChain(ep.HostVeth, true)] = r.endpointRules(EndpointChain(ep.HostVeth, true), self, ep.Egress, true)
 	}
 	r.dispatch(rs, endpoints, true)
 	r.dispatch(rs, endpoints, false)
@@ -206,7 +213,7 @@ func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Na
 	return set
 }
 
-func (r *Renderer) endpointRules(chain string, policies []string, egress bool) []string {
+func (r *Renderer) endpointRules(chain string, self []netip.Addr, policies []string, egress bool) []string {
 	rules := []string{
 		fmt.Sprintf("-A %s -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN", chain),
 		fmt.Sprintf("-A %s -m conntrack --ctstate INVALID -j DROP", chain),
@@ -214,6 +221,7 @@ func (r *Renderer) endpointRules(chain string, policies []string, egress bool) [
 	if len(policies) == 0 {
 		return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy isolates this pod\" -j RETURN", chain))
 	}
+	rules = append(rules, r.selfRules(chain, self, egress)...)
 	rules = append(rules, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark))
 	for _, k := range policies {
 		rules = append(rules,
@@ -221,6 +229,27 @@ func (r *Renderer) endpointRules(chain string, policies []string, egress bool) [
 			fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
 	}
 	return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", chain))
+}
+
+// selfRules let a pod reach itself through its own Service: kube-proxy
+// DNATs the ClusterIP back to the pod, and the packet leaves and re-enters
+// the pod's veth, from the pod's address to the pod's address (the
+// hairpin's masquerade comes later, in POSTROUTING). Policy never applies
+// to a pod talking to itself, as for its own address inside the pod.
+// Anti-spoofing guarantees that a packet with the pod's source address
+// came from the pod.
+func (r *Renderer) selfRules(chain string, self []netip.Addr, egress bool) []string {
+	match := "-s"
+	if egress {
+		match = "-d"
+	}
+	var rules []string
+	for _, ip := range self {
+		if ip.Is6() == r.IPv6 {
+			rules = append(rules, fmt.Sprintf("-A %s %s %s -m comment --comment \"the pod itself, through its own Service\" -j RETURN", chain, match, netip.PrefixFrom(ip, ip.BitLen())))
+		}
+	}
+	return rules
 }
 
 // dispatch renders the prefix tree: the top chain sends each first hex

@@ -76,9 +76,9 @@ func agreeWithTheReference(t *testing.T, w *world) {
 		rs := w.render(c.pols)
 		for from := range w.pods {
 			for to := range w.pods {
-				if from == to {
-					continue // a pod's traffic to itself never reaches the host
-				}
+				// from == to is the hairpin: the pod reaching itself
+				// through its own Service, back out of its own veth
+				// after kube-proxy's DNAT.
 				for _, proto := range []Protocol{TCP, UDP} {
 					for _, port := range []int32{80, 81} {
 						p := &packet{in: vethOf(from), out: vethOf(to), src: w.ip(from), dst: w.ip(to), proto: proto, dport: port}

@@ -130,6 +130,15 @@ func (tr *tracer) matches(f []string, p *packet) bool {
 			} else if iface != pat {
 				return false
 			}
+		case "-s", "-d":
+			ip := p.src
+			if f[i] == "-d" {
+				ip = p.dst
+			}
+			if !netip.MustParsePrefix(f[i+1]).Contains(ip) {
+				return false
+			}
+			i++
 		case "-p":
 			if !strings.EqualFold(f[i+1], string(p.proto)) {
 				return false
