@@ -38,9 +38,9 @@ type Options struct {
 	// ProxyBackend is the iptables backend of kube-proxy's image:
 	// ProxyBackendNFT (the default) or ProxyBackendLegacy.
 	ProxyBackend string
-	ToolsDir  string
-	Sluicectl string // the binary that runs the daemon and kubelets
-	Timeout   time.Duration
+	ToolsDir     string
+	Sluicectl    string // the binary that runs the daemon and kubelets
+	Timeout      time.Duration
 }
 
 // Up creates a lab and returns once its nodes are Ready.
@@ -176,22 +176,22 @@ func newState(o Options, dir string) *State {
 	id := hex.EncodeToString(idb)
 	prefix := "sl" + id + "-"
 	s := &State{
-		Name:        o.Name,
-		Dir:         dir,
-		ID:          id,
-		IPv6:        o.IPv6,
-		NoPodCIDR:   o.NoPodCIDR,
-		ClusterCIDR: DefaultClusterCIDR,
-		CNI:         o.CNI,
-		ToolsDir:    o.ToolsDir,
-		Sluicectl:   o.Sluicectl,
-		UnderlayNS:  prefix + "underlay",
-		ControlNS:   prefix + "cp",
-		ExternalNS:  prefix + "external",
-		ControlIP4:  controlPlaneIP4,
-		ControlIP6:  controlPlaneIP6,
-		ExternalIP4: externalIP4,
-		ExternalIP6: externalIP6,
+		Name:         o.Name,
+		Dir:          dir,
+		ID:           id,
+		IPv6:         o.IPv6,
+		NoPodCIDR:    o.NoPodCIDR,
+		ClusterCIDR:  DefaultClusterCIDR,
+		CNI:          o.CNI,
+		ToolsDir:     o.ToolsDir,
+		Sluicectl:    o.Sluicectl,
+		UnderlayNS:   prefix + "underlay",
+		ControlNS:    prefix + "cp",
+		ExternalNS:   prefix + "external",
+		ControlIP4:   controlPlaneIP4,
+		ControlIP6:   controlPlaneIP6,
+		ExternalIP4:  externalIP4,
+		ExternalIP6:  externalIP6,
 		Runtime:      o.Runtime,
 		ProxyMode:    o.ProxyMode,
 		ProxyBackend: o.ProxyBackend,
