@@ -11,6 +11,8 @@ declare -A need=(
 	# Real lab nodes: the runtime, and the tools that build their images.
 	[containerd]=containerd [runc]=runc [debootstrap]=debootstrap [buildah]=buildah
 	[tar]=tar [sha256sum]=coreutils
+	# The Services tests read kube-proxy's nftables mode back.
+	[nft]=nftables
 )
 missing=()
 for cmd in "${!need[@]}"; do
