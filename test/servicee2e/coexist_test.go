@@ -53,7 +53,9 @@ func (c *cluster) coexistIPTables(t *testing.T, backend string) {
 	// A Service change makes kube-proxy sync; Sluice's resync runs too.
 	// Neither moves the other's rules, and Sluice repairs nothing.
 	repairs := c.hookRepairs(t, "node-1")
-	order := func() []string { return linesWith(c.iptablesSave(t, "node-1", backend), "-A FORWARD ", "-A PREROUTING ", "-A POSTROUTING ", "-A INPUT ", "-A OUTPUT ") }
+	order := func() []string {
+		return linesWith(c.iptablesSave(t, "node-1", backend), "-A FORWARD ", "-A PREROUTING ", "-A POSTROUTING ", "-A INPUT ", "-A OUTPUT ")
+	}
 	before := order()
 	ctx := ctxT(t, time.Minute)
 	s := service("sync-trigger", "web", corev1.ServiceTypeClusterIP, 0, "")
