@@ -156,6 +156,8 @@ func (c *cluster) hookRepairs(t *testing.T, node string) int {
 func (c *cluster) restartsKeepConnections(t *testing.T, backend string) {
 	defer c.deletePolicies(t, ns, "web-from-clients")
 	c.applyPolicy(t, ingressFrom("web-from-clients", "web", podPeer("role", "client")))
+	// Programmed once other is denied: only then are Sluice's rules at rest.
+	c.expect(t, "svc/other", c.svc("web"), false)
 	c.expect(t, "svc/client", c.svc("web"), true)
 	conn := c.keepAlive(t, "svc/client", c.svc("web"))
 	defer conn.stop(t)
