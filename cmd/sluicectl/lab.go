@@ -290,8 +290,10 @@ func labDemo(f *labFlags) *cobra.Command {
 		Long: `Creates pods demo/a, demo/b and demo/c on different nodes, each answering
 on TCP 8080, and prints which pod connects to which: first with no policy,
 then with a default-deny NetworkPolicy, then with a policy that lets a reach
-b. Exits non-zero if a matrix differs from what the policies mean (cells
-marked "!"). Running it again starts afresh.`,
+b. On real nodes with kube-proxy and CoreDNS, each pod also gets a Service of
+its name, and the pods probe each other by those names. Exits non-zero if a
+matrix differs from what the policies mean (cells marked "!"). Running it
+again starts afresh.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := f.load()

@@ -38,5 +38,5 @@ func TestManifestWithoutPodCIDRs(t *testing.T) {
 		}
 		seen[p.String()] = true
 	}
-	assertDemo(t, l)
+	labtest.AssertDemo(t, l)
 }

@@ -14,7 +14,7 @@ import (
 )
 
 // cleanupLeavesKubeProxy runs last: the DaemonSet goes, `sluiced
-// --cleanup` runs on node-1, and kube-proxy's rules (iptables in the given
+// --cleanup` and `sluice uninstall` run on node-1, and kube-proxy's rules (iptables in the given
 // backend, or its nftables table when backend is "") are exactly as before,
 // while nothing of Sluice's is left in either iptables backend.
 func (c *cluster) cleanupLeavesKubeProxy(t *testing.T, backend string) {
@@ -62,6 +62,9 @@ func (c *cluster) cleanupLeavesKubeProxy(t *testing.T, backend string) {
 	}
 	if out, err := c.Exec("node-1", filepath.Join(bins, "sluiced"), "--cleanup", "--kubeconfig", c.NodeKubeconfigAdmin(), "--node-name", "node-1"); err != nil {
 		t.Fatalf("sluiced --cleanup: %v\n%s", err, out)
+	}
+	if out, err := c.Exec("node-1", filepath.Join(bins, "sluice"), "uninstall", "--cni-bin-dir", "/opt/cni/bin", "--cni-conf-dir", "/etc/cni/net.d", "--cni-state-dir", "/var/lib/cni"); err != nil {
+		t.Fatalf("sluice uninstall: %v\n%s", err, out)
 	}
 	if after := kubeProxyRules(); !slices.Equal(before, after) {
 		t.Errorf("the cleanup changed kube-proxy's rules:\nbefore:\n%s\nafter:\n%s", strings.Join(before, "\n"), strings.Join(after, "\n"))

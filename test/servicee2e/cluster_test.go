@@ -50,7 +50,7 @@ type cluster struct {
 
 // startCluster brings up a 2-node lab of real nodes with kube-proxy in the
 // given mode and Sluice installed, and the workload above.
-func startCluster(t *testing.T, mode, backend string) *cluster {
+func startCluster(t testing.TB, mode, backend string) *cluster {
 	t.Helper()
 	l := labtest.StartT(t, lab.Options{Nodes: 2, Runtime: lab.RuntimeContainerd, ProxyMode: mode, ProxyBackend: backend, Timeout: 5 * time.Minute})
 	c := &cluster{Lab: l, clusterIPs: map[string]string{}, podIPs: map[string]string{}}

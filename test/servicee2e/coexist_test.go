@@ -53,7 +53,9 @@ func (c *cluster) coexistIPTables(t *testing.T, backend string) {
 	// A Service change makes kube-proxy sync; Sluice's resync runs too.
 	// Neither moves the other's rules, and Sluice repairs nothing.
 	repairs := c.hookRepairs(t, "node-1")
-	order := func() []string { return linesWith(c.iptablesSave(t, "node-1", backend), "-A FORWARD ", "-A PREROUTING ", "-A POSTROUTING ", "-A INPUT ", "-A OUTPUT ") }
+	order := func() []string {
+		return linesWith(c.iptablesSave(t, "node-1", backend), "-A FORWARD ", "-A PREROUTING ", "-A POSTROUTING ", "-A INPUT ", "-A OUTPUT ")
+	}
 	before := order()
 	ctx := ctxT(t, time.Minute)
 	s := service("sync-trigger", "web", corev1.ServiceTypeClusterIP, 0, "")
@@ -154,6 +156,8 @@ func (c *cluster) hookRepairs(t *testing.T, node string) int {
 func (c *cluster) restartsKeepConnections(t *testing.T, backend string) {
 	defer c.deletePolicies(t, ns, "web-from-clients")
 	c.applyPolicy(t, ingressFrom("web-from-clients", "web", podPeer("role", "client")))
+	// Programmed once other is denied: only then are Sluice's rules at rest.
+	c.expect(t, "svc/other", c.svc("web"), false)
 	c.expect(t, "svc/client", c.svc("web"), true)
 	conn := c.keepAlive(t, "svc/client", c.svc("web"))
 	defer conn.stop(t)

@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/sluice-net/sluice/internal/lab"
+	"github.com/sluice-net/sluice/test/labtest"
 )
 
 // kube-proxy in iptables mode (the default), with the iptables-nft image.
@@ -12,6 +13,8 @@ func TestServicesIPTablesMode(t *testing.T) {
 	t.Run("ClusterIPNodePortHairpin", c.serviceTruthTable)
 	t.Run("ExternalTrafficPolicy", c.externalTrafficPolicy)
 	t.Run("DNSUnderDefaultDeny", c.dnsRecipe)
+	// `make lab`'s demo: the pods probe each other by Service name.
+	t.Run("DemoThroughServiceNames", func(t *testing.T) { labtest.AssertDemo(t, c.Lab) })
 	t.Run("CoexistWithKubeProxyChains", func(t *testing.T) { c.coexistIPTables(t, "nft") })
 	t.Run("RestartsKeepServiceConnections", func(t *testing.T) { c.restartsKeepConnections(t, "nft") })
 	t.Run("CleanupLeavesKubeProxyRules", func(t *testing.T) { c.cleanupLeavesKubeProxy(t, "nft") })

@@ -139,6 +139,9 @@ func Run(ctx context.Context, s *lab.State, out io.Writer) error {
 	if err := d.Setup(ctx); err != nil {
 		return err
 	}
+	if s.RunsKubeProxy() {
+		fmt.Fprintf(out, "each pod probes the others at their Services' names (demo/a, demo/b, demo/c: CoreDNS resolves them, kube-proxy DNATs them)\n")
+	}
 	var failed []string
 	for i, st := range Steps() {
 		if err := st.Apply(ctx, d.client); err != nil {
@@ -183,6 +186,32 @@ func (d *Demo) Setup(ctx context.Context) error {
 		if err := d.createPod(ctx, p); err != nil {
 			return err
 		}
+	}
+	if d.lab.RunsKubeProxy() {
+		for _, p := range Pods {
+			if err := d.ensureService(ctx, p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// ensureService gives a pod a ClusterIP Service of its own name, which the
+// other pods probe by name on labs with kube-proxy and CoreDNS: the name
+// resolves through CoreDNS, kube-proxy DNATs the ClusterIP to the pod, and
+// policy judges what arrives.
+func (d *Demo) ensureService(ctx context.Context, name string) error {
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: Namespace},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": name},
+			Ports:    []corev1.ServicePort{{Port: Port, TargetPort: intstr.FromInt32(Port)}},
+		},
+	}
+	_, err := d.client.CoreV1().Services(Namespace).Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("creating Service %s/%s: %w", Namespace, name, err)
 	}
 	return nil
 }
@@ -248,13 +277,20 @@ const AgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.63.0"
 
 // connects reports whether the target pod itself answered. On real nodes
 // the probe runs inside the source pod, through kubectl exec, as the
-// public test suites probe: curl asks the target's agnhost for its name.
+// public test suites probe: curl asks the target's agnhost for its name,
+// at its Service's name when the lab runs kube-proxy and CoreDNS, else at
+// its IP.
 func (d *Demo) connects(p Pair) bool {
 	if d.lab.RealNodes() {
-		ip, err := d.lab.ResolveTarget(Namespace+"/"+p.To, false)
-		if err != nil {
-			return false
+		target := p.To
+		if !d.lab.RunsKubeProxy() {
+			ip, err := d.lab.ResolveTarget(Namespace+"/"+p.To, false)
+			if err != nil {
+				return false
+			}
+			target = ip
 		}
+		ip := target
 		ctx, cancel := context.WithTimeout(context.Background(), probeTimeout+5*time.Second)
 		defer cancel()
 		secs := fmt.Sprintf("%.1f", probeTimeout.Seconds())
