@@ -549,6 +549,8 @@ type chainKind struct {
 
 const (
 	rankPolicy = iota
+	rankPortSubset
+	rankPortTree
 	rankEndpoint
 	rankDispatch
 	rankTop
@@ -558,6 +560,10 @@ const (
 var chainKinds = []chainKind{
 	{chainPrefix + "PI-", false, rankPolicy},
 	{chainPrefix + "PE-", false, rankPolicy},
+	{chainPrefix + "FS-", false, rankPortSubset},
+	{chainPrefix + "TS-", false, rankPortSubset},
+	{chainPrefix + "FT-", false, rankPortTree},
+	{chainPrefix + "TT-", false, rankPortTree},
 	{chainPrefix + "FW-", false, rankEndpoint},
 	{chainPrefix + "TW-", false, rankEndpoint},
 	{contract.FromPodChain + "-", false, rankDispatch},

@@ -74,8 +74,10 @@ type renderedPolicy struct {
 }
 
 type renderedEndpoint struct {
-	version         int
-	ingress, egress []string
+	version int
+	// chains are the endpoint's chains of both directions, with their
+	// port trees.
+	chains map[string][]string
 }
 
 // indexedSet is a set and each pod's contribution to it.
@@ -266,7 +268,7 @@ func (s *clusterState) updateSelections() {
 			in = setMember(in, key, selects && p.Ingress)
 			out = setMember(out, key, selects && p.Egress)
 		}
-		if !slices.Equal(in, sel.ingress) || !slices.Equal(out, sel.egress) {
+		if !slices.Equal(in, sel.ingress) || !slices.Equal(out, sel.egress) || s.dirtyPortTree(in, out) {
 			sel.ingress, sel.egress = in, out
 			s.versions++
 			sel.version = s.versions
@@ -392,13 +394,12 @@ func (s *clusterState) renderEndpointChains(f *familyState, rs *Ruleset) {
 		veth := sel.ep.HostVeth
 		re := f.endpointChains[veth]
 		if re == nil || re.version != sel.version {
-			re = &renderedEndpoint{version: sel.version,
-				ingress: f.r.endpointRules(EndpointChain(veth, false), endpointAddrs(sel.ep), sel.ingress, false),
-				egress:  f.r.endpointRules(EndpointChain(veth, true), endpointAddrs(sel.ep), sel.egress, true)}
+			addrs := endpointAddrs(sel.ep)
+			re = &renderedEndpoint{version: sel.version, chains: f.r.endpointChains(veth, addrs, sel.ingress, s.policies, false)}
+			maps.Copy(re.chains, f.r.endpointChains(veth, addrs, sel.egress, s.policies, true))
 			f.endpointChains[veth] = re
 		}
-		rs.Chains[EndpointChain(veth, false)] = re.ingress
-		rs.Chains[EndpointChain(veth, true)] = re.egress
+		maps.Copy(rs.Chains, re.chains)
 	}
 }
 
@@ -476,4 +477,18 @@ func endpointAddrs(ep endpointapi.Endpoint) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// dirtyPortTree reports whether a changed policy selects the endpoint: its
+// ports may be part of the endpoint's port tree, so the endpoint's chains
+// are rendered again (the dataplane writes only what changed).
+func (s *clusterState) dirtyPortTree(in, out []string) bool {
+	for _, list := range [][]string{in, out} {
+		for _, k := range list {
+			if s.dirtyPolicies[k] {
+				return true
+			}
+		}
+	}
+	return false
 }

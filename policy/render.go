@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -77,6 +78,10 @@ type Renderer struct {
 	// AcceptMark is the mark bit a policy chain sets to say "allowed"; it
 	// must not overlap kube-proxy's 0x4000 and 0x8000.
 	AcceptMark uint32
+	// PortTreeThreshold is the number of policies selecting an endpoint in
+	// a direction above which it dispatches on ports (see porttree.go);
+	// 0 means DefaultPortTreeThreshold.
+	PortTreeThreshold int
 }
 
 func shortHash(s string) string {
@@ -188,8 +193,8 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 		if len(self) == 0 && ep.Pod != nil {
 			self = ep.Pod.IPs
 		}
-		rs.Chains[EndpointChain(ep.HostVeth, false)] = r.endpointRules(EndpointChain(ep.HostVeth, false), self, ep.Ingress, false)
-		rs.Chains[EndpointChain(ep.HostVeth, true)] = r.endpointRules(EndpointChain(ep.HostVeth, true), self, ep.Egress, true)
+		maps.Copy(rs.Chains, r.endpointChains(ep.HostVeth, self, ep.Ingress, policies, false))
+		maps.Copy(rs.Chains, r.endpointChains(ep.HostVeth, self, ep.Egress, policies, true))
 	}
 	r.dispatch(rs, endpoints, true)
 	r.dispatch(rs, endpoints, false)
@@ -211,6 +216,26 @@ func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Na
 	}
 	sortEntries(set)
 	return set
+}
+
+// endpointChains renders an endpoint's chain of a direction, and its port
+// tree when enough policies select it.
+func (r *Renderer) endpointChains(veth string, self []netip.Addr, keys []string, policies map[string]*Policy, egress bool) map[string][]string {
+	chain := EndpointChain(veth, egress)
+	threshold := r.PortTreeThreshold
+	if threshold == 0 {
+		threshold = DefaultPortTreeThreshold
+	}
+	if len(keys) <= threshold {
+		return map[string][]string{chain: r.endpointRules(chain, self, keys, egress)}
+	}
+	head := r.endpointRules(chain, self, nil, egress)
+	head = head[:len(head)-1] // "no policy isolates this pod"
+	head = append(head, r.selfRules(chain, self, egress)...)
+	head = append(head, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark))
+	t := &portTree{r: r, suffix: strings.TrimPrefix(veth, contract.HostVethPrefix), egress: egress, chains: map[string][]string{}}
+	t.chains[chain] = append(head, t.render(chain, keys, policies)...)
+	return t.chains
 }
 
 func (r *Renderer) endpointRules(chain string, self []netip.Addr, policies []string, egress bool) []string {

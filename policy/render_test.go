@@ -21,7 +21,10 @@ func vethOf(key string) string {
 	return "sl" + h[:11]
 }
 
-func (w *world) render(pols []*Policy) *Ruleset {
+func (w *world) render(pols []*Policy) *Ruleset { return w.renderWith(pols, 0) }
+
+// renderWith renders with a port tree threshold (0: the default).
+func (w *world) renderWith(pols []*Policy, portTreeThreshold int) *Ruleset {
 	m := map[string]*Policy{}
 	for _, p := range pols {
 		m[p.Key] = p
@@ -39,7 +42,7 @@ func (w *world) render(pols []*Policy) *Ruleset {
 		in, out := Selecting(m, pod)
 		eps = append(eps, LocalEndpoint{Pod: pod, HostVeth: vethOf(k), Ingress: in, Egress: out})
 	}
-	r := &Renderer{IPv6: w.ipv6, AcceptMark: 0x10000}
+	r := &Renderer{IPv6: w.ipv6, AcceptMark: 0x10000, PortTreeThreshold: portTreeThreshold}
 	return r.Render(m, eps, pods, w.nss)
 }
 
@@ -64,16 +67,20 @@ func forwardVerdict(t *testing.T, rs *Ruleset, p *packet) bool {
 // TestRenderedRulesAgreeWithTheReference traces every pod pair, on both
 // ports and protocols, through the rendered rules of every truth-table
 // case, in each family, and compares with the reference semantics.
+// With a port tree threshold of 1, every endpoint that two policies select
+// dispatches on ports, so the same truth tables check the trees.
 func TestRenderedRulesAgreeWithTheReference(t *testing.T) {
 	for _, w := range worlds() {
-		t.Run(w.family(), func(t *testing.T) { agreeWithTheReference(t, w) })
+		for _, threshold := range []int{0, 1} {
+			t.Run(fmt.Sprintf("%s/port-tree-above-%d", w.family(), threshold), func(t *testing.T) { agreeWithTheReference(t, w, threshold) })
+		}
 	}
 }
 
-func agreeWithTheReference(t *testing.T, w *world) {
+func agreeWithTheReference(t *testing.T, w *world, portTreeThreshold int) {
 	outside := w.outside()
 	for _, c := range policyCases(w) {
-		rs := w.render(c.pols)
+		rs := w.renderWith(c.pols, portTreeThreshold)
 		for from := range w.pods {
 			for to := range w.pods {
 				// from == to is the hairpin: the pod reaching itself

@@ -17,6 +17,8 @@ type tracer struct {
 	t    *testing.T
 	rs   *Ruleset
 	mark uint32
+	// steps counts the rules the packet was matched against.
+	steps int
 }
 
 type packet struct {
@@ -58,6 +60,7 @@ func (tr *tracer) run(chain string, p *packet, depth int) string {
 		if f[0] != "-A" || f[1] != chain {
 			tr.t.Fatalf("rule %q is not in chain %s", rule, chain)
 		}
+		tr.steps++
 		if !tr.matches(f[2:], p) {
 			continue
 		}
