@@ -3,8 +3,8 @@ package servicee2e
 import (
 	"fmt"
 	"os/exec"
+	"regexp"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -104,14 +104,20 @@ func (c *cluster) selectBackend(b *testing.B, on bool) {
 	}
 }
 
-// policyJumps counts a node's jumps from endpoint chains to ingress
-// policy chains.
+var policyJump = regexp.MustCompile(` -j (SLUICE-PI-[0-9a-f]+)`)
+
+// policyJumps counts the ingress policy chains that a node's endpoint
+// chains (or their port trees) jump to.
 func (c *cluster) policyJumps(b *testing.B, node string) int {
 	out, err := c.Exec(node, "iptables-nft-save", "-t", "filter")
 	if err != nil {
 		b.Fatal(err)
 	}
-	return strings.Count(out, " -j SLUICE-PI-")
+	targets := map[string]bool{}
+	for _, m := range policyJump.FindAllStringSubmatch(out, -1) {
+		targets[m[1]] = true
+	}
+	return len(targets)
 }
 
 // iperf runs iperf3 from the client pod to the web pod through a
