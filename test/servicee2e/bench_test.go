@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,7 +98,7 @@ func (c *cluster) selectBackend(b *testing.B, on bool) {
 	}
 	want := map[bool]int{true: 1000, false: 0}[on]
 	if !labtest.Eventually(2*time.Minute, func() bool { return c.policyJumps(b, "node-1") == want }) {
-		b.Fatalf("node-1 never programmed web-1 with %d policies (has %d)", want, c.policyJumps(b, "node-1"))
+		b.Fatalf("node-1 never programmed web-1 with %d policies", want)
 	}
 	if _, err := c.getEventually("svc/client", c.svc("web"), true, time.Minute); err != nil {
 		b.Fatal(err)
@@ -111,7 +112,10 @@ var policyJump = regexp.MustCompile(` -j (SLUICE-PI-[0-9a-f]+)`)
 func (c *cluster) policyJumps(b *testing.B, node string) int {
 	out, err := c.Exec(node, "iptables-nft-save", "-t", "filter")
 	if err != nil {
-		b.Fatal(err)
+		// iptables-nft-save fails when a set it prints goes away under it
+		// ("Set with index N in kernel doesn't exist"): read again.
+		b.Logf("reading node-1's rules: %v", strings.SplitN(err.Error(), "\n", 2)[0])
+		return -1
 	}
 	targets := map[string]bool{}
 	for _, m := range policyJump.FindAllStringSubmatch(out, -1) {
