@@ -43,9 +43,14 @@ type Config struct {
 	// ChecksumOffload is auto, on or off (see checksumOffloadWanted).
 	ChecksumOffload string
 	// RunDir receives subnet.env for the CNI plugin.
-	RunDir       string
-	ResyncPeriod time.Duration
-	IPTablesMode iptables.Mode
+	RunDir string
+	// StateDir keeps what must outlive the agent: the WireGuard key.
+	StateDir string
+	// WireGuardSocketDir receives the userspace WireGuard devices' UAPI
+	// sockets, for wg and wgctrl; empty for none.
+	WireGuardSocketDir string
+	ResyncPeriod       time.Duration
+	IPTablesMode       iptables.Mode
 	// PodCIDRGrace is how long a new Node waits for a podCIDR from
 	// kube-controller-manager before Sluice claims a subnet for it.
 	PodCIDRGrace time.Duration
@@ -71,6 +76,8 @@ type Loop struct {
 	// problems are the peers last reported as not programmed; only the
 	// sync goroutine touches them.
 	problems map[peerKey]string
+	// wg is the wireguard backend's state; nil for the others.
+	wg *wgBackend
 
 	mu     sync.RWMutex
 	status Status
@@ -91,6 +98,9 @@ type Status struct {
 	LastSync  time.Time
 	LastError string
 	Repairs   vxlan.Changes
+	// Implementation is the wireguard backend's (kernel or userspace),
+	// ImplementationWhy what decided it, and PublicKey the node's key.
+	Implementation, ImplementationWhy, PublicKey string
 }
 
 const syncKey = "overlay"
@@ -147,6 +157,13 @@ func (l *Loop) Run(ctx context.Context) error {
 		on, why := checksumOffloadWanted(l.cfg.ChecksumOffload, kernelRelease())
 		logger.Info("VXLAN TX checksum offload decided", "on", on, "why", why)
 	}
+	if l.cfg.Net.Backend.Type == netconf.BackendWireGuard {
+		if err := l.startWireGuard(ctx); err != nil {
+			return err
+		}
+		defer l.wg.impl.Close()
+	}
+	l.publishBackendMetric()
 
 	subnets, source, err := l.acquireLease(ctx)
 	if err != nil {
@@ -237,6 +254,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 			s.Repairs.Routes += ch.Routes
 			s.Repairs.Neighbours += ch.Neighbours
 			s.Repairs.FDB += ch.FDB
+			s.Repairs.Peers += ch.Peers
 			s.Repairs.Removed += ch.Removed
 		}
 	})
@@ -310,22 +328,25 @@ func (l *Loop) publicIP(v6 bool) netip.Addr {
 }
 
 // mtu is the MTU of tunnels and pod veths alike: the configured one, or the
-// underlay's minus the encapsulation overhead (50 bytes over IPv4, 70 over
-// IPv6). In dual-stack the smaller one applies to both, so a pod never sends
+// underlay's minus the encapsulation overhead (VXLAN: 50 bytes over IPv4, 70
+// over IPv6; WireGuard: 60 and 80). In dual-stack the smaller one applies to both, so a pod never sends
 // a packet one of its tunnels cannot carry.
 func (l *Loop) mtu() int {
 	if l.cfg.Net.Backend.MTU != 0 {
 		return l.cfg.Net.Backend.MTU
 	}
 	base := l.underlay.Link.Attrs().MTU
-	if l.cfg.Net.Backend.Type == netconf.BackendHostGW {
+	over4, over6 := 50, 70 // VXLAN: outer IP, UDP, VXLAN and Ethernet headers
+	switch l.cfg.Net.Backend.Type {
+	case netconf.BackendHostGW:
 		return base
+	case netconf.BackendWireGuard:
+		over4, over6 = 60, 80 // outer IP, UDP, WireGuard header and tag
 	}
-	m := base - 50
 	if l.cfg.Net.EnableIPv6 {
-		m = base - 70
+		return base - over6
 	}
-	return m
+	return base - over4
 }
 
 // The VXLAN devices' name prefixes. contract.MustTunnelPrefix keeps them
@@ -349,6 +370,13 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	self, err := l.nodes.Get(l.cfg.NodeName)
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("reading own node: %w", err)
+	}
+	if l.wg != nil {
+		// The key file is read on every sync, so --rotate-key or a
+		// deleted file takes effect within a resync period.
+		if err := l.refreshKey(ctx); err != nil {
+			return vxlan.Changes{}, err
+		}
 	}
 	if err := l.publishAnnotations(ctx, self); err != nil {
 		return vxlan.Changes{}, err
@@ -397,6 +425,9 @@ func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
 // problem and does not stop the others; an error is one that affects them
 // all.
 func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
+	if l.wg != nil {
+		return l.syncWireGuard(ctx, nodes)
+	}
 	var total vxlan.Changes
 	var peers []PeerStatus
 	lease := l.Status().Lease
@@ -464,7 +495,8 @@ func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, r
 }
 
 func addChanges(a, b vxlan.Changes) vxlan.Changes {
-	return vxlan.Changes{Device: a.Device + b.Device, Routes: a.Routes + b.Routes, Neighbours: a.Neighbours + b.Neighbours, FDB: a.FDB + b.FDB, Removed: a.Removed + b.Removed}
+	return vxlan.Changes{Device: a.Device + b.Device, Routes: a.Routes + b.Routes, Neighbours: a.Neighbours + b.Neighbours, FDB: a.FDB + b.FDB,
+		Peers: a.Peers + b.Peers, Removed: a.Removed + b.Removed}
 }
 
 // acquireLease retries until the node has its subnets. A problem a person

@@ -77,11 +77,18 @@ func (l *Loop) publishAnnotations(ctx context.Context, self *corev1.Node) error 
 			ip6 = a
 		}
 	}
-	var mac4, mac6 = VtepMAC(l.cfg.NodeName, false), VtepMAC(l.cfg.NodeName, true)
-	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
-		mac4, mac6 = nil, nil
+	var data4, data6 string
+	switch l.cfg.Net.Backend.Type {
+	case netconf.BackendVXLAN:
+		vni := l.cfg.Net.Backend.VNI
+		data4, data6 = vxlanData(vni, VtepMAC(l.cfg.NodeName, false)), vxlanData(vni, VtepMAC(l.cfg.NodeName, true))
+	case netconf.BackendWireGuard:
+		data4 = wireguardDataOf(l.wg.key.PublicKey().String())
+		data6 = data4
+	default:
+		data4, data6 = "null", "null"
 	}
-	want := ownAnnotations(l.cfg.Net.Backend.Type, l.cfg.Net.Backend.VNI, ip4, ip6, mac4, mac6)
+	want := ownAnnotations(l.cfg.Net.Backend.Type, ip4, ip6, data4, data6)
 	changed := map[string]any{}
 	for k, v := range want {
 		if self.Annotations[k] != v {

@@ -18,13 +18,14 @@ type Capture struct {
 	mu     sync.Mutex
 	frames [][]byte
 	done   chan struct{}
+	ended  chan struct{}
 }
 
 // StartCapture opens a packet socket on ifname inside n. It stops when the
 // test ends, or at Stop.
 func StartCapture(t testing.TB, n ns.NetNS, ifname string) *Capture {
 	t.Helper()
-	c := &Capture{fd: -1, done: make(chan struct{})}
+	c := &Capture{fd: -1, done: make(chan struct{}), ended: make(chan struct{})}
 	Do(t, n, func() error {
 		ifi, err := net.InterfaceByName(ifname)
 		if err != nil {
@@ -52,17 +53,26 @@ func StartCapture(t testing.TB, n ns.NetNS, ifname string) *Capture {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
+// read records frames until Stop, and then what is still queued: it ends
+// at the first read timeout after Stop.
 func (c *Capture) read() {
+	defer close(c.ended)
+	defer unix.Close(c.fd)
 	buf := make([]byte, 65536)
+	stopping := false
 	for {
-		select {
-		case <-c.done:
-			unix.Close(c.fd)
-			return
-		default:
+		if !stopping {
+			select {
+			case <-c.done:
+				stopping = true
+			default:
+			}
 		}
 		n, _, err := unix.Recvfrom(c.fd, buf, 0)
 		if err != nil || n <= 0 {
+			if stopping && (err == unix.EAGAIN || err == unix.EWOULDBLOCK) {
+				return
+			}
 			continue
 		}
 		c.mu.Lock()
@@ -71,12 +81,16 @@ func (c *Capture) read() {
 	}
 }
 
-// Stop ends the capture; the frames stay readable.
+// Stop ends the capture once what the kernel queued is read; the frames
+// stay readable.
 func (c *Capture) Stop() {
 	select {
 	case <-c.done:
 	default:
 		close(c.done)
+	}
+	if c.fd >= 0 {
+		<-c.ended
 	}
 }
 

@@ -66,7 +66,10 @@ type Table struct {
 // not program; they are not changes, and Total does not count them.
 type Changes struct {
 	Device, Routes, Neighbours, FDB, Removed int
-	Skipped                                  []SkippedPeer
+	// Peers counts WireGuard peer entries, which the wireguard backend
+	// reports in the same shape; VXLAN has none.
+	Peers   int
+	Skipped []SkippedPeer
 }
 
 // SkippedPeer is a peer that Sync left out, and why. One bad peer never
@@ -78,7 +81,7 @@ type SkippedPeer struct {
 }
 
 // Total is the number of changes.
-func (c Changes) Total() int { return c.Device + c.Routes + c.Neighbours + c.FDB + c.Removed }
+func (c Changes) Total() int { return c.Device + c.Routes + c.Neighbours + c.FDB + c.Peers + c.Removed }
 
 func family(a netip.Addr) int { return routes.Family(a) }
 

@@ -80,7 +80,7 @@ func (u *Userspace) Ensure(name string, mtu int) (bool, error) {
 		d.close()
 		delete(u.devs, name)
 	}
-	if err == nil && link.Type() != "tun" {
+	if err == nil && link.Type() != "tuntap" {
 		if err := netlink.LinkDel(link); err != nil {
 			return false, fmt.Errorf("removing %s, a %s device in the way of the userspace WireGuard: %w", name, link.Type(), err)
 		}

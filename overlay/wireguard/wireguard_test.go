@@ -185,12 +185,21 @@ func TestDeviceSurvivesAgentRestart(t *testing.T) {
 	if !a.reaches(b.own.Addr()) {
 		t.Fatal("control: tunnel does not work")
 	}
+	index := func() string {
+		return strings.Fields(nettest.Run(t, "ip", "-n", nettest.Name(a.ns), "-o", "link", "show", "wg-sluice"))[0]
+	}
+	before := index()
 	_ = a.impl.Close()
 	if r := nettest.Run(t, "ip", "-n", nettest.Name(a.ns), "route", "show", b.own.String()); !strings.Contains(r, "wg-sluice") {
 		t.Errorf("the route through the device went with the agent: %q", r)
 	}
 	a.impl = NewUserspace(UserspaceOptions{})
-	a.sync(t, a.state(b.asPeer()))
+	if ch := a.sync(t, a.state(b.asPeer())); ch.Routes != 0 || ch.Removed != 0 {
+		t.Errorf("the new agent had to rewrite routes: %+v", ch)
+	}
+	if after := index(); after != before {
+		t.Errorf("the TUN device was recreated (index %s, was %s), not reattached", after, before)
+	}
 	if !a.reaches(b.own.Addr()) {
 		t.Error("tunnel does not work after the agent reattached")
 	}
