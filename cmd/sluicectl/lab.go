@@ -76,6 +76,7 @@ func labUp(f *labFlags) *cobra.Command {
 	c.Flags().BoolVar(&o.NoPodCIDR, "no-pod-cidr", false, "do not allocate node pod CIDRs, like kubeadm init without --pod-network-cidr")
 	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (apply Sluice's built-in manifest; the lab kubelets run its DaemonSet's pods), manifest (the same once you apply a manifest, or --manifest does), reference (ptp + host-local, one node only) or none")
 	c.Flags().StringVar(&o.Manifest, "manifest", "", "with --cni manifest: kubectl apply this manifest and wait until its DaemonSet is Ready on every node")
+	c.Flags().StringVar(&o.Backend, "backend", "vxlan", "overlay backend in the manifest's net-conf.json (with --cni sluice): vxlan, host-gw or wireguard (encrypted; the userspace implementation on kernels without the module)")
 	c.Flags().StringVar(&o.Runtime, "runtime", lab.RuntimeLab, "nodes: lab (the lab kubelet, pods as processes) or containerd (the real kubelet v1.36.3 and containerd on every node, images built by 'make images')")
 	c.Flags().StringVar(&o.ToolsDir, "tools-dir", lab.DefaultToolsDir(), "cache of the Kubernetes and CNI tools built by 'make tools'")
 	c.Flags().DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the lab to be ready")

@@ -73,11 +73,18 @@ func (n Node) AgentDisabledPath() string { return filepath.Join(n.Dir, "agent.di
 
 // installManifest applies the embedded manifest, as an operator would after
 // setting net-conf.json to the cluster's pod networks: on a dual-stack lab
-// it adds the IPv6 network.
+// it adds the IPv6 network, and it sets the lab's backend.
 func (s *State) installManifest(ctx context.Context) error {
 	m := manifests.Sluice
-	if s.IPv6 {
-		conf := fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR, clusterCIDR6)
+	backend := s.Backend
+	if backend == "" {
+		backend = "vxlan"
+	}
+	if s.IPv6 || backend != "vxlan" {
+		conf := fmt.Sprintf(`{"Network": %q, "Backend": {"Type": %q}}`, s.ClusterCIDR, backend)
+		if s.IPv6 {
+			conf = fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": %q}}`, s.ClusterCIDR, clusterCIDR6, backend)
+		}
 		var err error
 		if m, err = withNetConf(m, conf); err != nil {
 			return err

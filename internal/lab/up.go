@@ -30,7 +30,10 @@ type Options struct {
 	// are Ready, and Up returns when its DaemonSet is Ready on every node.
 	Manifest string
 	// Runtime is RuntimeLab (the default) or RuntimeContainerd.
-	Runtime   string
+	Runtime string
+	// Backend is the overlay backend in the manifest's net-conf.json
+	// (with CNISluice): vxlan (the default), host-gw or wireguard.
+	Backend   string
 	ToolsDir  string
 	Sluicectl string // the binary that runs the daemon and kubelets
 	Timeout   time.Duration
@@ -55,6 +58,13 @@ func Up(o Options) (*State, error) {
 	}
 	if o.Runtime != RuntimeLab && o.Runtime != RuntimeContainerd {
 		return nil, fmt.Errorf("--runtime must be lab or containerd, got %q", o.Runtime)
+	}
+	switch o.Backend {
+	case "":
+		o.Backend = "vxlan"
+	case "vxlan", "host-gw", "wireguard":
+	default:
+		return nil, fmt.Errorf("--backend must be vxlan, host-gw or wireguard, got %q", o.Backend)
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -147,6 +157,7 @@ func newState(o Options, dir string) *State {
 		ExternalIP4: externalIP4,
 		ExternalIP6: externalIP6,
 		Runtime:     o.Runtime,
+		Backend:     o.Backend,
 	}
 	if o.Runtime == RuntimeContainerd {
 		s.CgroupName = "sluice-lab-" + id

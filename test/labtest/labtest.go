@@ -82,6 +82,11 @@ func Start(o lab.Options) (*Lab, error) {
 		// nodes, e.g. the policy truth tables.
 		o.Runtime = os.Getenv("SLUICE_LAB_RUNTIME")
 	}
+	if o.Backend == "" {
+		// SLUICE_LAB_BACKEND=wireguard runs a package's labs with another
+		// overlay backend, e.g. the policy truth tables.
+		o.Backend = os.Getenv("SLUICE_LAB_BACKEND")
+	}
 	o.Sluicectl = filepath.Join(bins, "sluicectl")
 	o.Dir = filepath.Join(root, "lab")
 	if o.Name == "" {
