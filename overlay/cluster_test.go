@@ -63,6 +63,13 @@ func startCluster(t testing.TB, n int, netConf string, resync time.Duration) *ns
 		c.addNode(t, nc)
 	}
 	c.waitProgrammed(t)
+	// The pods take the overlay's MTU, as the CNI plugin gives them the
+	// one subnet.env publishes.
+	for _, node := range c.nodes {
+		mtu := fmt.Sprint(node.loop.Status().MTU)
+		nettest.Run(t, "ip", "-n", nettest.Name(node.netns), "link", "set", "slpod", "mtu", mtu)
+		nettest.Run(t, "ip", "-n", nettest.Name(node.pod), "link", "set", "eth0", "mtu", mtu)
+	}
 	return c
 }
 
