@@ -98,7 +98,7 @@ func wireguardKeyOf(n *corev1.Node, ipv6 bool) (wgtypes.Key, string) {
 		return wgtypes.Key{}, fmt.Sprintf("wireguard node without a PublicKey in annotation %s=%q", dataKey, n.Annotations[dataKey])
 	}
 	k, err := wgtypes.ParseKey(d.PublicKey)
-	if err != nil {
+	if err != nil || k == (wgtypes.Key{}) {
 		return wgtypes.Key{}, fmt.Sprintf("bad PublicKey %q in annotation %s", d.PublicKey, dataKey)
 	}
 	return k, ""

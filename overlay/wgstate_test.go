@@ -85,3 +85,19 @@ func TestWireGuardStateModes(t *testing.T) {
 		}
 	})
 }
+
+// FuzzWireGuardKeyOf: a peer's annotations are untrusted input; no value
+// panics, and a key is returned only without a problem.
+func FuzzWireGuardKeyOf(f *testing.F) {
+	k, _ := wgtypes.GeneratePrivateKey()
+	for _, s := range []string{wireguardDataOf(k.PublicKey().String()), `{"PublicKey":""}`, `null`, `{"PublicKey":"AAAA"}`, `{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}`, `[]`, `{"PublicKey":5}`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data string) {
+		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n", Annotations: map[string]string{AnnBackendType: "wireguard", AnnBackendData: data}}}
+		key, problem := wireguardKeyOf(n, false)
+		if (problem == "") == (key == wgtypes.Key{}) {
+			t.Fatalf("key %v with problem %q", key, problem)
+		}
+	})
+}

@@ -18,7 +18,7 @@ type Implementation interface {
 	// Name is netconf.WireGuardKernel or netconf.WireGuardUserspace.
 	Name() string
 	// Ensure makes the device exist with this MTU (not yet up), and
-	// reports whether it had to create it.
+	// reports whether it had to create or change it.
 	Ensure(name string, mtu int) (created bool, err error)
 	// Client configures the devices Ensure made.
 	Client() Client
@@ -94,7 +94,13 @@ func (k *Kernel) Name() string { return netconf.WireGuardKernel }
 func (k *Kernel) Ensure(name string, mtu int) (bool, error) {
 	if l, err := netlink.LinkByName(name); err == nil {
 		if l.Type() == "wireguard" {
-			return false, nil
+			if l.Attrs().MTU == mtu {
+				return false, nil
+			}
+			if err := netlink.LinkSetMTU(l, mtu); err != nil {
+				return false, fmt.Errorf("setting MTU of %s: %w", name, err)
+			}
+			return true, nil
 		}
 		if err := netlink.LinkDel(l); err != nil {
 			return false, fmt.Errorf("removing %s, a %s device in the way of WireGuard: %w", name, l.Type(), err)
