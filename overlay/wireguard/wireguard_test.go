@@ -22,7 +22,7 @@ type wgNode struct {
 	ip   netip.Addr
 	own  netip.Prefix
 	key  wgtypes.Key
-	impl *Userspace
+	impl Implementation
 }
 
 // twoNodes makes two node namespaces joined by a veth pair (the underlay).
@@ -56,6 +56,27 @@ func (n *wgNode) asPeer() Peer {
 	return Peer{Node: n.ip.String(), PublicKey: n.key.PublicKey(), Endpoint: netip.AddrPortFrom(n.ip, 51820), AllowedIPs: []netip.Prefix{n.own}}
 }
 
+// useKernel switches both nodes to the kernel implementation, or skips
+// the test on a kernel without WireGuard.
+func useKernel(t *testing.T, nodes ...*wgNode) {
+	var probe error
+	nettest.Do(t, nodes[0].ns, func() error { probe = probeKernel(); return nil })
+	if probe != nil {
+		t.Skipf("%v: the kernel implementation's dataplane is not tested here; its configuration is (TestConfigureWritesOnlyDifferences)", probe)
+	}
+	for _, n := range nodes {
+		nettest.Do(t, n.ns, func() error {
+			k, err := NewKernel()
+			if err != nil {
+				return err
+			}
+			n.impl = k
+			t.Cleanup(func() { _ = k.Close() })
+			return nil
+		})
+	}
+}
+
 func (n *wgNode) sync(t *testing.T, st State) Changes {
 	t.Helper()
 	var ch Changes
@@ -80,6 +101,16 @@ func (n *wgNode) reaches(addr netip.Addr) bool {
 
 func TestTunnelCarriesAndEncrypts(t *testing.T) {
 	a, b := twoNodes(t)
+	testTunnelCarriesAndEncrypts(t, a, b)
+}
+
+func TestKernelTunnelCarriesAndEncrypts(t *testing.T) {
+	a, b := twoNodes(t)
+	useKernel(t, a, b)
+	testTunnelCarriesAndEncrypts(t, a, b)
+}
+
+func testTunnelCarriesAndEncrypts(t *testing.T, a, b *wgNode) {
 	a.sync(t, a.state(b.asPeer()))
 	b.sync(t, b.state(a.asPeer()))
 	capture := nettest.StartCapture(t, a.ns, "eth0")
