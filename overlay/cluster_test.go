@@ -137,8 +137,14 @@ func (c *nsCluster) start(t testing.TB, node *nsNode, nc *netconf.Config) {
 
 // restart stops a node's loop and starts a new one, as an agent restart.
 func (c *nsCluster) restart(t testing.TB, node *nsNode) {
+	c.restartWith(t, node, node.loop.cfg.Net)
+}
+
+// restartWith restarts a node's agent with another net-conf.json, as
+// rolling the DaemonSet after a ConfigMap change does.
+func (c *nsCluster) restartWith(t testing.TB, node *nsNode, nc *netconf.Config) {
 	node.stop()
-	c.start(t, node, node.loop.cfg.Net)
+	c.start(t, node, nc)
 }
 
 // waitProgrammed waits until every loop is ready with every other node

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sluice-net/sluice/internal/nettest"
+	"github.com/sluice-net/sluice/overlay/netconf"
 	"github.com/sluice-net/sluice/overlay/wireguard"
 )
 
@@ -260,4 +262,50 @@ func peerEntries(t *testing.T, n *nsNode) int {
 		t.Fatal(err)
 	}
 	return len(d.Peers)
+}
+
+// Switching backends, the README's procedure: change net-conf.json and
+// restart the agents. While the nodes disagree, each reports the other
+// as not programmed (and no pod packet leaves in the clear: the cluster
+// network is blackholed on the wireguard node); once all have switched,
+// pods reach each other again, in both directions of the switch.
+func TestSwitchVXLANToWireGuardAndBack(t *testing.T) {
+	vxConf := `{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}`
+	c := startCluster(t, 2, vxConf, time.Second)
+	node1, node2 := c.nodes[0], c.nodes[1]
+	listen(t, node2.pod, 8080)
+	reach := func(what string) {
+		t.Helper()
+		var err error
+		for i := 0; i < 20; i++ {
+			var conn net.Conn
+			if conn, err = dial(node1.pod, netip.AddrPortFrom(node2.podIP, 8080)); err == nil {
+				err = echo(conn, what, 2*time.Second)
+				conn.Close()
+				if err == nil {
+					return
+				}
+			}
+		}
+		t.Fatalf("%s: %v", what, err)
+	}
+	reach("vxlan")
+	for _, conf := range []string{wgNetConf, vxConf} {
+		nc, err := netconf.Parse([]byte(conf))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.restartWith(t, node1, nc)
+		eventually(t, "node-1 reports node-2 on the other backend", func() bool {
+			for _, p := range node1.loop.Status().Peers {
+				if p.Node == "node-2" && (strings.Contains(p.Problem, "not wireguard") || strings.Contains(p.Problem, "VTEP MAC")) {
+					return true
+				}
+			}
+			return false
+		})
+		c.restartWith(t, node2, nc)
+		c.waitProgrammed(t)
+		reach(nc.Backend.Type)
+	}
 }
