@@ -76,8 +76,8 @@ type Loop struct {
 	// problems are the peers last reported as not programmed; only the
 	// sync goroutine touches them.
 	problems map[peerKey]string
-	// wg is the wireguard backend's state; nil for the others.
-	wg *wgBackend
+	// backend is net-conf.json's Backend.Type's; Run makes it.
+	backend backend
 
 	mu     sync.RWMutex
 	status Status
@@ -153,16 +153,13 @@ func (l *Loop) Run(ctx context.Context) error {
 		l.families = append(l.families, &family{Family: fam, ipt: r})
 	}
 	logger.Info("underlay selected", "interface", l.underlay.Link.Attrs().Name, "ipv4", l.underlay.IP4, "ipv6", l.underlay.IP6, "mtu", l.underlay.Link.Attrs().MTU)
-	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
-		on, why := checksumOffloadWanted(l.cfg.ChecksumOffload, kernelRelease())
-		logger.Info("VXLAN TX checksum offload decided", "on", on, "why", why)
+	if l.backend, err = newBackend(l); err != nil {
+		return err
 	}
-	if l.cfg.Net.Backend.Type == netconf.BackendWireGuard {
-		if err := l.startWireGuard(ctx); err != nil {
-			return err
-		}
-		defer l.wg.impl.Close()
+	if err := l.backend.start(ctx); err != nil {
+		return err
 	}
+	defer l.backend.stop()
 	l.publishBackendMetric()
 
 	subnets, source, err := l.acquireLease(ctx)
@@ -328,25 +325,14 @@ func (l *Loop) publicIP(v6 bool) netip.Addr {
 }
 
 // mtu is the MTU of tunnels and pod veths alike: the configured one, or the
-// underlay's minus the encapsulation overhead (VXLAN: 50 bytes over IPv4, 70
-// over IPv6; WireGuard: 60 and 80). In dual-stack the smaller one applies to both, so a pod never sends
-// a packet one of its tunnels cannot carry.
+// underlay's minus the backend's overhead (VXLAN: 50 bytes over IPv4, 70
+// over IPv6; WireGuard: 60 and 80). In dual-stack the IPv6 one applies to
+// both, so a pod never sends a packet one of its tunnels cannot carry.
 func (l *Loop) mtu() int {
 	if l.cfg.Net.Backend.MTU != 0 {
 		return l.cfg.Net.Backend.MTU
 	}
-	base := l.underlay.Link.Attrs().MTU
-	over4, over6 := 50, 70 // VXLAN: outer IP, UDP, VXLAN and Ethernet headers
-	switch l.cfg.Net.Backend.Type {
-	case netconf.BackendHostGW:
-		return base
-	case netconf.BackendWireGuard:
-		over4, over6 = 60, 80 // outer IP, UDP, WireGuard header and tag
-	}
-	if l.cfg.Net.EnableIPv6 {
-		return base - over6
-	}
-	return base - over4
+	return l.underlay.Link.Attrs().MTU - l.backend.overhead(l.cfg.Net.EnableIPv6)
 }
 
 // The VXLAN devices' name prefixes. contract.MustTunnelPrefix keeps them
@@ -371,12 +357,8 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("reading own node: %w", err)
 	}
-	if l.wg != nil {
-		// The key file is read on every sync, so --rotate-key or a
-		// deleted file takes effect within a resync period.
-		if err := l.refreshKey(ctx); err != nil {
-			return vxlan.Changes{}, err
-		}
+	if err := l.backend.refresh(ctx); err != nil {
+		return vxlan.Changes{}, err
 	}
 	if err := l.publishAnnotations(ctx, self); err != nil {
 		return vxlan.Changes{}, err
@@ -385,7 +367,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("listing nodes: %w", err)
 	}
-	total, peers, err := l.syncTunnels(ctx, nodes)
+	total, peers, err := l.backend.sync(ctx, nodes)
 	if err != nil {
 		return total, err
 	}
@@ -403,10 +385,11 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	return total, nil
 }
 
-// table is the wanted overlay of one family, without its peers.
-func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
+// table is the wanted overlay of one family, without its peers: with a
+// VXLAN device, or without one for host-gw.
+func (l *Loop) table(own netip.Prefix, v6, device bool) vxlan.Table {
 	tab := vxlan.Table{Own: own, UnderlayIndex: l.underlay.Link.Attrs().Index, DirectRouting: l.cfg.Net.Backend.DirectRouting}
-	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
+	if device {
 		local := l.underlay.IP4
 		if v6 {
 			local = l.underlay.IP6
@@ -420,20 +403,17 @@ func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
 	return tab
 }
 
-// syncTunnels programs the device, routes, neighbour and FDB entries of
-// every family. A peer that cannot be programmed is returned with its
-// problem and does not stop the others; an error is one that affects them
-// all.
-func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
-	if l.wg != nil {
-		return l.syncWireGuard(ctx, nodes)
-	}
+// syncTables programs the vxlan and host-gw backends: the device (with
+// device), routes, neighbour and FDB entries of every family. A peer that
+// cannot be programmed is returned with its problem and does not stop the
+// others; an error is one that affects them all.
+func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool) (vxlan.Changes, []PeerStatus, error) {
 	var total vxlan.Changes
 	var peers []PeerStatus
 	lease := l.Status().Lease
 	for i, f := range l.families {
 		v6 := f.Is6()
-		tab := l.table(lease[i], v6)
+		tab := l.table(lease[i], v6, device)
 		var fam []PeerStatus
 		for _, n := range nodes {
 			if n.Name == l.cfg.NodeName || n.DeletionTimestamp != nil {

@@ -8,7 +8,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/metrics"
-	"github.com/sluice-net/sluice/overlay/netconf"
 	"github.com/sluice-net/sluice/overlay/srcfilter"
 	"github.com/sluice-net/sluice/overlay/vxlan"
 )
@@ -147,7 +146,7 @@ func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
 	v6 := f.Is6()
-	port := l.tunnelPort(v6)
+	port := l.backend.port(v6)
 	if port == 0 {
 		if !f.filterCleared {
 			if err := srcfilter.Remove(f.ipt, v6); err != nil {
@@ -177,21 +176,6 @@ func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.
 		countRepair(repairVXLANInput)
 	}
 	return nil
-}
-
-// tunnelPort is the UDP port the backend receives one family's tunnel
-// packets on; 0 for host-gw.
-func (l *Loop) tunnelPort(v6 bool) int {
-	switch b := l.cfg.Net.Backend; b.Type {
-	case netconf.BackendVXLAN:
-		return b.Port
-	case netconf.BackendWireGuard:
-		if v6 && b.WireGuard.Mode == netconf.WireGuardModeSeparate {
-			return b.WireGuard.ListenPortV6
-		}
-		return b.WireGuard.ListenPort
-	}
-	return 0
 }
 
 // repairVXLANInput is the drift repair metric's kind for the source filter.

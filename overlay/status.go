@@ -13,7 +13,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/overlay/lease"
-	"github.com/sluice-net/sluice/overlay/netconf"
 )
 
 // ReasonReady is the NetworkUnavailable=False reason Sluice sets, as
@@ -77,18 +76,7 @@ func (l *Loop) publishAnnotations(ctx context.Context, self *corev1.Node) error 
 			ip6 = a
 		}
 	}
-	var data4, data6 string
-	switch l.cfg.Net.Backend.Type {
-	case netconf.BackendVXLAN:
-		vni := l.cfg.Net.Backend.VNI
-		data4, data6 = vxlanData(vni, VtepMAC(l.cfg.NodeName, false)), vxlanData(vni, VtepMAC(l.cfg.NodeName, true))
-	case netconf.BackendWireGuard:
-		data4 = wireguardDataOf(l.wg.key.PublicKey().String())
-		data6 = data4
-	default:
-		data4, data6 = "null", "null"
-	}
-	want := ownAnnotations(l.cfg.Net.Backend.Type, ip4, ip6, data4, data6)
+	want := ownAnnotations(l.cfg.Net.Backend.Type, ip4, ip6, l.backend.data(false), l.backend.data(true))
 	changed := map[string]any{}
 	for k, v := range want {
 		if self.Annotations[k] != v {

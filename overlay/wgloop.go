@@ -25,19 +25,21 @@ var (
 	wgDevice6 = contract.MustTunnelPrefix("wg6-sluice")
 )
 
-// wgBackend is the loop's wireguard state; only the sync goroutine
-// touches it after Run starts it.
+// wgBackend is the wireguard backend (package wireguard); only the sync
+// goroutine touches it after Run starts it.
 type wgBackend struct {
+	l       *Loop
 	impl    wireguard.Implementation
 	keyPath string
 	key     wgtypes.Key
 	psk     *wgtypes.Key
 }
 
-// startWireGuard picks the implementation and loads the node's key. It
-// runs on the loop's goroutine, in the node's network namespace, where
-// the devices are made.
-func (l *Loop) startWireGuard(ctx context.Context) error {
+// start picks the implementation and loads the node's key. It runs on the
+// loop's goroutine, in the node's network namespace, where the devices are
+// made.
+func (b *wgBackend) start(ctx context.Context) error {
+	l := b.l
 	if l.cfg.StateDir == "" {
 		return fmt.Errorf("the wireguard backend needs a state directory (--state-dir) for the node's key")
 	}
@@ -47,15 +49,16 @@ func (l *Loop) startWireGuard(ctx context.Context) error {
 		return err
 	}
 	klog.FromContext(ctx).Info("WireGuard implementation chosen", "implementation", impl.Name(), "why", why, "mode", wc.Mode)
-	l.wg = &wgBackend{impl: impl, keyPath: filepath.Join(l.cfg.StateDir, wireguard.KeyFile)}
+	b.impl, b.keyPath = impl, filepath.Join(l.cfg.StateDir, wireguard.KeyFile)
 	if wc.PSK != "" {
 		psk, err := wgtypes.ParseKey(wc.PSK)
 		if err != nil {
+			impl.Close()
 			return fmt.Errorf("Backend.PSK: %w", err)
 		}
-		l.wg.psk = &psk
+		b.psk = &psk
 	}
-	if err := l.refreshKey(ctx); err != nil {
+	if err := b.refresh(ctx); err != nil {
 		impl.Close()
 		return err
 	}
@@ -63,32 +66,57 @@ func (l *Loop) startWireGuard(ctx context.Context) error {
 	return nil
 }
 
-// refreshKey reads the key file, making a new key when it is missing.
-func (l *Loop) refreshKey(ctx context.Context) error {
-	key, created, err := wireguard.LoadOrCreateKey(l.wg.keyPath)
+// stop closes the implementation; see wireguard.Implementation.Close for
+// what stays.
+func (b *wgBackend) stop() { _ = b.impl.Close() }
+
+// overhead: outer IP and UDP headers, WireGuard's header and its tag.
+func (b *wgBackend) overhead(v6 bool) int {
+	if v6 {
+		return 80
+	}
+	return 60
+}
+
+// refresh reads the key file, making a new key when it is missing: on
+// every sync, so --rotate-key or a deleted file takes effect within a
+// resync period.
+func (b *wgBackend) refresh(ctx context.Context) error {
+	key, created, err := wireguard.LoadOrCreateKey(b.keyPath)
 	if err != nil {
 		return err
 	}
-	if key != l.wg.key {
+	if key != b.key {
 		what := "WireGuard key loaded"
 		switch {
 		case created:
 			what = "WireGuard key created"
-		case l.wg.key != (wgtypes.Key{}):
+		case b.key != (wgtypes.Key{}):
 			what = "WireGuard key rotated"
 		}
-		klog.FromContext(ctx).Info(what, "path", l.wg.keyPath, "publicKey", key.PublicKey().String())
-		l.wg.key = key
-		l.setStatus(func(s *Status) { s.PublicKey = key.PublicKey().String() })
+		klog.FromContext(ctx).Info(what, "path", b.keyPath, "publicKey", key.PublicKey().String())
+		b.key = key
+		b.l.setStatus(func(s *Status) { s.PublicKey = key.PublicKey().String() })
 	}
 	return nil
+}
+
+// data is flannel's wireguard backend-data, the same in both families.
+func (b *wgBackend) data(bool) string { return wireguardDataOf(b.key.PublicKey().String()) }
+
+func (b *wgBackend) port(v6 bool) int {
+	wc := b.l.cfg.Net.Backend.WireGuard
+	if v6 && wc.Mode == netconf.WireGuardModeSeparate {
+		return wc.ListenPortV6
+	}
+	return wc.ListenPort
 }
 
 func (l *Loop) publishBackendMetric() {
 	metrics.OverlayBackend.Reset()
 	impl := ""
-	if l.wg != nil {
-		impl = l.wg.impl.Name()
+	if b, ok := l.backend.(*wgBackend); ok {
+		impl = b.impl.Name()
 	}
 	metrics.OverlayBackend.WithLabelValues(l.cfg.Net.Backend.Type, impl).Set(1)
 }
@@ -105,7 +133,8 @@ type wgPeer struct {
 // wireGuardPeers reads every remote node, family by family, and returns
 // the ones that can be programmed with their status, and the problem of
 // each that cannot.
-func (l *Loop) wireGuardPeers(nodes []*corev1.Node) ([]wgPeer, []PeerStatus) {
+func (b *wgBackend) peers(nodes []*corev1.Node) ([]wgPeer, []PeerStatus) {
+	l := b.l
 	var peers []wgPeer
 	var status []PeerStatus
 	for _, n := range nodes {
@@ -143,11 +172,12 @@ func (l *Loop) wireGuardPeers(nodes []*corev1.Node) ([]wgPeer, []PeerStatus) {
 // device per family whose peers are reached over that family, in "auto"
 // mode one device whose peers are reached over the first family they
 // have (IPv4 in dual-stack) and carry all their subnets.
-func (l *Loop) wireGuardState(peers []wgPeer) wireguard.State {
+func (b *wgBackend) state(peers []wgPeer) wireguard.State {
+	l := b.l
 	wc := l.cfg.Net.Backend.WireGuard
 	lease := l.Status().Lease
 	st := wireguard.State{Own: lease, Networks: l.cfg.Net.Networks()}
-	base := wireguard.Tunnel{PrivateKey: l.wg.key, PSK: l.wg.psk, Keepalive: time.Duration(wc.PersistentKeepaliveInterval) * time.Second}
+	base := wireguard.Tunnel{PrivateKey: b.key, PSK: b.psk, Keepalive: time.Duration(wc.PersistentKeepaliveInterval) * time.Second}
 	if wc.Mode == netconf.WireGuardModeAuto {
 		d := wireguard.Device{Tunnel: base, MTU: l.mtu()}
 		d.Name, d.ListenPort = wgDevice4, wc.ListenPort
@@ -185,10 +215,10 @@ func (l *Loop) wireGuardState(peers []wgPeer) wireguard.State {
 	return st
 }
 
-// syncWireGuard programs the WireGuard devices, peers and routes.
-func (l *Loop) syncWireGuard(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
-	peers, status := l.wireGuardPeers(nodes)
-	ch, err := wireguard.Sync(l.wg.impl, l.wireGuardState(peers))
+// sync programs the WireGuard devices, peers and routes.
+func (b *wgBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
+	peers, status := b.peers(nodes)
+	ch, err := wireguard.Sync(b.impl, b.state(peers))
 	total := vxlan.Changes{Device: ch.Device, Peers: ch.Peers, Routes: ch.Routes, Removed: ch.Removed}
 	if err != nil {
 		return total, nil, fmt.Errorf("programming the WireGuard overlay: %w", err)

@@ -257,7 +257,7 @@ func TestWireGuardNodeGoesAndComes(t *testing.T) {
 }
 
 func peerEntries(t *testing.T, n *nsNode) int {
-	d, err := n.loop.wg.impl.Client().Device(wgDevice4)
+	d, err := n.loop.backend.(*wgBackend).impl.Client().Device(wgDevice4)
 	if err != nil {
 		t.Fatal(err)
 	}

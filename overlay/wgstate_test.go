@@ -15,20 +15,22 @@ import (
 
 // dualStackWGLoop is a loop, without a kernel, as Run would have set it up
 // on a dual-stack wireguard node.
-func dualStackWGLoop(t *testing.T, mode string) *Loop {
+func dualStackWGLoop(t *testing.T, mode string) *wgBackend {
 	nc, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
 		"Backend":{"Type":"wireguard","Mode":"` + mode + `","PersistentKeepaliveInterval":25}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	key, _ := wgtypes.GeneratePrivateKey()
-	l := &Loop{cfg: Config{NodeName: "node-1", Net: nc}, wg: &wgBackend{key: key},
+	l := &Loop{cfg: Config{NodeName: "node-1", Net: nc},
 		underlay: &Underlay{Link: &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{MTU: 1500}}}}
+	b := &wgBackend{l: l, key: key}
+	l.backend = b
 	for _, f := range iptables.Families(true, true) {
 		l.families = append(l.families, &family{Family: f})
 	}
 	l.status.Lease = []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64")}
-	return l
+	return b
 }
 
 func wgNode(name, v4, v6, sub4, sub6 string, key wgtypes.Key) *corev1.Node {
@@ -46,9 +48,9 @@ func TestWireGuardStateModes(t *testing.T) {
 		loopNode("node-3", "10.244.3.0/24", "vxlan", "192.0.2.3", true),
 	}
 	t.Run("separate", func(t *testing.T) {
-		l := dualStackWGLoop(t, "separate")
-		peers, status := l.wireGuardPeers(nodes)
-		st := l.wireGuardState(peers)
+		b := dualStackWGLoop(t, "separate")
+		peers, status := b.peers(nodes)
+		st := b.state(peers)
 		if len(st.Devices) != 2 || st.Devices[0].Name != "wg-sluice" || st.Devices[1].Name != "wg6-sluice" || len(st.Stale) != 0 {
 			t.Fatalf("devices %+v stale %v", st.Devices, st.Stale)
 		}
@@ -73,9 +75,9 @@ func TestWireGuardStateModes(t *testing.T) {
 		}
 	})
 	t.Run("auto", func(t *testing.T) {
-		l := dualStackWGLoop(t, "auto")
-		peers, _ := l.wireGuardPeers(nodes)
-		st := l.wireGuardState(peers)
+		b := dualStackWGLoop(t, "auto")
+		peers, _ := b.peers(nodes)
+		st := b.state(peers)
 		if len(st.Devices) != 1 || st.Devices[0].Name != "wg-sluice" || len(st.Stale) != 1 || st.Stale[0] != "wg6-sluice" {
 			t.Fatalf("devices %+v stale %v", st.Devices, st.Stale)
 		}
