@@ -26,9 +26,8 @@ type backend interface {
 	// the family.
 	overhead(v6 bool) int
 	// refresh re-reads the backend's local inputs (a key) before the
-	// node's annotations are published, on every sync; self is the own
-	// Node as it was before.
-	refresh(ctx context.Context, self *corev1.Node) error
+	// node's annotations are published, on every sync.
+	refresh(ctx context.Context) error
 	// data is the family's backend-data annotation.
 	data(v6 bool) string
 	// port is the UDP port the family's tunnel packets arrive on, which
@@ -75,7 +74,7 @@ func (b *vxlanBackend) overhead(v6 bool) int {
 	return 50
 }
 
-func (b *vxlanBackend) refresh(context.Context, *corev1.Node) error { return nil }
+func (b *vxlanBackend) refresh(context.Context) error { return nil }
 
 func (b *vxlanBackend) data(v6 bool) string {
 	return vxlanData(b.l.cfg.Net.Backend.VNI, VtepMAC(b.l.cfg.NodeName, v6))
@@ -91,12 +90,12 @@ func (b *vxlanBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Ch
 // address, for nodes on one L2 segment; no device, no overhead.
 type hostGWBackend struct{ l *Loop }
 
-func (b *hostGWBackend) start(context.Context) error                 { return nil }
-func (b *hostGWBackend) stop()                                       {}
-func (b *hostGWBackend) overhead(bool) int                           { return 0 }
-func (b *hostGWBackend) refresh(context.Context, *corev1.Node) error { return nil }
-func (b *hostGWBackend) data(bool) string                            { return "null" }
-func (b *hostGWBackend) port(bool) int                               { return 0 }
+func (b *hostGWBackend) start(context.Context) error   { return nil }
+func (b *hostGWBackend) stop()                         {}
+func (b *hostGWBackend) overhead(bool) int             { return 0 }
+func (b *hostGWBackend) refresh(context.Context) error { return nil }
+func (b *hostGWBackend) data(bool) string              { return "null" }
+func (b *hostGWBackend) port(bool) int                 { return 0 }
 
 func (b *hostGWBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
 	return b.l.syncTables(ctx, nodes, false)

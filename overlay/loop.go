@@ -357,7 +357,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("reading own node: %w", err)
 	}
-	if err := l.backend.refresh(ctx, self); err != nil {
+	if err := l.backend.refresh(ctx); err != nil {
 		return vxlan.Changes{}, err
 	}
 	if err := l.publishAnnotations(ctx, self); err != nil {

@@ -33,9 +33,6 @@ type wgBackend struct {
 	keyPath string
 	key     wgtypes.Key
 	psk     *wgtypes.Key
-	// synced is set after the first successful sync; restarted, before
-	// it, says the own Node held this key when the agent started.
-	synced, restarted bool
 }
 
 // start picks the implementation and loads the node's key. It runs on the
@@ -61,7 +58,7 @@ func (b *wgBackend) start(ctx context.Context) error {
 		}
 		b.psk = &psk
 	}
-	if err := b.loadKey(ctx); err != nil {
+	if err := b.refresh(ctx); err != nil {
 		impl.Close()
 		return err
 	}
@@ -81,22 +78,10 @@ func (b *wgBackend) overhead(v6 bool) int {
 	return 60
 }
 
-// refresh reads the key file on every sync, so --rotate-key or a deleted
-// file takes effect within a resync period. Before the first sync it also
-// notes whether the own Node already holds this key: an agent restart.
-func (b *wgBackend) refresh(ctx context.Context, self *corev1.Node) error {
-	if err := b.loadKey(ctx); err != nil {
-		return err
-	}
-	if !b.synced {
-		k, problem := wireguardKeyOf(self, !b.l.cfg.Net.EnableIPv4)
-		b.restarted = problem == "" && k == b.key.PublicKey()
-	}
-	return nil
-}
-
-// loadKey reads the key file, making a new key when it is missing.
-func (b *wgBackend) loadKey(ctx context.Context) error {
+// refresh reads the key file, making a new key when it is missing: on
+// every sync, so --rotate-key or a deleted file takes effect within a
+// resync period.
+func (b *wgBackend) refresh(ctx context.Context) error {
 	key, created, err := wireguard.LoadOrCreateKey(b.keyPath)
 	if err != nil {
 		return err
@@ -233,18 +218,7 @@ func (b *wgBackend) state(peers []wgPeer) wireguard.State {
 // sync programs the WireGuard devices, peers and routes.
 func (b *wgBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
 	peers, status := b.peers(nodes)
-	st := b.state(peers)
-	// An agent restart: until its first sync, the own Node already held
-	// this key, so the peers have it (and their old sessions with this
-	// node); the fresh device handshakes with them at once. Only then:
-	// two nodes new to each other would cross their handshakes.
-	if !b.synced {
-		for i := range st.Devices {
-			st.Devices[i].PeersKnowUs = b.restarted
-		}
-	}
-	ch, err := wireguard.Sync(b.impl, st)
-	b.synced = b.synced || err == nil
+	ch, err := wireguard.Sync(b.impl, b.state(peers))
 	total := vxlan.Changes{Device: ch.Device, Peers: ch.Peers, Routes: ch.Routes, Removed: ch.Removed}
 	if err != nil {
 		return total, nil, fmt.Errorf("programming the WireGuard overlay: %w", err)

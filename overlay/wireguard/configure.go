@@ -41,10 +41,6 @@ type Tunnel struct {
 	PSK       *wgtypes.Key
 	Keepalive time.Duration
 	Peers     []Peer
-	// PeersKnowUs says this node's public key was published before: new
-	// peer entries (a restarted agent's fresh device) get their handshake
-	// at once (see primeHandshakes).
-	PeersKnowUs bool
 }
 
 // ConfigChanges counts what Configure wrote: the device's key or port,
@@ -74,50 +70,29 @@ func Configure(c Client, t Tunnel) (ConfigChanges, error) {
 	return ch, nil
 }
 
-// primeHandshakes starts the handshake with new peers now, not with the
-// first packet, where the peer already knows this node's key: after an
-// agent restart (a userspace device starts without sessions, while its
-// peers still hold old ones and would send into the void until they give
-// up, up to 15 s), and for a peer's new key (the rotating node applied
-// it before publishing it). Turning a peer's persistent keepalive on sends
-// one keepalive at once (both implementations do), which needs a
-// handshake; it is turned back off right after. A new node is not primed:
-// its peers learn its key only now, would drop the handshake, and the
-// retry would come 5 s later, after the first packet's own handshake.
-// With keepalives configured, the first call already did it.
+// primeHandshakes starts the handshake with every new peer now, not with
+// the first packet: after an agent restart, a new node or a peer's new
+// key, traffic that only comes in (which would wait for the peer to give
+// up on its old session, up to 15 s) and the first connection do not wait.
+// Turning a peer's persistent keepalive on sends one keepalive at once
+// (both implementations do), which needs a handshake; it is turned back
+// off right after. With keepalives configured, the first call already did
+// it.
 func primeHandshakes(c Client, t Tunnel, have *wgtypes.Device) error {
 	if t.Keepalive != 0 {
 		return nil
 	}
-	wanted := map[wgtypes.Key]bool{}
-	for _, p := range t.Peers {
-		wanted[p.PublicKey] = true
-	}
 	known := map[wgtypes.Key]bool{}
-	removedNets := map[string]bool{}
 	for _, p := range have.Peers {
 		known[p.PublicKey] = true
-		if !wanted[p.PublicKey] {
-			for _, n := range p.AllowedIPs {
-				removedNets[n.String()] = true
-			}
-		}
 	}
 	var on, off wgtypes.Config
 	one, zero := time.Second, time.Duration(0)
 	for _, p := range t.Peers {
-		if known[p.PublicKey] {
-			continue
+		if !known[p.PublicKey] {
+			on.Peers = append(on.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &one})
+			off.Peers = append(off.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &zero})
 		}
-		rekeyed := false
-		for _, a := range p.AllowedIPs {
-			rekeyed = rekeyed || removedNets[a.String()]
-		}
-		if !rekeyed && !t.PeersKnowUs {
-			continue
-		}
-		on.Peers = append(on.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &one})
-		off.Peers = append(off.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &zero})
 	}
 	if len(on.Peers) == 0 {
 		return nil

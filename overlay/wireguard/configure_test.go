@@ -124,39 +124,29 @@ func TestConfigureWritesOnlyDifferences(t *testing.T) {
 	}
 }
 
-// Without keepalives, a new peer gets a keepalive switched on and off,
-// which starts its handshake at once, when the peers know this node's key
-// already (a restarted agent), and when it replaced a removed peer's
-// subnets (a node's new key); not on a new node.
+// Without keepalives, new peers get a keepalive switched on and off, which
+// starts their handshake at once; known peers are left alone.
 func TestConfigurePrimesNewPeersHandshake(t *testing.T) {
-	b, c := peer(t, "192.0.2.2", "10.244.2.0/24"), peer(t, "192.0.2.3", "10.244.3.0/24")
 	f := &fakeClient{}
+	b := peer(t, "192.0.2.2", "10.244.2.0/24")
 	tun := Tunnel{Name: "wg-sluice", PrivateKey: key(t), ListenPort: 51820, Peers: []Peer{b}}
-	if _, err := Configure(f, tun); err != nil || len(f.configs) != 1 {
-		t.Fatalf("a new node primed its peers: %v %+v", err, f.configs)
-	}
-	// The peers know us (restart): the new peer c is primed, b is not.
-	tun.PeersKnowUs, tun.Peers = true, []Peer{b, c}
 	if _, err := Configure(f, tun); err != nil {
 		t.Fatal(err)
 	}
-	if len(f.configs) != 4 || len(f.configs[2].Peers) != 1 || f.configs[2].Peers[0].PublicKey != c.PublicKey ||
-		*f.configs[2].Peers[0].PersistentKeepaliveInterval != time.Second || *f.configs[3].Peers[0].PersistentKeepaliveInterval != 0 {
-		t.Fatalf("restart: %+v", f.configs)
+	if len(f.configs) != 3 || *f.configs[1].Peers[0].PersistentKeepaliveInterval != time.Second ||
+		*f.configs[2].Peers[0].PersistentKeepaliveInterval != 0 || !f.configs[2].Peers[0].UpdateOnly {
+		t.Fatalf("configs %+v", f.configs)
 	}
-	for _, p := range f.dev.Peers {
-		if p.PersistentKeepaliveInterval != 0 {
-			t.Error("a keepalive stayed on")
-		}
+	if f.dev.Peers[0].PersistentKeepaliveInterval != 0 {
+		t.Error("the keepalive stayed on")
 	}
-	// b's node rotates its key: primed even without PeersKnowUs.
-	rotated := peer(t, "192.0.2.2", "10.244.2.0/24")
-	tun.PeersKnowUs, tun.Peers = false, []Peer{rotated, c}
+	c := peer(t, "192.0.2.3", "10.244.3.0/24")
+	tun.Peers = append(tun.Peers, c)
 	if _, err := Configure(f, tun); err != nil {
 		t.Fatal(err)
 	}
-	if len(f.configs) != 7 || f.configs[5].Peers[0].PublicKey != rotated.PublicKey {
-		t.Errorf("a rotated peer is not primed: %+v", f.configs[4:])
+	if last := f.configs[len(f.configs)-1]; len(last.Peers) != 1 || last.Peers[0].PublicKey != c.PublicKey {
+		t.Errorf("only the new peer is primed: %+v", last)
 	}
 }
 
