@@ -64,46 +64,7 @@ func Configure(c Client, t Tunnel) (ConfigChanges, error) {
 	if err := c.ConfigureDevice(t.Name, cfg); err != nil {
 		return ConfigChanges{}, fmt.Errorf("configuring WireGuard device %s: %w", t.Name, err)
 	}
-	if err := primeHandshakes(c, t, have); err != nil {
-		return ch, err
-	}
 	return ch, nil
-}
-
-// primeHandshakes starts the handshake with every new peer now, not with
-// the first packet: after an agent restart, a new node or a peer's new
-// key, traffic that only comes in (which would wait for the peer to give
-// up on its old session, up to 15 s) and the first connection do not wait.
-// Turning a peer's persistent keepalive on sends one keepalive at once
-// (both implementations do), which needs a handshake; it is turned back
-// off right after. With keepalives configured, the first call already did
-// it.
-func primeHandshakes(c Client, t Tunnel, have *wgtypes.Device) error {
-	if t.Keepalive != 0 {
-		return nil
-	}
-	known := map[wgtypes.Key]bool{}
-	for _, p := range have.Peers {
-		known[p.PublicKey] = true
-	}
-	var on, off wgtypes.Config
-	one, zero := time.Second, time.Duration(0)
-	for _, p := range t.Peers {
-		if !known[p.PublicKey] {
-			on.Peers = append(on.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &one})
-			off.Peers = append(off.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: &zero})
-		}
-	}
-	if len(on.Peers) == 0 {
-		return nil
-	}
-	if err := c.ConfigureDevice(t.Name, on); err != nil {
-		return fmt.Errorf("starting handshakes on %s: %w", t.Name, err)
-	}
-	if err := c.ConfigureDevice(t.Name, off); err != nil {
-		return fmt.Errorf("starting handshakes on %s: %w", t.Name, err)
-	}
-	return nil
 }
 
 // plan computes the configuration that turns have into t. Removals come

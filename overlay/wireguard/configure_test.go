@@ -124,32 +124,6 @@ func TestConfigureWritesOnlyDifferences(t *testing.T) {
 	}
 }
 
-// Without keepalives, new peers get a keepalive switched on and off, which
-// starts their handshake at once; known peers are left alone.
-func TestConfigurePrimesNewPeersHandshake(t *testing.T) {
-	f := &fakeClient{}
-	b := peer(t, "192.0.2.2", "10.244.2.0/24")
-	tun := Tunnel{Name: "wg-sluice", PrivateKey: key(t), ListenPort: 51820, Peers: []Peer{b}}
-	if _, err := Configure(f, tun); err != nil {
-		t.Fatal(err)
-	}
-	if len(f.configs) != 3 || *f.configs[1].Peers[0].PersistentKeepaliveInterval != time.Second ||
-		*f.configs[2].Peers[0].PersistentKeepaliveInterval != 0 || !f.configs[2].Peers[0].UpdateOnly {
-		t.Fatalf("configs %+v", f.configs)
-	}
-	if f.dev.Peers[0].PersistentKeepaliveInterval != 0 {
-		t.Error("the keepalive stayed on")
-	}
-	c := peer(t, "192.0.2.3", "10.244.3.0/24")
-	tun.Peers = append(tun.Peers, c)
-	if _, err := Configure(f, tun); err != nil {
-		t.Fatal(err)
-	}
-	if last := f.configs[len(f.configs)-1]; len(last.Peers) != 1 || last.Peers[0].PublicKey != c.PublicKey {
-		t.Errorf("only the new peer is primed: %+v", last)
-	}
-}
-
 func TestUAPIRoundTrip(t *testing.T) {
 	priv, psk := key(t), key(t)
 	port, ka := 51820, 25*time.Second

@@ -122,20 +122,18 @@ func syncDevice(impl Implementation, d Device) (int, Changes, error) {
 		return 0, ch, err
 	}
 	ch.Device += n
-	// Up before the peers are configured, so their first handshakes go
-	// out (no route leads here yet, so no pod packet does).
-	if link.Attrs().Flags&net.FlagUp == 0 {
-		if err := netlink.LinkSetUp(link); err != nil {
-			return 0, ch, fmt.Errorf("bringing up %s: %w", d.Name, err)
-		}
-		ch.Device++
-	}
 	cc, err := Configure(impl.Client(), d.Tunnel)
 	ch.Device += cc.Device
 	ch.Peers += cc.Peers
 	ch.Removed += cc.Removed
 	if err != nil {
 		return 0, ch, err
+	}
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(link); err != nil {
+			return 0, ch, fmt.Errorf("bringing up %s: %w", d.Name, err)
+		}
+		ch.Device++
 	}
 	return link.Attrs().Index, ch, nil
 }

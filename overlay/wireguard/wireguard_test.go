@@ -256,28 +256,3 @@ func TestChooseFallsBackToUserspace(t *testing.T) {
 		return nil
 	})
 }
-
-// A new peer is handshaken with at once, before any traffic, so the first
-// packet and traffic into a restarted node do not wait for one.
-func TestNewPeerHandshakesWithoutTraffic(t *testing.T) {
-	a, b := twoNodes(t)
-	a.sync(t, a.state(b.asPeer()))
-	b.sync(t, b.state(a.asPeer()))
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		d, err := a.impl.Client().Device("wg-sluice")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(d.Peers) == 1 && !d.Peers[0].LastHandshakeTime.IsZero() {
-			if d.Peers[0].PersistentKeepaliveInterval != 0 {
-				t.Errorf("keepalive left on: %v", d.Peers[0].PersistentKeepaliveInterval)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no handshake without traffic: %+v", d.Peers)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
