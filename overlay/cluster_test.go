@@ -36,12 +36,16 @@ type nsCluster struct {
 }
 
 type nsNode struct {
-	name     string
-	netns    ns.NetNS
-	pod      ns.NetNS
-	ip       netip.Addr
-	subnet   netip.Prefix
-	podIP    netip.Addr
+	name   string
+	netns  ns.NetNS
+	pod    ns.NetNS
+	ip     netip.Addr
+	subnet netip.Prefix
+	podIP  netip.Addr
+	// ip6, subnet6 and podIP6 are set on a dual-stack cluster.
+	ip6      netip.Addr
+	subnet6  netip.Prefix
+	podIP6   netip.Addr
 	stateDir string
 	loop     *Loop
 	stop     func()
@@ -81,9 +85,16 @@ func (c *nsCluster) addNode(t testing.TB, nc *netconf.Config) *nsNode {
 		ip:     netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}),
 		subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24), stateDir: t.TempDir()}
 	node.podIP = node.subnet.Addr().Next().Next()
+	cidrs := []string{node.subnet.String()}
+	if nc.EnableIPv6 {
+		node.ip6 = netip.MustParseAddr(fmt.Sprintf("fd00:192::%d", i))
+		node.subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i))
+		node.podIP6 = node.subnet6.Addr().Next().Next()
+		cidrs = append(cidrs, node.subnet6.String())
+	}
 	c.wire(t, node, i)
 	k8sNode := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.name},
-		Spec: corev1.NodeSpec{PodCIDR: node.subnet.String(), PodCIDRs: []string{node.subnet.String()}}}
+		Spec: corev1.NodeSpec{PodCIDR: node.subnet.String(), PodCIDRs: cidrs}}
 	if _, err := c.client.CoreV1().Nodes().Create(context.Background(), k8sNode, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -111,6 +122,14 @@ func (c *nsCluster) wire(t testing.TB, node *nsNode, i int) {
 	nettest.Run(t, "ip", "-n", pod, "link", "set", "eth0", "up")
 	nettest.Run(t, "ip", "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
 	nettest.Run(t, "ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+	if node.ip6.IsValid() {
+		nettest.Run(t, "ip", "netns", "exec", nn, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+		nettest.Run(t, "ip", "-n", nn, "addr", "add", node.ip6.String()+"/64", "dev", "eth0", "nodad")
+		nettest.Run(t, "ip", "-n", nn, "addr", "add", "fe80::1/64", "dev", "slpod", "nodad")
+		nettest.Run(t, "ip", "-n", nn, "route", "add", node.podIP6.String()+"/128", "dev", "slpod")
+		nettest.Run(t, "ip", "-n", pod, "addr", "add", node.podIP6.String()+"/128", "dev", "eth0", "nodad")
+		nettest.Run(t, "ip", "-n", pod, "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+	}
 }
 
 // start runs a node's loop in its namespace; the test's end stops it.
@@ -154,13 +173,14 @@ func (c *nsCluster) waitProgrammed(t testing.TB) {
 	eventually(t, "every node programs every peer", func() bool {
 		for _, node := range c.nodes {
 			st := node.loop.Status()
-			ok := 0
+			ok := map[string]bool{}
 			for _, p := range st.Peers {
-				if p.Problem == "" {
-					ok++
+				if p.Problem != "" {
+					return false
 				}
+				ok[p.Node] = true
 			}
-			if !st.Ready || ok != len(c.nodes)-1 {
+			if !st.Ready || len(ok) != len(c.nodes)-1 {
 				return false
 			}
 		}

@@ -314,3 +314,39 @@ func TestSwitchVXLANToWireGuardAndBack(t *testing.T) {
 		reach(nc.Backend.Type)
 	}
 }
+
+// Dual-stack pods reach each other over IPv4 and IPv6, with a tunnel per
+// family (separate) or one for both (auto).
+func TestWireGuardDualStack(t *testing.T) {
+	for _, mode := range []string{"separate", "auto"} {
+		t.Run(mode, func(t *testing.T) {
+			c := startCluster(t, 2, `{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56",
+				"Backend": {"Type": "wireguard", "Implementation": "userspace", "Mode": "`+mode+`"}}`, time.Second)
+			node1, node2 := c.nodes[0], c.nodes[1]
+			if mtu := node1.loop.Status().MTU; mtu != 1500-80 {
+				t.Errorf("dual-stack MTU %d, want 1420", mtu)
+			}
+			listen(t, node2.pod, 8080)
+			for _, to := range []netip.Addr{node2.podIP, node2.podIP6} {
+				var err error
+				for i := 0; i < 5; i++ {
+					var conn net.Conn
+					if conn, err = dial(node1.pod, netip.AddrPortFrom(to, 8080)); err == nil {
+						err = echo(conn, "dual "+mode, 2*time.Second)
+						conn.Close()
+						if err == nil {
+							break
+						}
+					}
+				}
+				if err != nil {
+					t.Errorf("TCP to %s: %v", to, err)
+				}
+			}
+			links := nettest.Run(t, "ip", "-n", nettest.Name(node1.netns), "-o", "link", "show")
+			if has6 := strings.Contains(links, "wg6-sluice"); has6 != (mode == "separate") {
+				t.Errorf("mode %s: wg6-sluice present=%v\n%s", mode, has6, links)
+			}
+		})
+	}
+}
