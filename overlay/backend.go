@@ -3,6 +3,10 @@ package overlay
 import (
 	"context"
 	"fmt"
+	"strings"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
@@ -61,7 +65,7 @@ type vxlanBackend struct{ l *Loop }
 func (b *vxlanBackend) start(ctx context.Context) error {
 	on, why := checksumOffloadWanted(b.l.cfg.ChecksumOffload, kernelRelease())
 	klog.FromContext(ctx).Info("VXLAN TX checksum offload decided", "on", on, "why", why)
-	return nil
+	return removeOtherTunnels(ctx, netconf.BackendVXLAN)
 }
 
 func (b *vxlanBackend) stop() {}
@@ -90,7 +94,9 @@ func (b *vxlanBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Ch
 // address, for nodes on one L2 segment; no device, no overhead.
 type hostGWBackend struct{ l *Loop }
 
-func (b *hostGWBackend) start(context.Context) error   { return nil }
+func (b *hostGWBackend) start(ctx context.Context) error {
+	return removeOtherTunnels(ctx, netconf.BackendHostGW)
+}
 func (b *hostGWBackend) stop()                         {}
 func (b *hostGWBackend) overhead(bool) int             { return 0 }
 func (b *hostGWBackend) refresh(context.Context) error { return nil }
@@ -99,4 +105,29 @@ func (b *hostGWBackend) port(bool) int                 { return 0 }
 
 func (b *hostGWBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
 	return b.l.syncTables(ctx, nodes, false)
+}
+
+// removeOtherTunnels deletes the tunnel devices a former configuration
+// with another backend left. A VXLAN device left on a wireguard or host-gw
+// node would still decapsulate VXLAN from anyone (the source filter now
+// guards the new backend's port, or nothing), putting packets into the pod
+// network past encryption and filter alike.
+func removeOtherTunnels(ctx context.Context, backend string) error {
+	links, err := netlinksafe.LinkList()
+	if err != nil {
+		return fmt.Errorf("listing links: %w", err)
+	}
+	for _, link := range links {
+		name, typ := link.Attrs().Name, link.Type()
+		vx := typ == "vxlan" && (strings.HasPrefix(name, vxlanPrefix4) || strings.HasPrefix(name, vxlanPrefix6))
+		wg := (typ == "wireguard" || typ == "tuntap") && (name == wgDevice4 || name == wgDevice6)
+		if !(vx && backend != netconf.BackendVXLAN || wg && backend != netconf.BackendWireGuard) {
+			continue
+		}
+		if err := netlink.LinkDel(link); err != nil {
+			return fmt.Errorf("removing %s, a tunnel of a former backend: %w", name, err)
+		}
+		klog.FromContext(ctx).Info("removed the tunnel device of a former backend", "device", name, "type", typ)
+	}
+	return nil
 }

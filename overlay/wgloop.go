@@ -43,6 +43,9 @@ func (b *wgBackend) start(ctx context.Context) error {
 	if l.cfg.StateDir == "" {
 		return fmt.Errorf("the wireguard backend needs a state directory (--state-dir) for the node's key")
 	}
+	if err := removeOtherTunnels(ctx, netconf.BackendWireGuard); err != nil {
+		return err
+	}
 	wc := l.cfg.Net.Backend.WireGuard
 	impl, why, err := wireguard.Choose(wc.Implementation, wireguard.UserspaceOptions{SocketDir: l.cfg.WireGuardSocketDir})
 	if err != nil {

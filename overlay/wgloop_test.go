@@ -301,6 +301,12 @@ func TestSwitchVXLANToWireGuardAndBack(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.restartWith(t, node1, nc)
+		// The former backend's device is gone: a VXLAN device left on a
+		// wireguard node would take VXLAN from anyone.
+		former := map[string]string{"wireguard": "vx-sluice.1", "vxlan": "wg-sluice"}[nc.Backend.Type]
+		eventually(t, "the former backend's "+former+" goes", func() bool {
+			return !strings.Contains(nettest.Run(t, "ip", "-n", nettest.Name(node1.netns), "-o", "link", "show"), former+":")
+		})
 		eventually(t, "node-1 reports node-2 on the other backend", func() bool {
 			for _, p := range node1.loop.Status().Peers {
 				if p.Node == "node-2" && (strings.Contains(p.Problem, "not wireguard") || strings.Contains(p.Problem, "VTEP MAC")) {
