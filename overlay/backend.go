@@ -35,8 +35,9 @@ type backend interface {
 	// data is the family's backend-data annotation.
 	data(v6 bool) string
 	// port is the UDP port the family's tunnel packets arrive on, which
-	// the source filter guards; 0 for none.
+	// the source filter guards; 0 for none. tunnel names the tunnel.
 	port(v6 bool) int
+	tunnel() string
 	// sync programs the peers, routes and devices for these Nodes. A peer
 	// that cannot be programmed is returned with its problem and does not
 	// stop the others; an error is one that affects them all.
@@ -84,7 +85,8 @@ func (b *vxlanBackend) data(v6 bool) string {
 	return vxlanData(b.l.cfg.Net.Backend.VNI, VtepMAC(b.l.cfg.NodeName, v6))
 }
 
-func (b *vxlanBackend) port(bool) int { return b.l.cfg.Net.Backend.Port }
+func (b *vxlanBackend) port(bool) int  { return b.l.cfg.Net.Backend.Port }
+func (b *vxlanBackend) tunnel() string { return "VXLAN" }
 
 func (b *vxlanBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
 	return b.l.syncTables(ctx, nodes, true)
@@ -102,6 +104,7 @@ func (b *hostGWBackend) overhead(bool) int             { return 0 }
 func (b *hostGWBackend) refresh(context.Context) error { return nil }
 func (b *hostGWBackend) data(bool) string              { return "null" }
 func (b *hostGWBackend) port(bool) int                 { return 0 }
+func (b *hostGWBackend) tunnel() string                { return "" }
 
 func (b *hostGWBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
 	return b.l.syncTables(ctx, nodes, false)

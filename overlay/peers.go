@@ -156,7 +156,7 @@ func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.
 		}
 		return nil
 	}
-	flt := srcfilter.Filter{Port: port, IPv6: v6}
+	flt := srcfilter.Filter{Port: port, IPv6: v6, Tunnel: l.backend.tunnel()}
 	n, err := flt.SyncSet(l.knownNodeAddrs(nodes, v6))
 	if err != nil {
 		return err

@@ -115,6 +115,8 @@ func (b *wgBackend) port(v6 bool) int {
 	return wc.ListenPort
 }
 
+func (b *wgBackend) tunnel() string { return "WireGuard" }
+
 func (l *Loop) publishBackendMetric() {
 	metrics.OverlayBackend.Reset()
 	impl := ""

@@ -161,6 +161,10 @@ func TestWireGuardDropsUnknownEndpoint(t *testing.T) {
 	if err := try(); err == nil {
 		t.Fatal("an impostor with a stolen key from an unknown address reached node-1's pod")
 	}
+	if rules := nettest.Run(t, "ip", "netns", "exec", nettest.Name(node1.netns), "iptables", "-S", "SLUICE-INPUT"); !strings.Contains(rules, "--dport 51820") ||
+		!strings.Contains(rules, "WireGuard from an address that is not a known node") {
+		t.Errorf("the source filter does not guard WireGuard's port:\n%s", rules)
+	}
 	// Control: without the source filter, WireGuard alone lets the
 	// impostor in (it roams node-2's endpoint to the impostor).
 	nettest.Run(t, "ip", "netns", "exec", nettest.Name(node1.netns), "iptables", "-F", "SLUICE-INPUT")
