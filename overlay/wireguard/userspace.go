@@ -109,6 +109,13 @@ func (u *Userspace) setMTU(d *userDevice, link netlink.Link, mtu int) (bool, err
 func (u *Userspace) open(name string, mtu int) (*userDevice, error) {
 	t, err := tun.CreateTUN(name, mtu)
 	if err != nil {
+		// A TUN device left with settings this one cannot attach with:
+		// make a new one.
+		if l, lerr := netlink.LinkByName(name); lerr == nil && netlink.LinkDel(l) == nil {
+			t, err = tun.CreateTUN(name, mtu)
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("opening TUN device %s (is /dev/net/tun there?): %w", name, err)
 	}
 	if err := setPersist(t, true); err != nil {

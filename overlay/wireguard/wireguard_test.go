@@ -256,3 +256,15 @@ func TestChooseFallsBackToUserspace(t *testing.T) {
 		return nil
 	})
 }
+
+// A TUN device of that name that cannot be attached to as WireGuard's
+// (here: a TAP device) is replaced.
+func TestForeignTUNDeviceIsReplaced(t *testing.T) {
+	a, b := twoNodes(t)
+	nettest.Run(t, "ip", "-n", nettest.Name(a.ns), "tuntap", "add", "dev", "wg-sluice", "mode", "tap")
+	a.sync(t, a.state(b.asPeer()))
+	b.sync(t, b.state(a.asPeer()))
+	if !a.reaches(b.own.Addr()) {
+		t.Error("the tunnel does not work over a replaced TAP device")
+	}
+}
