@@ -272,3 +272,40 @@ func TestKernelImplementation(t *testing.T) {
 	_, _ = shared.Exec("node-1", "ip", "link", "del", "wgprobe-e2e")
 	t.Skip("kernel has WireGuard, but a lab with Implementation kernel is not written yet")
 }
+
+// `sluiced --rotate-key` on a node: the running agent takes the new key,
+// the peers follow, and an established connection goes on.
+func TestRotateKeyCommand(t *testing.T) {
+	send := shared.EchoConn(t, pods[1], pods[0], 8101, 20*time.Second)
+	if err := send("before"); err != nil {
+		t.Fatal(err)
+	}
+	before := agentStatus(t, "node-1").Overlay.PublicKey
+	bins, err := labtest.Binaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := shared.Exec("node-1", bins+"/sluiced", "--rotate-key")
+	if err != nil || !strings.Contains(out, "new WireGuard public key") {
+		t.Fatalf("sluiced --rotate-key: %v %s", err, out)
+	}
+	start := time.Now()
+	if !labtest.Eventually(30*time.Second, func() bool {
+		now := agentStatus(t, "node-1").Overlay.PublicKey
+		if now == before {
+			return false
+		}
+		for _, p := range agentStatus(t, "node-2").Overlay.Peers {
+			if p.Node == "node-1" && p.PublicKey == now {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatal("node-2 did not follow node-1's new key")
+	}
+	if err := send("after"); err != nil {
+		t.Errorf("TCP connection across the rotation: %v", err)
+	}
+	t.Logf("rotate-key to the echo answered: %v", time.Since(start))
+}
