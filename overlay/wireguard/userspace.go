@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -108,6 +109,11 @@ func (u *Userspace) setMTU(d *userDevice, link netlink.Link, mtu int) (bool, err
 // WireGuard on it.
 func (u *Userspace) open(name string, mtu int) (*userDevice, error) {
 	t, err := tun.CreateTUN(name, mtu)
+	if errors.Is(err, unix.EBUSY) {
+		// Never take the device from a process that has it open (a
+		// second agent on the node): the two would take turns.
+		return nil, fmt.Errorf("TUN device %s is held by another process (is another sluiced running on this node?): %w", name, err)
+	}
 	if err != nil {
 		// A TUN device left with settings this one cannot attach with:
 		// make a new one.

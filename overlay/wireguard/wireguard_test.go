@@ -268,3 +268,23 @@ func TestForeignTUNDeviceIsReplaced(t *testing.T) {
 		t.Error("the tunnel does not work over a replaced TAP device")
 	}
 }
+
+// A second agent on the node does not take the tunnel from the first.
+func TestHeldTUNDeviceIsNotTaken(t *testing.T) {
+	a, b := twoNodes(t)
+	a.sync(t, a.state(b.asPeer()))
+	second := NewUserspace(UserspaceOptions{})
+	t.Cleanup(func() { _ = second.Close() })
+	var err error
+	nettest.Do(t, a.ns, func() error {
+		_, err = second.Ensure("wg-sluice", 1440)
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "held by another process") {
+		t.Errorf("a second agent opened the device: %v", err)
+	}
+	b.sync(t, b.state(a.asPeer()))
+	if !a.reaches(b.own.Addr()) {
+		t.Error("the first agent's tunnel broke")
+	}
+}
