@@ -2,14 +2,18 @@ package wireguard
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -291,5 +295,46 @@ func TestHeldTUNDeviceIsNotTaken(t *testing.T) {
 	b.sync(t, b.state(a.asPeer()))
 	if !a.reaches(b.own.Addr()) {
 		t.Error("the first agent's tunnel broke")
+	}
+}
+
+// wgctrl (and so `wg`) reads and configures the userspace device through
+// its UAPI socket, where wgctrl looks: /var/run/wireguard of its mount
+// namespace. The device's name is unique to the test run.
+func TestWgctrlConfiguresUserspaceDeviceOverUAPI(t *testing.T) {
+	const dir = "/var/run/wireguard"
+	if _, err := os.Stat(dir); os.IsNotExist(err) {
+		t.Cleanup(func() { _ = os.Remove(dir) }) // only if this test made it and it is empty
+	}
+	n := nettest.NewNS(t)
+	name := "wgt" + strings.TrimPrefix(nettest.Name(n), "sltest-")
+	impl := NewUserspace(UserspaceOptions{SocketDir: dir})
+	t.Cleanup(func() { _ = impl.Close() })
+	k, _ := wgtypes.GeneratePrivateKey()
+	nettest.Do(t, n, func() error { _, err := impl.Ensure(name, 1420); return err })
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	port := 51999
+	peer, _ := wgtypes.GeneratePrivateKey()
+	if err := c.ConfigureDevice(name, wgtypes.Config{PrivateKey: &k, ListenPort: &port,
+		Peers: []wgtypes.PeerConfig{{PublicKey: peer.PublicKey(), AllowedIPs: []net.IPNet{{IP: net.IPv4(10, 244, 9, 0), Mask: net.CIDRMask(24, 32)}}}}}); err != nil {
+		t.Fatalf("wgctrl cannot configure the userspace device: %v", err)
+	}
+	d, err := impl.Client().Device(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.PublicKey != k.PublicKey() || d.ListenPort != port || len(d.Peers) != 1 || d.Peers[0].PublicKey != peer.PublicKey() {
+		t.Errorf("the agent's view after wgctrl's write: %+v", d)
+	}
+	if got, err := c.Device(name); err != nil || got.Type != wgtypes.Userspace || got.PublicKey != k.PublicKey() {
+		t.Errorf("wgctrl's view: %+v %v", got, err)
+	}
+	_ = impl.Close()
+	if _, err := os.Stat(filepath.Join(dir, name+".sock")); !os.IsNotExist(err) {
+		t.Errorf("the socket outlives the device: %v", err)
 	}
 }
