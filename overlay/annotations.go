@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/sluice-net/sluice/overlay/netconf"
@@ -43,28 +44,64 @@ func VtepMAC(node string, ipv6 bool) net.HardwareAddr {
 	return mac
 }
 
-// ownAnnotations are the annotations this node publishes.
-func ownAnnotations(backend string, vni int, publicIP4, publicIP6 netip.Addr, mac4, mac6 net.HardwareAddr) map[string]string {
+// wireguardData is flannel's wireguard backend-data: the node's public
+// key, the same in both families' annotations.
+type wireguardData struct {
+	PublicKey string `json:"PublicKey"`
+}
+
+// vxlanData renders a vxlan backend-data; a nil MAC (host-gw) is "null".
+func vxlanData(vni int, mac net.HardwareAddr) string {
+	if mac == nil {
+		return "null"
+	}
+	b, _ := json.Marshal(backendData{VNI: vni, VtepMAC: mac.String()})
+	return string(b)
+}
+
+// wireguardDataOf renders a wireguard backend-data.
+func wireguardDataOf(publicKey string) string {
+	b, _ := json.Marshal(wireguardData{PublicKey: publicKey})
+	return string(b)
+}
+
+// ownAnnotations are the annotations this node publishes, with each
+// family's backend-data already rendered.
+func ownAnnotations(backend string, publicIP4, publicIP6 netip.Addr, data4, data6 string) map[string]string {
 	a := map[string]string{
 		AnnBackendType:       backend,
 		AnnKubeSubnetManager: "true",
 	}
-	data := func(mac net.HardwareAddr) string {
-		if mac == nil {
-			return "null"
-		}
-		b, _ := json.Marshal(backendData{VNI: vni, VtepMAC: mac.String()})
-		return string(b)
-	}
 	if publicIP4.IsValid() {
 		a[AnnPublicIP] = publicIP4.String()
-		a[AnnBackendData] = data(mac4)
+		a[AnnBackendData] = data4
 	}
 	if publicIP6.IsValid() {
 		a[AnnPublicIPv6] = publicIP6.String()
-		a[AnnBackendV6Data] = data(mac6)
+		a[AnnBackendV6Data] = data6
 	}
 	return a
+}
+
+// wireguardKeyOf reads a wireguard node's public key from one family's
+// backend-data. A node of another backend has none: no tunnel reaches it.
+func wireguardKeyOf(n *corev1.Node, ipv6 bool) (wgtypes.Key, string) {
+	dataKey := AnnBackendData
+	if ipv6 {
+		dataKey = AnnBackendV6Data
+	}
+	if t := n.Annotations[AnnBackendType]; t != netconf.BackendWireGuard {
+		return wgtypes.Key{}, fmt.Sprintf("node's backend is %q, not wireguard, so no encrypted tunnel reaches it (switch every node's backend, see the README)", t)
+	}
+	var d wireguardData
+	if err := json.Unmarshal([]byte(n.Annotations[dataKey]), &d); err != nil || d.PublicKey == "" {
+		return wgtypes.Key{}, fmt.Sprintf("wireguard node without a PublicKey in annotation %s=%q", dataKey, n.Annotations[dataKey])
+	}
+	k, err := wgtypes.ParseKey(d.PublicKey)
+	if err != nil || k == (wgtypes.Key{}) {
+		return wgtypes.Key{}, fmt.Sprintf("bad PublicKey %q in annotation %s", d.PublicKey, dataKey)
+	}
+	return k, ""
 }
 
 // peerOf reads a remote node's subnet and tunnel endpoint of one family. It

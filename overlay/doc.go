@@ -1,6 +1,8 @@
-// Package overlay is sluiced's overlay loop: flannel-compatible VXLAN (or
-// host-gw) with per-node routes, ARP and FDB entries built from Node
-// objects, plus masquerade and MTU handling. It finds the node's pod
+// Package overlay is sluiced's overlay loop: flannel-compatible VXLAN,
+// host-gw or WireGuard (encrypted) with per-node routes, built from Node
+// objects, plus masquerade and MTU handling. Each backend plugs in through
+// the backend interface (backend.go), which owns its overhead, its
+// annotation data, its tunnel port and the programming of its peers. It finds the node's pod
 // subnet (its lease, package lease), publishes it with the node's tunnel
 // endpoint as flannel-format annotations, writes subnet.env, and keeps the
 // kernel's VXLAN device (package vxlan), routes, neighbour and FDB

@@ -43,9 +43,14 @@ type Config struct {
 	// ChecksumOffload is auto, on or off (see checksumOffloadWanted).
 	ChecksumOffload string
 	// RunDir receives subnet.env for the CNI plugin.
-	RunDir       string
-	ResyncPeriod time.Duration
-	IPTablesMode iptables.Mode
+	RunDir string
+	// StateDir keeps what must outlive the agent: the WireGuard key.
+	StateDir string
+	// WireGuardSocketDir receives the userspace WireGuard devices' UAPI
+	// sockets, for wg and wgctrl; empty for none.
+	WireGuardSocketDir string
+	ResyncPeriod       time.Duration
+	IPTablesMode       iptables.Mode
 	// PodCIDRGrace is how long a new Node waits for a podCIDR from
 	// kube-controller-manager before Sluice claims a subnet for it.
 	PodCIDRGrace time.Duration
@@ -71,6 +76,8 @@ type Loop struct {
 	// problems are the peers last reported as not programmed; only the
 	// sync goroutine touches them.
 	problems map[peerKey]string
+	// backend is net-conf.json's Backend.Type's; Run makes it.
+	backend backend
 
 	mu     sync.RWMutex
 	status Status
@@ -91,6 +98,9 @@ type Status struct {
 	LastSync  time.Time
 	LastError string
 	Repairs   vxlan.Changes
+	// Implementation is the wireguard backend's (kernel or userspace),
+	// ImplementationWhy what decided it, and PublicKey the node's key.
+	Implementation, ImplementationWhy, PublicKey string
 }
 
 const syncKey = "overlay"
@@ -143,10 +153,14 @@ func (l *Loop) Run(ctx context.Context) error {
 		l.families = append(l.families, &family{Family: fam, ipt: r})
 	}
 	logger.Info("underlay selected", "interface", l.underlay.Link.Attrs().Name, "ipv4", l.underlay.IP4, "ipv6", l.underlay.IP6, "mtu", l.underlay.Link.Attrs().MTU)
-	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
-		on, why := checksumOffloadWanted(l.cfg.ChecksumOffload, kernelRelease())
-		logger.Info("VXLAN TX checksum offload decided", "on", on, "why", why)
+	if l.backend, err = newBackend(l); err != nil {
+		return err
 	}
+	if err := l.backend.start(ctx); err != nil {
+		return err
+	}
+	defer l.backend.stop()
+	l.publishBackendMetric()
 
 	subnets, source, err := l.acquireLease(ctx)
 	if err != nil {
@@ -237,6 +251,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 			s.Repairs.Routes += ch.Routes
 			s.Repairs.Neighbours += ch.Neighbours
 			s.Repairs.FDB += ch.FDB
+			s.Repairs.Peers += ch.Peers
 			s.Repairs.Removed += ch.Removed
 		}
 	})
@@ -310,22 +325,14 @@ func (l *Loop) publicIP(v6 bool) netip.Addr {
 }
 
 // mtu is the MTU of tunnels and pod veths alike: the configured one, or the
-// underlay's minus the encapsulation overhead (50 bytes over IPv4, 70 over
-// IPv6). In dual-stack the smaller one applies to both, so a pod never sends
-// a packet one of its tunnels cannot carry.
+// underlay's minus the backend's overhead (VXLAN: 50 bytes over IPv4, 70
+// over IPv6; WireGuard: 60 and 80). In dual-stack the IPv6 one applies to
+// both, so a pod never sends a packet one of its tunnels cannot carry.
 func (l *Loop) mtu() int {
 	if l.cfg.Net.Backend.MTU != 0 {
 		return l.cfg.Net.Backend.MTU
 	}
-	base := l.underlay.Link.Attrs().MTU
-	if l.cfg.Net.Backend.Type == netconf.BackendHostGW {
-		return base
-	}
-	m := base - 50
-	if l.cfg.Net.EnableIPv6 {
-		m = base - 70
-	}
-	return m
+	return l.underlay.Link.Attrs().MTU - l.backend.overhead(l.cfg.Net.EnableIPv6)
 }
 
 // The VXLAN devices' name prefixes. contract.MustTunnelPrefix keeps them
@@ -350,6 +357,9 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("reading own node: %w", err)
 	}
+	if err := l.backend.refresh(ctx); err != nil {
+		return vxlan.Changes{}, err
+	}
 	if err := l.publishAnnotations(ctx, self); err != nil {
 		return vxlan.Changes{}, err
 	}
@@ -357,7 +367,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("listing nodes: %w", err)
 	}
-	total, peers, err := l.syncTunnels(ctx, nodes)
+	total, peers, err := l.backend.sync(ctx, nodes)
 	if err != nil {
 		return total, err
 	}
@@ -375,10 +385,11 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	return total, nil
 }
 
-// table is the wanted overlay of one family, without its peers.
-func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
+// table is the wanted overlay of one family, without its peers: with a
+// VXLAN device, or without one for host-gw.
+func (l *Loop) table(own netip.Prefix, v6, device bool) vxlan.Table {
 	tab := vxlan.Table{Own: own, UnderlayIndex: l.underlay.Link.Attrs().Index, DirectRouting: l.cfg.Net.Backend.DirectRouting}
-	if l.cfg.Net.Backend.Type == netconf.BackendVXLAN {
+	if device {
 		local := l.underlay.IP4
 		if v6 {
 			local = l.underlay.IP6
@@ -392,17 +403,17 @@ func (l *Loop) table(own netip.Prefix, v6 bool) vxlan.Table {
 	return tab
 }
 
-// syncTunnels programs the device, routes, neighbour and FDB entries of
-// every family. A peer that cannot be programmed is returned with its
-// problem and does not stop the others; an error is one that affects them
-// all.
-func (l *Loop) syncTunnels(ctx context.Context, nodes []*corev1.Node) (vxlan.Changes, []PeerStatus, error) {
+// syncTables programs the vxlan and host-gw backends: the device (with
+// device), routes, neighbour and FDB entries of every family. A peer that
+// cannot be programmed is returned with its problem and does not stop the
+// others; an error is one that affects them all.
+func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool) (vxlan.Changes, []PeerStatus, error) {
 	var total vxlan.Changes
 	var peers []PeerStatus
 	lease := l.Status().Lease
 	for i, f := range l.families {
 		v6 := f.Is6()
-		tab := l.table(lease[i], v6)
+		tab := l.table(lease[i], v6, device)
 		var fam []PeerStatus
 		for _, n := range nodes {
 			if n.Name == l.cfg.NodeName || n.DeletionTimestamp != nil {
@@ -464,7 +475,8 @@ func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, r
 }
 
 func addChanges(a, b vxlan.Changes) vxlan.Changes {
-	return vxlan.Changes{Device: a.Device + b.Device, Routes: a.Routes + b.Routes, Neighbours: a.Neighbours + b.Neighbours, FDB: a.FDB + b.FDB, Removed: a.Removed + b.Removed}
+	return vxlan.Changes{Device: a.Device + b.Device, Routes: a.Routes + b.Routes, Neighbours: a.Neighbours + b.Neighbours, FDB: a.FDB + b.FDB,
+		Peers: a.Peers + b.Peers, Removed: a.Removed + b.Removed}
 }
 
 // acquireLease retries until the node has its subnets. A problem a person

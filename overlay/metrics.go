@@ -17,7 +17,7 @@ func observeSync(d time.Duration, ch vxlan.Changes, err error, repair bool) {
 	if !repair {
 		return
 	}
-	for kind, n := range map[string]int{"device": ch.Device, "route": ch.Routes, "neighbour": ch.Neighbours, "fdb": ch.FDB, "stale": ch.Removed} {
+	for kind, n := range map[string]int{"device": ch.Device, "route": ch.Routes, "neighbour": ch.Neighbours, "fdb": ch.FDB, "peer": ch.Peers, "stale": ch.Removed} {
 		if n > 0 {
 			metrics.DriftRepairs.WithLabelValues(kind).Add(float64(n))
 		}

@@ -84,7 +84,7 @@ func TestPeerFromFlannelAnnotations(t *testing.T) {
 
 func TestOwnAnnotationsRoundTrip(t *testing.T) {
 	mac := VtepMAC("a", false)
-	ann := ownAnnotations("vxlan", 1, netip.MustParseAddr("198.18.0.11"), netip.Addr{}, mac, nil)
+	ann := ownAnnotations("vxlan", netip.MustParseAddr("198.18.0.11"), netip.Addr{}, vxlanData(1, mac), vxlanData(1, nil))
 	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "a", Annotations: ann}, Spec: corev1.NodeSpec{PodCIDRs: []string{"10.244.1.0/24"}}}
 	p, problem, ok := peerOf(n, false)
 	if !ok || problem != "" || p.VtepMAC.String() != mac.String() || ann[AnnBackendData] != `{"VNI":1,"VtepMAC":"`+mac.String()+`"}` {

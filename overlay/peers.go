@@ -8,7 +8,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/internal/metrics"
-	"github.com/sluice-net/sluice/overlay/netconf"
 	"github.com/sluice-net/sluice/overlay/srcfilter"
 	"github.com/sluice-net/sluice/overlay/vxlan"
 )
@@ -26,6 +25,8 @@ const (
 type PeerStatus struct {
 	vxlan.Peer
 	IPv6 bool
+	// PublicKey is a wireguard peer's key.
+	PublicKey string
 	// Problem says why the peer is not programmed; empty when it is.
 	Problem string
 }
@@ -135,14 +136,18 @@ func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 	return addrs
 }
 
-// syncSourceFilter keeps, on the vxlan backend, the set of known node
-// addresses and the INPUT filter that drops VXLAN from anyone else (see
-// package srcfilter). Other backends have no VXLAN port to guard: they
-// remove a filter left from a former vxlan configuration, once.
+// syncSourceFilter keeps, on the vxlan and wireguard backends, the set of
+// known node addresses and the INPUT filter that drops tunnel packets to
+// the backend's port from anyone else (see package srcfilter). WireGuard
+// authenticates every packet, but it also moves a peer's endpoint to
+// wherever that peer's packets come from; the filter keeps endpoints on
+// node addresses. host-gw has no port to guard: it removes a filter left
+// from a former configuration, once.
 func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
 	v6 := f.Is6()
-	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
+	port := l.backend.port(v6)
+	if port == 0 {
 		if !f.filterCleared {
 			if err := srcfilter.Remove(f.ipt, v6); err != nil {
 				logger.Error(err, "removing the VXLAN source filter of a former vxlan backend", "ipv6", v6)
@@ -151,7 +156,7 @@ func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.
 		}
 		return nil
 	}
-	flt := srcfilter.Filter{Port: l.cfg.Net.Backend.Port, IPv6: v6}
+	flt := srcfilter.Filter{Port: port, IPv6: v6, Tunnel: l.backend.tunnel()}
 	n, err := flt.SyncSet(l.knownNodeAddrs(nodes, v6))
 	if err != nil {
 		return err

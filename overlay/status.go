@@ -13,7 +13,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sluice-net/sluice/overlay/lease"
-	"github.com/sluice-net/sluice/overlay/netconf"
 )
 
 // ReasonReady is the NetworkUnavailable=False reason Sluice sets, as
@@ -77,11 +76,7 @@ func (l *Loop) publishAnnotations(ctx context.Context, self *corev1.Node) error 
 			ip6 = a
 		}
 	}
-	var mac4, mac6 = VtepMAC(l.cfg.NodeName, false), VtepMAC(l.cfg.NodeName, true)
-	if l.cfg.Net.Backend.Type != netconf.BackendVXLAN {
-		mac4, mac6 = nil, nil
-	}
-	want := ownAnnotations(l.cfg.Net.Backend.Type, l.cfg.Net.Backend.VNI, ip4, ip6, mac4, mac6)
+	want := ownAnnotations(l.cfg.Net.Backend.Type, ip4, ip6, l.backend.data(false), l.backend.data(true))
 	changed := map[string]any{}
 	for k, v := range want {
 		if self.Annotations[k] != v {

@@ -76,6 +76,7 @@ func labUp(f *labFlags) *cobra.Command {
 	c.Flags().BoolVar(&o.NoPodCIDR, "no-pod-cidr", false, "do not allocate node pod CIDRs, like kubeadm init without --pod-network-cidr")
 	c.Flags().StringVar(&o.CNI, "cni", "sluice", "network: sluice (apply Sluice's built-in manifest; the lab kubelets run its DaemonSet's pods), manifest (the same once you apply a manifest, or --manifest does), reference (ptp + host-local, one node only) or none")
 	c.Flags().StringVar(&o.Manifest, "manifest", "", "with --cni manifest: kubectl apply this manifest and wait until its DaemonSet is Ready on every node")
+	c.Flags().StringVar(&o.Backend, "backend", "vxlan", "overlay backend in the manifest's net-conf.json (with --cni sluice): vxlan, host-gw or wireguard (encrypted; the userspace implementation on kernels without the module)")
 	c.Flags().StringVar(&o.Runtime, "runtime", lab.RuntimeLab, "nodes: lab (the lab kubelet, pods as processes) or containerd (the real kubelet v1.36.3 and containerd on every node, images built by 'make images')")
 	c.Flags().StringVar(&o.ProxyMode, "proxy-mode", "", "kube-proxy's mode on real nodes: iptables (the default with --runtime containerd), nftables or none (no kube-proxy and no CoreDNS; the only one with --runtime lab)")
 	c.Flags().StringVar(&o.ProxyBackend, "proxy-iptables", lab.ProxyBackendNFT, "the iptables backend of kube-proxy's image in iptables mode: nft or legacy")

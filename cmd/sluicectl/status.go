@@ -95,9 +95,14 @@ func printReport(w io.Writer, r *status.Report) {
 	if o.LastError != "" {
 		fmt.Fprintf(w, "  last error: %s\n", o.LastError)
 	}
-	fmt.Fprintf(w, "%-20s %-22s %-16s %-18s %s\n", "PEER", "SUBNET", "NODE IP", "VTEP MAC", "REACHABLE")
+	tunnelID, head, width := func(p status.Peer) string { return p.VtepMAC }, "VTEP MAC", 18
+	if o.Implementation != "" {
+		fmt.Fprintf(w, "  wireguard %s (%s), public key %s\n", o.Implementation, o.ImplementationWhy, o.PublicKey)
+		tunnelID, head, width = func(p status.Peer) string { return p.PublicKey }, "PUBLIC KEY", 44
+	}
+	fmt.Fprintf(w, "%-20s %-22s %-16s %-*s %s\n", "PEER", "SUBNET", "NODE IP", width, head, "REACHABLE")
 	for _, p := range o.Peers {
-		fmt.Fprintf(w, "%-20s %-22s %-16s %-18s %v\n", p.Node, p.Subnet, p.PublicIP, p.VtepMAC, p.Reachable)
+		fmt.Fprintf(w, "%-20s %-22s %-16s %-*s %v\n", p.Node, p.Subnet, p.PublicIP, width, tunnelID(p), p.Reachable)
 		if p.Problem != "" {
 			fmt.Fprintf(w, "  NOT PROGRAMMED: %s\n", p.Problem)
 		}

@@ -34,6 +34,7 @@ import (
 	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/overlay"
 	"github.com/sluice-net/sluice/overlay/netconf"
+	"github.com/sluice-net/sluice/overlay/wireguard"
 	"github.com/sluice-net/sluice/policy"
 )
 
@@ -62,6 +63,8 @@ type options struct {
 	policyMark      string
 	strictTCP       bool
 	cleanup         bool
+	rotateKey       bool
+	wgSocketDir     string
 }
 
 func main() {
@@ -79,7 +82,9 @@ func main() {
 	fs.BoolVar(&o.ipMasq, "ip-masq", true, "masquerade pod traffic leaving the cluster network")
 	fs.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9098", "address for /healthz, /readyz and /metrics; empty disables")
 	fs.StringVar(&o.runDir, "run-dir", "/run/sluice", "where subnet.env and the agent socket (sluiced.sock) live")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/sluice", "where the agent keeps its endpoints across restarts")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/sluice", "where the agent keeps its endpoints and its WireGuard key across restarts")
+	fs.StringVar(&o.wgSocketDir, "wireguard-socket-dir", "/var/run/wireguard", "where the userspace WireGuard devices' UAPI sockets go, for wg and wgctrl; empty for none")
+	fs.BoolVar(&o.rotateKey, "rotate-key", false, "replace this node's WireGuard key in --state-dir, then exit; the running agent republishes the new public key at its next sync and peers follow")
 	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
@@ -95,6 +100,15 @@ func main() {
 	log.SetOutput(io.Discard)
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
+	if o.rotateKey {
+		key, err := wireguard.RotateKey(filepath.Join(o.stateDir, wireguard.KeyFile))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sluiced: rotating the WireGuard key:", err)
+			os.Exit(1)
+		}
+		fmt.Printf("new WireGuard public key %s; the agent applies it within --resync-period\n", key.PublicKey())
+		return
+	}
 	if o.cleanup {
 		if err := cleanupNode(ctx, o); err != nil {
 			klog.ErrorS(err, "cleanup incomplete; fix the cause and run it again (it is safe to repeat)")
@@ -133,14 +147,16 @@ func (o options) config() (overlay.Config, error) {
 		return cfg, fmt.Errorf("%s: %w", o.netConf, err)
 	}
 	cfg = overlay.Config{
-		NodeName:        o.nodeName,
-		Net:             nc,
-		Iface:           overlay.InterfaceSelection{Ifaces: o.ifaces, Regexes: o.ifaceRegex, CanReach: o.ifaceCanReach},
-		IPMasq:          o.ipMasq,
-		ChecksumOffload: o.checksumOffload,
-		RunDir:          o.runDir,
-		ResyncPeriod:    o.resync,
-		PodCIDRGrace:    o.podCIDRGrace,
+		NodeName:           o.nodeName,
+		Net:                nc,
+		Iface:              overlay.InterfaceSelection{Ifaces: o.ifaces, Regexes: o.ifaceRegex, CanReach: o.ifaceCanReach},
+		IPMasq:             o.ipMasq,
+		ChecksumOffload:    o.checksumOffload,
+		RunDir:             o.runDir,
+		StateDir:           o.stateDir,
+		WireGuardSocketDir: o.wgSocketDir,
+		ResyncPeriod:       o.resync,
+		PodCIDRGrace:       o.podCIDRGrace,
 	}
 	if o.publicIP != "" {
 		if cfg.PublicIP, err = netip.ParseAddr(o.publicIP); err != nil || !cfg.PublicIP.Is4() {
@@ -271,6 +287,7 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 	ovs, ps := ov.Status(), pl.Status()
 	r := status.Report{Node: node,
 		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
+			Implementation: ovs.Implementation, ImplementationWhy: ovs.ImplementationWhy, PublicKey: ovs.PublicKey,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
 		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError,
 			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks},
@@ -282,7 +299,8 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 		r.Overlay.PublicIPs = append(r.Overlay.PublicIPs, ip.String())
 	}
 	for _, p := range ovs.Peers {
-		peer := status.Peer{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Reachable: overlay.Reachable(p.PublicIP), Problem: p.Problem}
+		peer := status.Peer{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Reachable: overlay.Reachable(p.PublicIP),
+			PublicKey: p.PublicKey, Problem: p.Problem}
 		if p.VtepMAC != nil {
 			peer.VtepMAC = p.VtepMAC.String()
 		}

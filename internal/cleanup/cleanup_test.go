@@ -57,6 +57,10 @@ func programNode(t *testing.T, node, pod ns.NetNS, runDir, stateDir string) {
 	nettest.Run(t, "ip", "-n", name, "link", "add", "sl0123456789f", "type", "bridge")
 	nettest.Run(t, "ip", "-n", name, "link", "add", "slack0", "type", "veth", "peer", "name", "slack1")
 	nettest.Run(t, "ip", "-n", name, "route", "add", "10.9.0.0/24", "via", "192.0.2.3", "proto", "static")
+	// The userspace WireGuard tunnel as a stopped agent leaves it: a
+	// persistent TUN device; and another program's TUN device.
+	nettest.Run(t, "ip", "-n", name, "tuntap", "add", "dev", "wg-sluice", "mode", "tun")
+	nettest.Run(t, "ip", "-n", name, "tuntap", "add", "dev", "wg-other", "mode", "tun")
 
 	nettest.Do(t, node, func() error {
 		up, err := netlink.LinkByName("up0")
@@ -141,6 +145,7 @@ func programNode(t *testing.T, node, pod ns.NetNS, runDir, stateDir string) {
 	}
 	os.MkdirAll(filepath.Join(stateDir, "endpoints"), 0o700)
 	os.WriteFile(filepath.Join(stateDir, "endpoints", "c1_eth0.json"), []byte("{}"), 0o600)
+	os.WriteFile(filepath.Join(stateDir, "wireguard.key"), []byte("key\n"), 0o600)
 }
 
 func mac(b byte) net.HardwareAddr { return net.HardwareAddr{0x02, 0, 0, 0, 0, b} }
@@ -151,12 +156,12 @@ func leftovers(t *testing.T, node ns.NetNS) []string {
 	name := nettest.Name(node)
 	var left []string
 	links := nettest.Run(t, "ip", "-n", name, "-o", "link", "show")
-	for _, l := range []string{"vx-sluice.1", "vx6-sluice.1", podVeth + "@"} {
+	for _, l := range []string{"vx-sluice.1", "vx6-sluice.1", podVeth + "@", "wg-sluice:"} {
 		if strings.Contains(links, ": "+l) {
 			left = append(left, "link "+l)
 		}
 	}
-	for _, l := range []string{"sl0123456789f:", "slack0@", "up0@"} {
+	for _, l := range []string{"sl0123456789f:", "slack0@", "up0@", "wg-other:"} {
 		if !strings.Contains(links, ": "+l) {
 			left = append(left, "other's link gone: "+l)
 		}

@@ -10,12 +10,14 @@
 //     the rules of other chains that jump to them (the hooks in FORWARD and
 //     POSTROUTING);
 //   - ipsets named SLUICE-*;
+//   - the WireGuard devices wg-sluice and wg6-sluice (kernel, or the
+//     userspace implementation's persistent TUN devices);
 //   - the VXLAN devices vx-sluice.<VNI> and vx6-sluice.<VNI> (with their
 //     neighbour and FDB entries), the pod veths sl<11 hex> (with the pods'
 //     /32 and /128 routes), and routes with protocol 98 (tunnel, host-gw
 //     and blackhole routes);
 //   - the agent's files: subnet.env and the socket in the run dir, endpoint
-//     records in the state dir;
+//     records and the WireGuard key in the state dir;
 //   - on the API, the node's flannel.alpha.coreos.com/* and sluice.dev/*
 //     annotations and the subnet claims (Leases) it holds.
 package cleanup

@@ -1,6 +1,8 @@
 package cleanup
 
 import (
+	"github.com/sluice-net/sluice/overlay/wireguard"
+
 	"errors"
 	"fmt"
 	"os"
@@ -44,6 +46,7 @@ func Files(runDir, stateDir string) ([]string, error) {
 		}
 	}
 	rm(runDir)
+	rm(filepath.Join(stateDir, wireguard.KeyFile))
 	eps := filepath.Join(stateDir, EndpointsDir)
 	entries, err := os.ReadDir(eps)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

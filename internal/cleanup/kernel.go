@@ -24,6 +24,9 @@ var (
 	podVeth = regexp.MustCompile(`^` + regexp.QuoteMeta(contract.HostVethPrefix) + `[0-9a-f]{11}$`)
 	// tunnelDevice is a VXLAN device of the overlay loop.
 	tunnelDevice = regexp.MustCompile(`^vx6?-sluice\.[0-9]+$`)
+	// wireguardDevice is a WireGuard device: a kernel one, or the
+	// persistent TUN device of the userspace implementation.
+	wireguardDevice = regexp.MustCompile(`^wg6?-sluice$`)
 )
 
 // Kernel removes Sluice's iptables rules and chains, ipsets, links and
@@ -118,7 +121,8 @@ func links() ([]string, error) {
 	var errs []error
 	for _, l := range all {
 		name := l.Attrs().Name
-		ours := tunnelDevice.MatchString(name) && l.Type() == "vxlan" || podVeth.MatchString(name) && l.Type() == "veth"
+		ours := tunnelDevice.MatchString(name) && l.Type() == "vxlan" || podVeth.MatchString(name) && l.Type() == "veth" ||
+			wireguardDevice.MatchString(name) && (l.Type() == "wireguard" || l.Type() == "tuntap")
 		if !ours {
 			continue
 		}

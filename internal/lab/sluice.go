@@ -73,11 +73,10 @@ func (n Node) AgentDisabledPath() string { return filepath.Join(n.Dir, "agent.di
 
 // installManifest applies the embedded manifest, as an operator would after
 // setting net-conf.json to the cluster's pod networks: on a dual-stack lab
-// it adds the IPv6 network.
+// it adds the IPv6 network, and it sets the lab's backend.
 func (s *State) installManifest(ctx context.Context) error {
 	m := manifests.Sluice
-	if s.IPv6 {
-		conf := fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": "vxlan"}}`, s.ClusterCIDR, clusterCIDR6)
+	if conf, changed := s.netConf(); changed {
 		var err error
 		if m, err = withNetConf(m, conf); err != nil {
 			return err
@@ -89,6 +88,19 @@ func (s *State) installManifest(ctx context.Context) error {
 		return fmt.Errorf("kubectl apply of the sluice manifest: %w: %s", err, out)
 	}
 	return nil
+}
+
+// netConf is the lab's net-conf.json, and whether it differs from the
+// manifest's (IPv4 with vxlan).
+func (s *State) netConf() (string, bool) {
+	backend := s.Backend
+	if backend == "" {
+		backend = "vxlan"
+	}
+	if s.IPv6 {
+		return fmt.Sprintf(`{"Network": %q, "EnableIPv6": true, "IPv6Network": %q, "Backend": {"Type": %q}}`, s.ClusterCIDR, clusterCIDR6, backend), true
+	}
+	return fmt.Sprintf(`{"Network": %q, "Backend": {"Type": %q}}`, s.ClusterCIDR, backend), backend != "vxlan"
 }
 
 // withNetConf replaces net-conf.json in the manifest's ConfigMap.

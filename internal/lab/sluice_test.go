@@ -8,6 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/sluice-net/sluice/manifests"
+	"github.com/sluice-net/sluice/overlay/netconf"
 )
 
 // TestWithNetConfChangesOnlyNetConf: a dual-stack lab applies the shipped
@@ -42,5 +43,32 @@ func TestWithNetConfChangesOnlyNetConf(t *testing.T) {
 	}
 	if changed != 1 {
 		t.Errorf("%d documents changed, want the ConfigMap only", changed)
+	}
+}
+
+// The lab's backend lands in net-conf.json, and the result is a valid one.
+func TestNetConfCarriesTheBackend(t *testing.T) {
+	for _, c := range []struct {
+		s       State
+		changed bool
+	}{
+		{State{ClusterCIDR: DefaultClusterCIDR}, false},
+		{State{ClusterCIDR: DefaultClusterCIDR, Backend: "vxlan"}, false},
+		{State{ClusterCIDR: DefaultClusterCIDR, Backend: "wireguard"}, true},
+		{State{ClusterCIDR: DefaultClusterCIDR, Backend: "host-gw", IPv6: true}, true},
+	} {
+		conf, changed := c.s.netConf()
+		nc, err := netconf.Parse([]byte(conf))
+		if err != nil || changed != c.changed {
+			t.Errorf("%+v: %s changed=%v: %v", c.s, conf, changed, err)
+			continue
+		}
+		want := c.s.Backend
+		if want == "" {
+			want = "vxlan"
+		}
+		if nc.Backend.Type != want || nc.EnableIPv6 != c.s.IPv6 {
+			t.Errorf("%+v: %s", c.s, conf)
+		}
 	}
 }

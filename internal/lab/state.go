@@ -85,6 +85,9 @@ type State struct {
 	// Runtime is RuntimeLab (the lab kubelet) or RuntimeContainerd (the
 	// real kubelet and containerd on every node).
 	Runtime string `json:"runtime,omitempty"`
+	// Backend is the overlay backend of Sluice's manifest (vxlan, host-gw,
+	// wireguard); empty is vxlan.
+	Backend string `json:"backend,omitempty"`
 	// CgroupName, on real nodes, is the cgroup (in every hierarchy) under
 	// which the kubelets put their pods: /CgroupName/NODE.
 	CgroupName string `json:"cgroupName,omitempty"`

@@ -38,9 +38,12 @@ type Options struct {
 	// ProxyBackend is the iptables backend of kube-proxy's image:
 	// ProxyBackendNFT (the default) or ProxyBackendLegacy.
 	ProxyBackend string
-	ToolsDir     string
-	Sluicectl    string // the binary that runs the daemon and kubelets
-	Timeout      time.Duration
+	// Backend is the overlay backend in the manifest's net-conf.json
+	// (with CNISluice): vxlan (the default), host-gw or wireguard.
+	Backend   string
+	ToolsDir  string
+	Sluicectl string // the binary that runs the daemon and kubelets
+	Timeout   time.Duration
 }
 
 // Up creates a lab and returns once its nodes are Ready.
@@ -65,6 +68,13 @@ func Up(o Options) (*State, error) {
 	}
 	if err := resolveProxy(&o); err != nil {
 		return nil, err
+	}
+	switch o.Backend {
+	case "":
+		o.Backend = "vxlan"
+	case "vxlan", "host-gw", "wireguard":
+	default:
+		return nil, fmt.Errorf("--backend must be vxlan, host-gw or wireguard, got %q", o.Backend)
 	}
 	if o.Name == "" {
 		o.Name = "default"
@@ -195,6 +205,7 @@ func newState(o Options, dir string) *State {
 		Runtime:      o.Runtime,
 		ProxyMode:    o.ProxyMode,
 		ProxyBackend: o.ProxyBackend,
+		Backend:      o.Backend,
 	}
 	if o.Runtime == RuntimeContainerd {
 		s.CgroupName = "sluice-lab-" + id

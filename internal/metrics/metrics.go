@@ -66,6 +66,13 @@ var (
 		Name: "sluice_spoofed_packets_dropped_total",
 		Help: "Packets from pods dropped because their source address was not the pod's own, by family (read every resync period).",
 	}, []string{"family"})
+	// OverlayBackend says which backend the overlay runs and, for
+	// wireguard, which implementation the agent chose (kernel or
+	// userspace; "" for the other backends). Its one series is 1.
+	OverlayBackend = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sluice_overlay_backend_info",
+		Help: "1 for the overlay backend this agent runs and, for wireguard, its implementation (kernel, userspace).",
+	}, []string{"backend", "implementation"})
 	// IPTablesRestoreFailures counts failed iptables-restore runs.
 	IPTablesRestoreFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_iptables_restore_failures_total",
@@ -79,7 +86,7 @@ func init() {
 		SpoofedPacketsDropped.WithLabelValues(fam)
 	}
 	Registry.MustRegister(ApplyDuration, ApplyErrors, DriftRepairs, IPTablesRestoreFailures,
-		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed, CNIRequests, CNIErrors,
+		PolicyEndpoints, EndpointsProgrammed, PoliciesProgrammed, CNIRequests, CNIErrors, OverlayBackend,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Series exist from the start, at zero, so rate() and alerts work
 	// before the first error or repair.
@@ -87,7 +94,7 @@ func init() {
 		ApplyDuration.WithLabelValues(loop)
 		ApplyErrors.WithLabelValues(loop)
 	}
-	for _, kind := range []string{"device", "route", "neighbour", "fdb", "stale", "masquerade", "vxlan-input", "policy-chain", "policy-ipset", "policy-hook"} {
+	for _, kind := range []string{"device", "route", "neighbour", "fdb", "peer", "stale", "masquerade", "vxlan-input", "policy-chain", "policy-ipset", "policy-hook"} {
 		DriftRepairs.WithLabelValues(kind)
 	}
 	for _, reason := range []string{"invalid", "kernel"} {

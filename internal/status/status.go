@@ -12,16 +12,20 @@ type Report struct {
 
 // Overlay is the overlay loop's state.
 type Overlay struct {
-	Ready       bool      `json:"ready"`
-	Lease       []string  `json:"lease"`
-	LeaseSource string    `json:"leaseSource"`
-	MTU         int       `json:"mtu"`
-	Backend     string    `json:"backend"`
-	Underlay    string    `json:"underlay"`
-	PublicIPs   []string  `json:"publicIPs"`
-	Peers       []Peer    `json:"peers"`
-	LastSync    time.Time `json:"lastSync"`
-	LastError   string    `json:"lastError,omitempty"`
+	Ready       bool     `json:"ready"`
+	Lease       []string `json:"lease"`
+	LeaseSource string   `json:"leaseSource"`
+	MTU         int      `json:"mtu"`
+	Backend     string   `json:"backend"`
+	// Implementation is the wireguard backend's: kernel or userspace.
+	Implementation    string    `json:"implementation,omitempty"`
+	ImplementationWhy string    `json:"implementationWhy,omitempty"`
+	PublicKey         string    `json:"publicKey,omitempty"`
+	Underlay          string    `json:"underlay"`
+	PublicIPs         []string  `json:"publicIPs"`
+	Peers             []Peer    `json:"peers"`
+	LastSync          time.Time `json:"lastSync"`
+	LastError         string    `json:"lastError,omitempty"`
 }
 
 // Peer is a remote node as the overlay programmed it.
@@ -30,6 +34,8 @@ type Peer struct {
 	Subnet   string `json:"subnet"`
 	PublicIP string `json:"publicIP"`
 	VtepMAC  string `json:"vtepMAC,omitempty"`
+	// PublicKey is a wireguard peer's key.
+	PublicKey string `json:"publicKey,omitempty"`
 	// Reachable says the node answered on the underlay (ICMP-free: a
 	// neighbour entry for its address that the kernel confirmed).
 	Reachable bool `json:"reachable"`

@@ -2,6 +2,7 @@ package netconf
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,17 +12,37 @@ import (
 
 // Backend types.
 const (
-	BackendVXLAN  = "vxlan"
-	BackendHostGW = "host-gw"
+	BackendVXLAN     = "vxlan"
+	BackendHostGW    = "host-gw"
+	BackendWireGuard = "wireguard"
+)
+
+// WireGuard modes, as flannel's: "separate" runs one tunnel per address
+// family, "auto" one tunnel that carries both.
+const (
+	WireGuardModeSeparate = "separate"
+	WireGuardModeAuto     = "auto"
+)
+
+// WireGuard implementations, Sluice's own field: "kernel" needs the
+// wireguard module, "userspace" runs golang.zx2c4.com/wireguard over a TUN
+// device inside the agent, and "auto" picks the kernel's when the module
+// can make a wireguard link.
+const (
+	WireGuardAuto      = "auto"
+	WireGuardKernel    = "kernel"
+	WireGuardUserspace = "userspace"
 )
 
 // Defaults, as in flannel.
 const (
-	DefaultVNI           = 1
-	DefaultPort          = 8472
-	DefaultSubnetLen     = 24
-	DefaultIPv6SubnetLen = 64
-	maxVNI               = 1<<24 - 1
+	DefaultVNI            = 1
+	DefaultPort           = 8472
+	DefaultSubnetLen      = 24
+	DefaultIPv6SubnetLen  = 64
+	DefaultWGListenPort   = 51820
+	DefaultWGListenPortV6 = 51821
+	maxVNI                = 1<<24 - 1
 )
 
 // Config is a validated net-conf.json with defaults applied.
@@ -44,6 +65,22 @@ type Backend struct {
 	MTU           int
 	DirectRouting bool
 	GBP           bool
+	// WireGuard holds the wireguard backend's fields; zero for the others.
+	WireGuard WireGuard
+}
+
+// WireGuard is the wireguard backend's part of "Backend", flannel's fields
+// plus Implementation.
+type WireGuard struct {
+	// PSK is an optional base64 pre-shared key, the same on every node,
+	// mixed into every handshake.
+	PSK          string
+	ListenPort   int
+	ListenPortV6 int
+	// PersistentKeepaliveInterval is in seconds; 0 disables keepalives.
+	PersistentKeepaliveInterval int
+	Mode                        string
+	Implementation              string
 }
 
 // raw mirrors the JSON; pointers tell "absent" from "zero".
@@ -61,6 +98,13 @@ type raw struct {
 		MTU           int    `json:"MTU"`
 		DirectRouting bool   `json:"DirectRouting"`
 		GBP           bool   `json:"GBP"`
+		// The wireguard backend's fields.
+		PSK                         string `json:"PSK"`
+		ListenPort                  int    `json:"ListenPort"`
+		ListenPortV6                int    `json:"ListenPortV6"`
+		PersistentKeepaliveInterval int    `json:"PersistentKeepaliveInterval"`
+		Mode                        string `json:"Mode"`
+		Implementation              string `json:"Implementation"`
 	} `json:"Backend"`
 }
 
@@ -166,6 +210,16 @@ func Parse(data []byte) (*Config, error) {
 			c.Backend.Port = b.Port
 		}
 		c.Backend.MTU, c.Backend.DirectRouting, c.Backend.GBP = b.MTU, b.DirectRouting, b.GBP
+		if c.Backend.Type == BackendWireGuard {
+			c.Backend.WireGuard = WireGuard{PSK: b.PSK, ListenPort: b.ListenPort, ListenPortV6: b.ListenPortV6,
+				PersistentKeepaliveInterval: b.PersistentKeepaliveInterval, Mode: strings.ToLower(b.Mode), Implementation: strings.ToLower(b.Implementation)}
+		} else if b.PSK != "" || b.ListenPort != 0 || b.ListenPortV6 != 0 || b.PersistentKeepaliveInterval != 0 || b.Mode != "" || b.Implementation != "" {
+			return nil, &FieldError{Field: "Backend.Type", Value: c.Backend.Type, Why: "does not take the wireguard fields (PSK, ListenPort, ListenPortV6, PersistentKeepaliveInterval, Mode, Implementation)",
+				Fix: `set "Type": "wireguard" or remove them`}
+		}
+	}
+	if c.Backend.Type == BackendWireGuard {
+		c.Backend.WireGuard.applyDefaults()
 	}
 	if err := c.validateBackend(); err != nil {
 		return nil, err
@@ -198,10 +252,15 @@ func (c *Config) validateBackend() error {
 	b := c.Backend
 	switch b.Type {
 	case BackendVXLAN, BackendHostGW:
-	case "wireguard", "ipip", "udp", "ipsec", "alivpc", "gce", "awsvpc", "tencentvpc", "alloc":
-		return &FieldError{Field: "Backend.Type", Value: b.Type, Why: "is a flannel backend Sluice does not support", Fix: `use "vxlan" (or "host-gw" when all nodes share one L2 network)`}
+	case BackendWireGuard:
+		return c.validateWireGuard()
+	case "ipip", "udp", "ipsec", "alivpc", "gce", "awsvpc", "tencentvpc", "alloc":
+		return &FieldError{Field: "Backend.Type", Value: b.Type, Why: "is a flannel backend Sluice does not support", Fix: `use "vxlan", "wireguard" for encryption, or "host-gw" when all nodes share one L2 network`}
 	default:
-		return &FieldError{Field: "Backend.Type", Value: b.Type, Why: "is not a backend", Fix: `use "vxlan" or "host-gw"`}
+		return &FieldError{Field: "Backend.Type", Value: b.Type, Why: "is not a backend", Fix: `use "vxlan", "wireguard" or "host-gw"`}
+	}
+	if err := c.validateMTU(); err != nil {
+		return err
 	}
 	if b.VNI < 1 || b.VNI > maxVNI {
 		return &FieldError{Field: "Backend.VNI", Value: b.VNI, Why: fmt.Sprintf("must be between 1 and %d", maxVNI), Fix: "flannel's default is 1"}
@@ -209,6 +268,14 @@ func (c *Config) validateBackend() error {
 	if b.Port < 1 || b.Port > 65535 {
 		return &FieldError{Field: "Backend.Port", Value: b.Port, Why: "must be a UDP port (1-65535)", Fix: "flannel's default is 8472; the IANA VXLAN port is 4789"}
 	}
+	if b.Type == BackendHostGW && b.DirectRouting {
+		return &FieldError{Field: "Backend.DirectRouting", Value: true, Why: "only applies to the vxlan backend", Fix: "host-gw always routes directly; remove the field"}
+	}
+	return nil
+}
+
+func (c *Config) validateMTU() error {
+	b := c.Backend
 	minMTU := 576
 	if c.EnableIPv6 {
 		minMTU = 1280
@@ -216,8 +283,61 @@ func (c *Config) validateBackend() error {
 	if b.MTU != 0 && (b.MTU < minMTU || b.MTU > 65535) {
 		return &FieldError{Field: "Backend.MTU", Value: b.MTU, Why: fmt.Sprintf("must be between %d and 65535", minMTU), Fix: "leave it out to derive it from the underlay interface"}
 	}
-	if b.Type == BackendHostGW && b.DirectRouting {
-		return &FieldError{Field: "Backend.DirectRouting", Value: true, Why: "only applies to the vxlan backend", Fix: "host-gw always routes directly; remove the field"}
+	return nil
+}
+
+func (w *WireGuard) applyDefaults() {
+	if w.ListenPort == 0 {
+		w.ListenPort = DefaultWGListenPort
+	}
+	if w.ListenPortV6 == 0 {
+		w.ListenPortV6 = DefaultWGListenPortV6
+	}
+	if w.Mode == "" {
+		w.Mode = WireGuardModeSeparate
+	}
+	if w.Implementation == "" {
+		w.Implementation = WireGuardAuto
+	}
+}
+
+// validateWireGuard checks the wireguard backend's fields.
+func (c *Config) validateWireGuard() error {
+	if err := c.validateMTU(); err != nil {
+		return err
+	}
+	w := c.Backend.WireGuard
+	if c.Backend.DirectRouting || c.Backend.GBP {
+		return &FieldError{Field: "Backend.DirectRouting", Value: c.Backend.DirectRouting, Why: "and GBP only apply to the vxlan backend", Fix: "the wireguard backend always encrypts; remove the field"}
+	}
+	if w.PSK != "" {
+		if k, err := base64.StdEncoding.DecodeString(w.PSK); err != nil || len(k) != 32 {
+			return &FieldError{Field: "Backend.PSK", Value: "(hidden)", Why: "must be 32 bytes in base64", Fix: "make one with 'wg genpsk' or 'head -c 32 /dev/urandom | base64'"}
+		}
+	}
+	for _, p := range []struct {
+		field string
+		port  int
+	}{{"Backend.ListenPort", w.ListenPort}, {"Backend.ListenPortV6", w.ListenPortV6}} {
+		if p.port < 1 || p.port > 65535 {
+			return &FieldError{Field: p.field, Value: p.port, Why: "must be a UDP port (1-65535)", Fix: "the defaults are 51820 (IPv4) and 51821 (IPv6)"}
+		}
+	}
+	if w.Mode == WireGuardModeSeparate && c.EnableIPv4 && c.EnableIPv6 && w.ListenPort == w.ListenPortV6 {
+		return &FieldError{Field: "Backend.ListenPortV6", Value: w.ListenPortV6, Why: "equals ListenPort, but Mode separate runs one tunnel per family, each on its own port", Fix: `use another port, or "Mode": "auto" for one tunnel`}
+	}
+	if w.PersistentKeepaliveInterval < 0 || w.PersistentKeepaliveInterval > 65535 {
+		return &FieldError{Field: "Backend.PersistentKeepaliveInterval", Value: w.PersistentKeepaliveInterval, Why: "must be between 0 (off) and 65535 seconds", Fix: "25 keeps NAT mappings open; leave it out inside a data centre"}
+	}
+	switch w.Mode {
+	case WireGuardModeSeparate, WireGuardModeAuto:
+	default:
+		return &FieldError{Field: "Backend.Mode", Value: w.Mode, Why: "is not a wireguard mode", Fix: `use "separate" (one tunnel per family) or "auto" (one tunnel for both)`}
+	}
+	switch w.Implementation {
+	case WireGuardAuto, WireGuardKernel, WireGuardUserspace:
+	default:
+		return &FieldError{Field: "Backend.Implementation", Value: w.Implementation, Why: "is not a wireguard implementation", Fix: `use "auto" (the kernel module when present), "kernel" or "userspace"`}
 	}
 	return nil
 }

@@ -19,15 +19,18 @@ const (
 	// SetType is the sets' ipset type.
 	SetType     = "hash:ip"
 	jumpComment = "sluice: VXLAN only from known nodes"
-	dropComment = "sluice: VXLAN from an address that is not a known node"
+	// dropComment names the tunnel (see Filter.Tunnel).
+	dropComment = "sluice: %s from an address that is not a known node"
 	ourPrefix   = "SLUICE-"
 )
 
 // Filter is the source filter of one family.
 type Filter struct {
-	// Port is the overlay's VXLAN UDP port.
+	// Port is the overlay's tunnel UDP port: VXLAN's, or WireGuard's.
 	Port int
 	IPv6 bool
+	// Tunnel names the tunnel in the drop rule's comment; empty is VXLAN.
+	Tunnel string
 }
 
 // SetName is the family's set of known node addresses.
@@ -38,12 +41,19 @@ func (f Filter) SetName() string {
 	return Set4
 }
 
+func (f Filter) tunnel() string {
+	if f.Tunnel == "" {
+		return "VXLAN"
+	}
+	return f.Tunnel
+}
+
 // rules are the chain's rules in the canonical form `iptables -S` prints,
 // so the live chain can be compared with them.
 func (f Filter) rules() []string {
 	return []string{
 		fmt.Sprintf("-A %s -p udp -m udp --dport %d -m set --match-set %s src -j RETURN", Chain, f.Port, f.SetName()),
-		fmt.Sprintf("-A %s -p udp -m udp --dport %d -m comment --comment \"%s\" -j DROP", Chain, f.Port, dropComment),
+		fmt.Sprintf("-A %s -p udp -m udp --dport %d -m comment --comment \"%s\" -j DROP", Chain, f.Port, fmt.Sprintf(dropComment, f.tunnel())),
 	}
 }
 

@@ -12,11 +12,12 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-net/sluice/overlay/routes"
 )
 
-// RouteProtocol marks the routes Sluice owns (see /etc/iproute2/rt_protos;
-// the number is otherwise unused).
-const RouteProtocol netlink.RouteProtocol = 98
+// RouteProtocol marks the routes Sluice owns; package routes keeps them.
+const RouteProtocol = routes.Protocol
 
 // Device is the wanted VXLAN device of one family.
 type Device struct {
@@ -65,7 +66,10 @@ type Table struct {
 // not program; they are not changes, and Total does not count them.
 type Changes struct {
 	Device, Routes, Neighbours, FDB, Removed int
-	Skipped                                  []SkippedPeer
+	// Peers counts WireGuard peer entries, which the wireguard backend
+	// reports in the same shape; VXLAN has none.
+	Peers   int
+	Skipped []SkippedPeer
 }
 
 // SkippedPeer is a peer that Sync left out, and why. One bad peer never
@@ -77,14 +81,9 @@ type SkippedPeer struct {
 }
 
 // Total is the number of changes.
-func (c Changes) Total() int { return c.Device + c.Routes + c.Neighbours + c.FDB + c.Removed }
+func (c Changes) Total() int { return c.Device + c.Routes + c.Neighbours + c.FDB + c.Peers + c.Removed }
 
-func family(a netip.Addr) int {
-	if a.Is4() {
-		return netlink.FAMILY_V4
-	}
-	return netlink.FAMILY_V6
-}
+func family(a netip.Addr) int { return routes.Family(a) }
 
 // Sync makes the kernel match the table. A peer that cannot be programmed
 // (a host-gw peer off this node's L2 segment, a tunnel peer without a VTEP
@@ -127,7 +126,7 @@ func Sync(t Table) (Changes, error) {
 			return ch, err
 		}
 	}
-	n, removed, err := syncRoutes(fam, w.routes)
+	n, removed, err := routes.Sync(fam, w.routes)
 	ch.Routes, ch.Removed = ch.Routes+n, ch.Removed+removed
 	return ch, err
 }
@@ -145,14 +144,14 @@ type want struct {
 func wanted(t Table, dev netlink.Link, underlayNets []netip.Prefix) want {
 	fam := family(t.Own.Addr())
 	w := want{routes: map[netip.Prefix]netlink.Route{}, neigh: map[netip.Addr]net.HardwareAddr{}, fdb: map[string]netip.Addr{}}
-	w.routes[t.Own] = netlink.Route{Dst: ipNet(t.Own), Type: unix.RTN_BLACKHOLE, Protocol: RouteProtocol, Family: fam}
+	w.routes[t.Own] = routes.Blackhole(t.Own)
 	for _, p := range t.Peers {
 		onL2 := onLink(underlayNets, p.PublicIP)
 		switch {
 		case dev == nil && !onL2:
 			w.skip(p, fmt.Sprintf("host-gw: node IP %s is not on this node's L2 segment %v; use the vxlan backend", p.PublicIP, underlayNets))
 		case dev == nil || (t.DirectRouting && onL2):
-			w.routes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: p.PublicIP.AsSlice(), LinkIndex: t.UnderlayIndex, Protocol: RouteProtocol, Family: fam}
+			w.routes[p.Subnet] = netlink.Route{Dst: routes.IPNet(p.Subnet), Gw: p.PublicIP.AsSlice(), LinkIndex: t.UnderlayIndex, Protocol: RouteProtocol, Family: fam}
 		case len(p.VtepMAC) == 0:
 			why := "DirectRouting is off"
 			if t.DirectRouting {
@@ -163,7 +162,7 @@ func wanted(t Table, dev netlink.Link, underlayNets []netip.Prefix) want {
 			vtep := p.Subnet.Addr()
 			w.neigh[vtep] = p.VtepMAC
 			w.fdb[p.VtepMAC.String()] = p.PublicIP
-			w.routes[p.Subnet] = netlink.Route{Dst: ipNet(p.Subnet), Gw: vtep.AsSlice(), LinkIndex: dev.Attrs().Index,
+			w.routes[p.Subnet] = netlink.Route{Dst: routes.IPNet(p.Subnet), Gw: vtep.AsSlice(), LinkIndex: dev.Attrs().Index,
 				Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol, Family: fam}
 		}
 	}
@@ -172,10 +171,6 @@ func wanted(t Table, dev netlink.Link, underlayNets []netip.Prefix) want {
 
 func (w *want) skip(p Peer, reason string) {
 	w.skipped = append(w.skipped, SkippedPeer{Node: p.Node, Reason: reason})
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 func connectedNets(index, fam int) ([]netip.Prefix, error) {
@@ -189,7 +184,7 @@ func connectedNets(index, fam int) ([]netip.Prefix, error) {
 	}
 	var nets []netip.Prefix
 	for _, a := range addrs {
-		if p, ok := prefixOf(a.IPNet); ok && !p.Addr().IsLinkLocalUnicast() {
+		if p, ok := routes.PrefixOf(a.IPNet); ok && !p.Addr().IsLinkLocalUnicast() {
 			nets = append(nets, p.Masked())
 		}
 	}
@@ -203,69 +198,6 @@ func onLink(nets []netip.Prefix, ip netip.Addr) bool {
 		}
 	}
 	return false
-}
-
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones), true
-}
-
-func syncRoutes(fam int, want map[netip.Prefix]netlink.Route) (written, removed int, err error) {
-	have, err := netlinksafe.RouteListFiltered(fam, &netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return 0, 0, fmt.Errorf("listing routes: %w", err)
-	}
-	haveBy := map[netip.Prefix]netlink.Route{}
-	for _, r := range have {
-		if p, ok := prefixOf(r.Dst); ok {
-			haveBy[p] = r
-		}
-	}
-	for p, r := range want {
-		if cur, ok := haveBy[p]; ok && sameRoute(cur, r) {
-			continue
-		}
-		r := r
-		if err := netlink.RouteReplace(&r); err != nil {
-			return written, removed, fmt.Errorf("writing route %s: %w", p, err)
-		}
-		written++
-	}
-	for p, r := range haveBy {
-		if _, ok := want[p]; ok {
-			continue
-		}
-		r := r
-		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, syscall.ESRCH) {
-			return written, removed, fmt.Errorf("removing stale route %s: %w", p, err)
-		}
-		removed++
-	}
-	return written, removed, nil
-}
-
-func sameRoute(a, b netlink.Route) bool {
-	if routeType(a) == unix.RTN_BLACKHOLE && routeType(b) == unix.RTN_BLACKHOLE {
-		return true // IPv6 reports lo as the blackhole's device
-	}
-	return routeType(a) == routeType(b) && a.LinkIndex == b.LinkIndex && a.Gw.Equal(b.Gw) &&
-		(a.Flags&int(netlink.FLAG_ONLINK)) == (b.Flags&int(netlink.FLAG_ONLINK))
-}
-
-// routeType treats an unset type as unicast, which is what the kernel
-// reports for it.
-func routeType(r netlink.Route) int {
-	if r.Type == 0 {
-		return unix.RTN_UNICAST
-	}
-	return r.Type
 }
 
 func syncNeighbours(dev netlink.Link, fam int, want map[netip.Addr]net.HardwareAddr) (written, removed int, err error) {
@@ -439,7 +371,7 @@ func ensureAddr(link netlink.Link, want netip.Addr) (bool, error) {
 	}
 	found := false
 	for _, a := range addrs {
-		p, ok := prefixOf(a.IPNet)
+		p, ok := routes.PrefixOf(a.IPNet)
 		if !ok || p.Addr().IsLinkLocalUnicast() {
 			continue
 		}
@@ -455,7 +387,7 @@ func ensureAddr(link netlink.Link, want netip.Addr) (bool, error) {
 	if found {
 		return false, nil
 	}
-	addr := &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(want, want.BitLen()))}
+	addr := &netlink.Addr{IPNet: routes.IPNet(netip.PrefixFrom(want, want.BitLen()))}
 	if want.Is6() {
 		addr.Flags = unix.IFA_F_NODAD
 	}
@@ -473,7 +405,7 @@ func Remove(name string, fam int) error {
 			return fmt.Errorf("removing %s: %w", name, err)
 		}
 	}
-	_, _, err := syncRoutes(fam, nil)
+	_, _, err := routes.Sync(fam, nil)
 	return err
 }
 

@@ -82,6 +82,13 @@ func Start(o lab.Options) (*Lab, error) {
 		// nodes, e.g. the policy truth tables.
 		o.Runtime = os.Getenv("SLUICE_LAB_RUNTIME")
 	}
+	if o.Backend == "" && os.Getenv("SLUICE_LAB_BACKEND") != "" {
+		// SLUICE_LAB_BACKEND=wireguard runs a package's labs with another
+		// overlay backend, e.g. the policy truth tables; the line says so
+		// in the test's output.
+		o.Backend = os.Getenv("SLUICE_LAB_BACKEND")
+		fmt.Fprintf(os.Stderr, "labtest: overlay backend %s (SLUICE_LAB_BACKEND)\n", o.Backend)
+	}
 	o.Sluicectl = filepath.Join(bins, "sluicectl")
 	o.Dir = filepath.Join(root, "lab")
 	if o.Name == "" {

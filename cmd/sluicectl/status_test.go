@@ -1,0 +1,29 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/sluice-net/sluice/internal/status"
+)
+
+// A wireguard node's status names the implementation and why, its key,
+// and each peer's key where a vxlan node shows the VTEP MAC.
+func TestPrintReportShowsWireGuard(t *testing.T) {
+	key := "iigxR92AgkeJ17fAobmcDaGB57kzECTnKL3805k8dAw="
+	r := &status.Report{Node: "node-1", Overlay: status.Overlay{Ready: true, Backend: "wireguard", MTU: 1420,
+		Implementation: "userspace", ImplementationWhy: "auto: kernel has no WireGuard", PublicKey: key,
+		Peers: []status.Peer{{Node: "node-2", Subnet: "10.244.1.0/24", PublicIP: "198.18.0.12", PublicKey: key}}}}
+	var b bytes.Buffer
+	printReport(&b, r)
+	out := b.String()
+	for _, want := range []string{"backend wireguard", "wireguard userspace (auto: kernel has no WireGuard), public key " + key, "PUBLIC KEY", "node-2 "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "VTEP MAC") {
+		t.Errorf("a wireguard node's status shows VTEP MACs:\n%s", out)
+	}
+}
