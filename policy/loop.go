@@ -518,7 +518,7 @@ func (l *Loop) sync(ctx context.Context) error {
 		// through as established: cut them, without holding up the
 		// next change.
 		pols, pods, namespaces, locals := l.state.Snapshot()
-		l.requestCut(cutRequest{pols, pods, namespaces, locals})
+		l.requestCut(cutRequest{pols, pods, namespaces, locals, l.state.NetworkSets()})
 	}
 	l.publish(ctx, gen, failed)
 	return nil

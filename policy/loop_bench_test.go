@@ -143,7 +143,7 @@ func startScaleLoop(b *testing.B, poisoned bool) func() time.Duration {
 			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "192.0.2.0/24"}}}}},
 		}}
 		objs = append(objs, bad)
-		set := (&Renderer{}).cidrSetName(&FromNetworkPolicy(bad).IngressRules[0].Peers[0])
+		set := (&Renderer{}).cidrSetName(&FromNetworkPolicy(bad).IngressRules[0].Src.Peers[0])
 		hook = func(d *Dataplane) {
 			fail, tries := true, 0
 			poisonSet(d, set, &fail, &tries)
