@@ -167,10 +167,10 @@ type Tier struct {
 // Well-known tiers. The default tier holds Kubernetes NetworkPolicy
 // (at order 1000) and Calico policies without a tier.
 const (
-	DefaultTierName        = "default"
-	DefaultTierOrder       = 1e6
-	KubernetesPolicyOrder  = 1000
-	NoOrder                = math.MaxFloat64 // "none = last"; +Inf is not JSON
+	DefaultTierName       = "default"
+	DefaultTierOrder      = 1e6
+	KubernetesPolicyOrder = 1000
+	NoOrder               = math.MaxFloat64 // "none = last"; +Inf is not JSON
 )
 
 // DefaultTier is the tier Kubernetes NetworkPolicy sits in, as Calico
