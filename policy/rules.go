@@ -156,6 +156,19 @@ func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 		if mark != pending {
 			flush()
 		}
+		if rule.action() == Log && len(lines) > 1 {
+			// Alternatives of one Log rule log once: they flag the packet
+			// with the pass bit, which is free here (the chain is entered
+			// with it clear, and a run of Pass rules has returned on it),
+			// and one rule logs the flagged packet and clears the flag.
+			flag := fmt.Sprintf("0x%x/0x%x", r.passMark(), r.passMark())
+			for _, l := range lines {
+				out = append(out, l+" -j MARK --set-xmark "+flag)
+			}
+			out = append(out, fmt.Sprintf("-A %s -m mark --mark %s %s", chain, flag, target),
+				fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.passMark()))
+			continue
+		}
 		for _, l := range lines {
 			out = append(out, l+" "+target)
 		}
