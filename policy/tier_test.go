@@ -10,6 +10,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/contract"
 )
 
@@ -455,5 +456,94 @@ func TestTieredTracerCatchesMutations(t *testing.T) {
 		if !caught {
 			t.Errorf("mutation %q went unnoticed in every world", name)
 		}
+	}
+}
+
+// TestIncrementalTieredMatchesFullRender holds the loop's incremental
+// state equal to a render from scratch while tiered policies come, go,
+// change order and tier, tiers change their default action, network sets
+// and namespace labels change.
+func TestIncrementalTieredMatchesFullRender(t *testing.T) {
+	for seed := int64(1); seed <= 30; seed++ {
+		w := newTierWorld()
+		g := newTierGen(seed)
+		renderers := []*Renderer{{AcceptMark: 0x10000}, {IPv6: true, AcceptMark: 0x10000}}
+		s := newClusterState(renderers)
+		eps := map[string]endpointapi.Endpoint{}
+		for _, p := range w.pods {
+			s.SetPod(p.Namespace+"/"+p.Name, p)
+			var ips []string
+			for _, ip := range p.IPs {
+				ips = append(ips, ip.String())
+			}
+			key := "c-" + p.Namespace + "-" + p.Name + "/eth0"
+			eps[key] = endpointapi.Endpoint{ContainerID: "c-" + p.Namespace + "-" + p.Name, IfName: "eth0", Namespace: p.Namespace, Pod: p.Name, HostVeth: w.veth(p), IPs: ips}
+		}
+		s.SetEndpoints(eps)
+		for _, ns := range w.nss {
+			s.SetNamespace(ns.Name, ns)
+		}
+		for _, ns := range w.netsets {
+			s.SetNetworkSet(ns.Key, ns)
+		}
+		pols := map[string]*Policy{}
+		for step := 0; step < 60; step++ {
+			for n := g.pick(3) + 1; n > 0; n-- {
+				w.tieredChange(g, s, pols)
+			}
+			got := s.Commit()
+			var list []*Policy
+			for _, p := range pols {
+				list = append(list, p)
+			}
+			for i, r := range renderers {
+				if diff := rulesetDiff(got[i], w.render(list, r.IPv6)); diff != "" {
+					t.Fatalf("seed %d step %d ipv6=%v: incremental state differs from a full render: %s", seed, step, r.IPv6, diff)
+				}
+			}
+		}
+	}
+}
+
+// tieredChange makes one random change to the world and the state.
+func (w *tierWorld) tieredChange(g *tierGen, s *clusterState, pols map[string]*Policy) {
+	switch g.pick(6) {
+	case 0, 1: // a new or changed policy: new rules, order, tier
+		p := g.policy(g.pick(8))
+		pols[p.Key] = p
+		s.SetPolicy(p.Key, p)
+	case 2:
+		k := fmt.Sprintf("p%d", g.pick(8))
+		delete(pols, k)
+		s.SetPolicy(k, nil)
+	case 3: // a tier's default action flips: its policies are converted again
+		tier := g.tiers[g.pick(len(g.tiers))]
+		nt := *tier
+		nt.DefaultAction = map[Action]Action{Deny: Pass, Pass: Deny}[tier.DefaultAction]
+		for i := range g.tiers {
+			if g.tiers[i] == tier {
+				g.tiers[i] = &nt
+			}
+		}
+		for k, p := range pols {
+			if p.Tier == tier {
+				c := *p
+				c.Tier = &nt
+				pols[k] = &c
+				s.SetPolicy(k, &c)
+			}
+		}
+	case 4: // a network set's nets change
+		i := g.pick(len(w.netsets))
+		ns := *w.netsets[i]
+		ns.Nets = g.nets()
+		w.netsets[i] = &ns
+		s.SetNetworkSet(ns.Key, &ns)
+	default: // a namespace's labels change
+		name := []string{"x", "y"}[g.pick(2)]
+		team := []string{"red", "blue"}[g.pick(2)]
+		ns := &Namespace{Name: name, Labels: labels.Set{"ns": name, "team": team}}
+		w.nss[name] = ns
+		s.SetNamespace(name, ns)
 	}
 }
