@@ -18,8 +18,8 @@ import (
 	calicoinformers "github.com/projectcalico/api/pkg/client/informers_generated/externalversions"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/discovery"
@@ -225,9 +225,9 @@ type calicoSources struct {
 	netsets  []*netSetSource
 	tiers    cache.SharedIndexInformer
 	// stop ends the informers when the loop switches API.
-	stop     chan struct{}
-	start    func(stop <-chan struct{})
-	wait     func(stop <-chan struct{})
+	stop  chan struct{}
+	start func(stop <-chan struct{})
+	wait  func(stop <-chan struct{})
 	// create makes the default tier when it is missing (v3 only).
 	createDefaultTier func(ctx context.Context) error
 }
