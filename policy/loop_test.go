@@ -3,13 +3,17 @@ package policy
 import (
 	"context"
 	"errors"
+	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	calicofake "github.com/projectcalico/api/pkg/client/clientset_generated/clientset/fake"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -300,4 +304,55 @@ func TestLoopRetriesAFailedSync(t *testing.T) {
 			t.Errorf("%s is not dispatched after the retry:\n%s", key, kernel)
 		}
 	}
+}
+
+func init() {
+	// The Calico module's fake clientset predates streaming lists: without
+	// this its informers wait 10 s for a bookmark it never sends.
+	os.Setenv("KUBE_FEATURE_WatchListClient", "false")
+}
+
+// runCalicoLoop runs a loop whose cluster serves projectcalico.org/v3,
+// with the module's fake clientset holding calicoObjs.
+func runCalicoLoop(t *testing.T, calicoObjs []runtime.Object, objs ...runtime.Object) (*loopHarness, *calicofake.Clientset) {
+	cs := calicofake.NewSimpleClientset(calicoObjs...)
+	netns := nettest.NewNS(t)
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2"), localEndpoint("x/b", "10.244.1.3")}
+	h := runLoop(t, netns, Config{}, func(l *Loop) {
+		l.client.(*fake.Clientset).Resources = []*metav1.APIResourceList{{GroupVersion: "projectcalico.org/v3", APIResources: []metav1.APIResource{{Name: "networkpolicies"}}}}
+		l.WithCalico(cs, nil)
+	}, eps, objs...)
+	h.waitFor("the first sync", func(s Status) bool { return s.Ready })
+	return h, cs
+}
+
+// TestLoopProgramsCalicoPolicies: a GlobalNetworkPolicy from the Calico
+// clientset selects the local endpoints, in its tier ahead of the
+// Kubernetes policies; one with an unsupported field fails closed with an
+// Event naming the field; the default tier is created.
+func TestLoopProgramsCalicoPolicies(t *testing.T) {
+	order, deny := float64(100), v3.Deny
+	security := &v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "security", ResourceVersion: "1"}, Spec: v3.TierSpec{Order: &order, DefaultAction: &deny}}
+	gnp := &v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "deny-b", ResourceVersion: "1"}, Spec: v3.GlobalNetworkPolicySpec{
+		Tier: "security", Selector: "pod == 'a'", Ingress: []v3.Rule{{Action: v3.Deny, Source: v3.EntityRule{Selector: "pod == 'b'"}}, {Action: v3.Pass}}}}
+	h, cs := runCalicoLoop(t, []runtime.Object{security, gnp}, apiObjects()...)
+	key := CalicoGlobalNetworkPolicyKey + "deny-b"
+	h.waitFor("the GNP selecting x/a", func(s Status) bool { return slices.Contains(s.EndpointPolicies[vethOf("x/a")], key) })
+	kernel := h.save()
+	chain := PolicyChain(key, false)
+	if !strings.Contains(kernel, "-A "+chain+" -m set --match-set") || !strings.Contains(kernel, "-j DROP") {
+		t.Errorf("the Deny rule is not in the kernel:\n%s", kernel)
+	}
+	if _, err := cs.ProjectcalicoV3().Tiers().Get(context.Background(), "default", metav1.GetOptions{}); err != nil {
+		t.Errorf("the default tier was not created: %v", err)
+	}
+	bad := &v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "http"}, Spec: v3.GlobalNetworkPolicySpec{
+		Selector: "pod == 'b'", Ingress: []v3.Rule{{Action: v3.Allow, HTTP: &v3.HTTPMatch{Methods: []string{"GET"}}}}}}
+	if _, err := cs.ProjectcalicoV3().GlobalNetworkPolicies().Create(context.Background(), bad, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.event("PolicyNotRendered", "spec.ingress[0].http")
+	h.waitFor("the broken GNP reported", func(s Status) bool {
+		return strings.HasPrefix(s.NotProgrammed[CalicoGlobalNetworkPolicyKey+"http"], "spec.ingress[0].http")
+	})
 }
