@@ -1,0 +1,290 @@
+package policy
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"sort"
+	"strings"
+	"testing"
+
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	"github.com/projectcalico/api/pkg/lib/numorstring"
+	calicoselector "github.com/projectcalico/calico/libcalico-go/lib/selector"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// calicoFromKubernetes hand-translates a NetworkPolicy into the Calico
+// NetworkPolicy a user would write for it: the default tier at order
+// 1000, one Allow rule per peer and port (peers and ports are unions),
+// ipBlock as nets and notNets, label selectors in Calico's language.
+func calicoFromKubernetes(np *networkingv1.NetworkPolicy) *v3.NetworkPolicy {
+	order := float64(KubernetesPolicyOrder)
+	out := &v3.NetworkPolicy{ObjectMeta: np.ObjectMeta, Spec: v3.NetworkPolicySpec{Order: &order, Selector: calicoSelectorOf(&np.Spec.PodSelector)}}
+	for _, t := range np.Spec.PolicyTypes {
+		out.Spec.Types = append(out.Spec.Types, v3.PolicyType(t))
+	}
+	if len(np.Spec.PolicyTypes) == 0 {
+		// Kubernetes' defaulting, written out (Calico's differs).
+		out.Spec.Types = []v3.PolicyType{v3.PolicyTypeIngress}
+		if len(np.Spec.Egress) > 0 {
+			out.Spec.Types = append(out.Spec.Types, v3.PolicyTypeEgress)
+		}
+	}
+	for _, r := range np.Spec.Ingress {
+		out.Spec.Ingress = append(out.Spec.Ingress, calicoRules(r.From, r.Ports, false)...)
+	}
+	for _, r := range np.Spec.Egress {
+		out.Spec.Egress = append(out.Spec.Egress, calicoRules(r.To, r.Ports, true)...)
+	}
+	return out
+}
+
+func calicoRules(peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort, egress bool) []v3.Rule {
+	ents := []v3.EntityRule{{}}
+	if len(peers) > 0 {
+		ents = nil
+	}
+	for _, p := range peers {
+		var e v3.EntityRule
+		if p.IPBlock != nil {
+			e.Nets, e.NotNets = []string{p.IPBlock.CIDR}, p.IPBlock.Except
+		} else {
+			e.Selector = "all()"
+			if p.PodSelector != nil {
+				e.Selector = calicoSelectorOf(p.PodSelector)
+			}
+			if p.NamespaceSelector != nil {
+				e.NamespaceSelector = calicoSelectorOf(p.NamespaceSelector)
+			}
+		}
+		ents = append(ents, e)
+	}
+	var out []v3.Rule
+	for _, e := range ents {
+		if len(ports) == 0 {
+			out = append(out, calicoRule(e, v3.EntityRule{}, nil, egress))
+			continue
+		}
+		for _, pt := range ports {
+			proto := numorstring.ProtocolFromString("TCP")
+			if pt.Protocol != nil {
+				proto = numorstring.ProtocolFromString(string(*pt.Protocol))
+			}
+			var dst v3.EntityRule
+			switch {
+			case pt.Port == nil:
+			case pt.Port.Type == intstr.String:
+				dst.Ports = []numorstring.Port{numorstring.NamedPort(pt.Port.StrVal)}
+			case pt.EndPort != nil:
+				dst.Ports = []numorstring.Port{{MinPort: uint16(pt.Port.IntVal), MaxPort: uint16(*pt.EndPort)}}
+			default:
+				dst.Ports = []numorstring.Port{numorstring.SinglePort(uint16(pt.Port.IntVal))}
+			}
+			out = append(out, calicoRule(e, dst, &proto, egress))
+		}
+	}
+	return out
+}
+
+// calicoRule puts the peer on its side: the source of an ingress rule,
+// the destination of an egress rule (with the ports).
+func calicoRule(peer, ports v3.EntityRule, proto *numorstring.Protocol, egress bool) v3.Rule {
+	r := v3.Rule{Action: v3.Allow, Protocol: proto, Source: peer, Destination: ports}
+	if egress {
+		peer.Ports = ports.Ports
+		r.Source, r.Destination = v3.EntityRule{}, peer
+	}
+	return r
+}
+
+func calicoSelectorOf(ls *metav1.LabelSelector) string {
+	var terms []string
+	keys := make([]string, 0, len(ls.MatchLabels))
+	for k := range ls.MatchLabels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		terms = append(terms, fmt.Sprintf("%s == '%s'", k, ls.MatchLabels[k]))
+	}
+	quote := func(vs []string) string {
+		var q []string
+		for _, v := range vs {
+			q = append(q, "'"+v+"'")
+		}
+		return "{" + strings.Join(q, ", ") + "}"
+	}
+	for _, e := range ls.MatchExpressions {
+		switch e.Operator {
+		case metav1.LabelSelectorOpIn:
+			terms = append(terms, fmt.Sprintf("%s in %s", e.Key, quote(e.Values)))
+		case metav1.LabelSelectorOpNotIn:
+			terms = append(terms, fmt.Sprintf("%s not in %s", e.Key, quote(e.Values)))
+		case metav1.LabelSelectorOpExists:
+			terms = append(terms, fmt.Sprintf("has(%s)", e.Key))
+		case metav1.LabelSelectorOpDoesNotExist:
+			terms = append(terms, fmt.Sprintf("!has(%s)", e.Key))
+		}
+	}
+	if len(terms) == 0 {
+		return "all()"
+	}
+	return strings.Join(terms, " && ")
+}
+
+// TestKubernetesAndCalicoParity: for the fuzz seeds and random Kubernetes
+// policies, the policy and its hand-translated Calico equivalent give the
+// same truth table, by the evaluator and by the rendered rules.
+func TestKubernetesAndCalicoParity(t *testing.T) {
+	w := newFuzzWorld()
+	var specs []networkingv1.NetworkPolicySpec
+	for _, s := range fuzzSeeds {
+		if spec, ok := specFromJSON([]byte(s)); ok {
+			specs = append(specs, spec)
+		}
+	}
+	rnd := rand.New(rand.NewSource(14))
+	for i := 0; i < 1500; i++ {
+		b := make([]byte, 64)
+		rnd.Read(b)
+		specs = append(specs, (&fuzzDecoder{b: b}).spec())
+	}
+	compared := 0
+	for i := range specs {
+		boundSpec(&specs[i])
+		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "parity"}, Spec: specs[i]}
+		k := FromNetworkPolicy(np)
+		if k.Broken != "" {
+			continue
+		}
+		c := FromCalicoNetworkPolicy(calicoFromKubernetes(np), testTiers())
+		if c.Broken != "" {
+			// A peer or port Calico cannot express the same way (a
+			// protocol without ports that Calico would need); say which.
+			t.Logf("spec %d: no Calico equivalent: %s", i, c.Broken)
+			continue
+		}
+		compared++
+		protos, ports, outside := w.probes(&np.Spec)
+		for _, ipv6 := range []bool{false, true} {
+			rk, rc := w.render(k, ipv6), w.render(c, ipv6)
+			for _, fl := range w.flows(ipv6, protos, ports, outside) {
+				want := Allowed([]*Policy{k}, fl.src, fl.dst, fl.pkt.proto, fl.pkt.dport)
+				if got := Allowed([]*Policy{c}, fl.src, fl.dst, fl.pkt.proto, fl.pkt.dport); got != want {
+					t.Fatalf("spec %d %s: Calico allows=%v, Kubernetes %v\nspec %s\ncalico %+v", i, &fl, got, want, specJSON(&np.Spec), calicoFromKubernetes(np).Spec)
+				}
+				pkt := fl.pkt
+				if got := forwardVerdict(t, rc, &pkt); got != forwardVerdict(t, rk, &pkt) {
+					t.Fatalf("spec %d %s: the Calico rules allow=%v, the Kubernetes rules not", i, &fl, got)
+				}
+			}
+		}
+	}
+	if compared < 100 {
+		t.Errorf("only %d policies compared", compared)
+	}
+}
+
+// FuzzCalicoSelector: any string either fails to parse with an error or
+// gives a selector whose canonical form parses to itself and that
+// matches label sets exactly as Calico's own evaluation does.
+func FuzzCalicoSelector(f *testing.F) {
+	for _, s := range append(testCalicoSelectors, "", "a == 'b' && (c != 'd' || !has(e))", "a in {'x','y'}", "global()",
+		"a contains 'b'", "a starts with 'b' || a ends with 'c'", "!(a == 'b')", "a ==", "'", "has(", "a == \"b\"") {
+		f.Add(s)
+	}
+	sets := []labels.Set{{}, {"a": "b"}, {"a": "x", "c": "d"}, {"role": "db", "pod": "a"}, {"kind": "ext", "e": ""}}
+	f.Fuzz(func(t *testing.T, s string) {
+		sel, err := ParseCalicoSelector(s)
+		if err != nil {
+			if !strings.Contains(err.Error(), "not a valid selector") {
+				t.Fatalf("error %q does not say what is wrong", err)
+			}
+			return
+		}
+		again, err := ParseCalicoSelector(sel.String())
+		if err != nil || again.String() != sel.String() {
+			t.Fatalf("%q: canonical %q does not parse to itself (%v)", s, sel.String(), err)
+		}
+		ref, err := calicoselector.Parse(s)
+		if err != nil {
+			t.Fatalf("%q: the library refuses what the wrapper took: %v", s, err)
+		}
+		for _, l := range sets {
+			if sel.Matches(l) != ref.Evaluate(l) {
+				t.Fatalf("%q over %v: wrapper %v, Calico %v", s, l, sel.Matches(l), ref.Evaluate(l))
+			}
+		}
+	})
+}
+
+// FuzzFromCalicoPolicy: a v3 NetworkPolicy or GlobalNetworkPolicy spec,
+// as JSON, converts without panic into either a policy that names the
+// failing field and denies what it selects, or one whose rendered rules
+// the evaluator agrees with on every flow of the tiered world.
+func FuzzFromCalicoPolicy(f *testing.F) {
+	for _, s := range calicoFuzzSeeds {
+		f.Add([]byte(s), false)
+		f.Add([]byte(s), true)
+	}
+	w := newTierWorld()
+	f.Fuzz(func(t *testing.T, data []byte, global bool) {
+		var p *Policy
+		if global {
+			var spec v3.GlobalNetworkPolicySpec
+			if json.Unmarshal(data, &spec) != nil || tooBig(&spec.Ingress, &spec.Egress) {
+				return
+			}
+			p = FromCalicoGlobalNetworkPolicy(&v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "fuzz"}, Spec: spec}, testTiers())
+		} else {
+			var spec v3.NetworkPolicySpec
+			if json.Unmarshal(data, &spec) != nil || tooBig(&spec.Ingress, &spec.Egress) {
+				return
+			}
+			p = FromCalicoNetworkPolicy(&v3.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "fuzz"}, Spec: spec}, testTiers())
+		}
+		if p.PodSelector == nil || p.Tier == nil {
+			t.Fatalf("no selector or tier: %+v", p)
+		}
+		if p.Broken != "" {
+			if !strings.HasPrefix(p.Broken, "spec.") {
+				t.Fatalf("Broken %q does not name the field", p.Broken)
+			}
+			for _, rules := range [][]Rule{p.IngressRules, p.EgressRules} {
+				for _, r := range rules {
+					if r.Action != Deny || r.Protocol != "" || r.Src.Selector != nil || r.Dst.Nets != nil {
+						t.Fatalf("broken policy keeps a rule other than Deny all: %+v", r)
+					}
+				}
+			}
+		}
+		for _, ipv6 := range []bool{false, true} {
+			if n, first := w.disagreements(t, []*Policy{p}, w.render([]*Policy{p}, ipv6), ipv6); n > 0 {
+				t.Fatalf("ipv6=%v: %d flows disagree; first: %s\n%s", ipv6, n, first, data)
+			}
+		}
+	})
+}
+
+// tooBig keeps fuzzed policies small enough to trace.
+func tooBig(in, eg *[]v3.Rule) bool { return len(*in)+len(*eg) > 6 }
+
+var calicoFuzzSeeds = []string{
+	`{"selector":"pod == 'a'","ingress":[{"action":"Deny","protocol":"TCP","source":{"selector":"pod == 'b'"},"destination":{"ports":[80]}}]}`,
+	`{"tier":"security","selector":"all()","ingress":[{"action":"Pass","source":{"selector":"role == 'web'"}},{"action":"Deny"}]}`,
+	`{"tier":"passing","selector":"all()","ingress":[{"action":"Deny","protocol":"UDP"}]}`,
+	`{"selector":"all()","types":["Egress"],"egress":[{"action":"Allow","destination":{"selector":"kind == 'partner'"}},{"action":"Allow","destination":{"namespaceSelector":"global()","selector":"kind == 'ext'"}}]}`,
+	`{"selector":"pod == 'a'","ingress":[{"action":"Allow","protocol":"ICMP","icmp":{"type":8}},{"action":"Allow","protocol":"ICMPv6","notICMP":{"type":128,"code":0}}]}`,
+	`{"selector":"pod == 'a'","ingress":[{"action":"Allow","protocol":"TCP","source":{"notNets":["10.244.2.0/24","fd00:10:244:2::/64"],"ports":["1000:2000"]},"destination":{"notPorts":[22,"1000:2000","http"]}}]}`,
+	`{"serviceAccountSelector":"sa == 'a'","ingress":[{"action":"Allow","source":{"serviceAccounts":{"names":["sa-b"],"selector":"sa == 'b'"}}}]}`,
+	`{"selector":"pod == 'a'","ingress":[{"action":"Log","protocol":"TCP","destination":{"ports":[80,"dns"]}},{"action":"Allow","ipVersion":6}]}`,
+	`{"namespaceSelector":"team == 'red'","selector":"role != 'db'","egress":[{"action":"Deny","notProtocol":"UDP","destination":{"nets":["0.0.0.0/0","::/0"],"notSelector":"kind == 'ext'"}}]}`,
+	`{"selector":"a ===","ingress":[{"action":"Allow"}]}`,
+	`{"ingress":[{"action":"Allow","http":{"methods":["GET"]}}],"egress":[{"action":"Allow"}]}`,
+	`{"ingress":[{"action":"Allow","protocol":47},{"action":"Deny","protocol":"udplite"}]}`,
+	`{"types":["Ingress","Egress"],"ingress":[{"action":"Allow","source":{"nets":["198.18.0.0/24"]},"destination":{"nets":["10.244.1.2"]}}]}`,
+}
