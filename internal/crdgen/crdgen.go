@@ -132,7 +132,11 @@ var (
 	intstrType   = reflect.TypeFor[intstr.IntOrString]()
 	actionType   = reflect.TypeFor[v3.Action]()
 	policyType   = reflect.TypeFor[v3.PolicyType]()
+	ruleType     = reflect.TypeFor[v3.Rule]()
 )
+
+// maxRules bounds a policy's rules per direction.
+const maxRules = 500
 
 // fieldSchemas are fields narrower than their type.
 var fieldSchemas = map[string]map[string]any{
@@ -142,14 +146,15 @@ var fieldSchemas = map[string]map[string]any{
 }
 
 // portPattern is what numorstring.PortFromString accepts as a string: a
-// number, a "min:max" range or a name. portRangeRule holds what the
-// pattern cannot: numbers fit 16 bits and a range is in order. A string
-// that decodes to an error would stop every informer of the kind, so the
-// API server must refuse it.
+// number or a "min:max" range of numbers that fit 16 bits, or a name;
+// portRangeRule holds what the pattern cannot, that a range is in order.
+// A string that decodes to an error would stop every informer of the
+// kind, so the API server must refuse it.
 const (
-	portPattern   = `^([0-9]{1,5}(:[0-9]{1,5})?|[a-zA-Z0-9_.-]{1,128})$`
-	portRangeRule = `type(self) == int || !self.matches('^[0-9]+(:[0-9]+)?$') || ` +
-		`(self.split(':').all(p, int(p) <= 65535) && (size(self.split(':')) == 1 || int(self.split(':')[0]) <= int(self.split(':')[1])))`
+	portNumber    = `(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})`
+	portPattern   = `^(` + portNumber + `(:` + portNumber + `)?|[a-zA-Z0-9_.-]{1,128})$`
+	portRangeRule = `type(self) == int || !self.contains(':') || ` +
+		`int(self.substring(0, self.indexOf(':'))) <= int(self.substring(self.indexOf(':') + 1))`
 )
 
 // schemaOf renders the structural schema of a Go type as the JSON decoder
@@ -163,8 +168,8 @@ func schemaOf(t reflect.Type, path string) map[string]any {
 	}
 	switch t {
 	case portType:
-		return map[string]any{"x-kubernetes-int-or-string": true, "pattern": portPattern, "minimum": 0, "maximum": 65535,
-			"x-kubernetes-validations": []any{map[string]any{"rule": portRangeRule, "message": "a port range must be min:max with min <= max <= 65535"}}}
+		return map[string]any{"x-kubernetes-int-or-string": true, "pattern": portPattern, "maxLength": 128, "minimum": 0, "maximum": 65535,
+			"x-kubernetes-validations": []any{map[string]any{"rule": portRangeRule, "message": "a port range must be min:max with min <= max"}}}
 	case protocolType:
 		return map[string]any{"x-kubernetes-int-or-string": true, "minimum": 1, "maximum": 255}
 	case intstrType:
@@ -184,7 +189,17 @@ func schemaOf(t reflect.Type, path string) map[string]any {
 	case reflect.Float32, reflect.Float64:
 		return map[string]any{"type": "number"}
 	case reflect.Slice:
-		return map[string]any{"type": "array", "items": schemaOf(t.Elem(), path+"[]")}
+		s := map[string]any{"type": "array", "items": schemaOf(t.Elem(), path+"[]")}
+		switch t.Elem() {
+		case portType:
+			// As Calico's own CRDs; it also bounds the port rule's cost.
+			s["maxItems"] = 50
+		case ruleType:
+			// The API server estimates the port rule's cost over every
+			// rule the array may hold; without a bound it refuses it.
+			s["maxItems"] = maxRules
+		}
+		return s
 	case reflect.Map:
 		return map[string]any{"type": "object", "additionalProperties": schemaOf(t.Elem(), path+"{}")}
 	case reflect.Struct:
