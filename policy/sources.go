@@ -10,6 +10,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,10 +52,11 @@ const (
 
 // DetectCalicoAPI finds the Calico API to read: Sluice's v3 CRDs when
 // they exist, else Canal's v1 ones. While both exist, v1 stays the source
-// until v3 holds a policy (v3HasPolicies), so that installing the v3 CRDs
-// in a Canal cluster does not drop its policies before they are copied
-// over (README, "Migrating from Canal").
-func DetectCalicoAPI(d discovery.DiscoveryInterface, v3HasPolicies func() bool) CalicoAPI {
+// until v3 holds every policy v1 holds (v3Covers), so that installing
+// Sluice's CRDs in a Canal cluster and copying the policies over, in any
+// order, never leaves a policy unenforced (README, "Migrating from
+// Canal").
+func DetectCalicoAPI(d discovery.DiscoveryInterface, v3Covers func() bool) CalicoAPI {
 	has := func(api CalicoAPI) bool {
 		rl, err := d.ServerResourcesForGroupVersion(string(api))
 		if err != nil {
@@ -69,27 +71,54 @@ func DetectCalicoAPI(d discovery.DiscoveryInterface, v3HasPolicies func() bool) 
 	}
 	v3, v1 := has(CalicoV3), has(CanalV1)
 	switch {
-	case v3 && (!v1 || v3HasPolicies()):
+	case v3 && (!v1 || v3Covers()):
 		return CalicoV3
 	case v1:
 		return CanalV1
-	case v3:
-		return CalicoV3
 	}
 	return CalicoNone
 }
 
-// v3HasPolicies reports whether the cluster holds any projectcalico.org/v3
-// NetworkPolicy or GlobalNetworkPolicy.
-func (l *Loop) v3HasPolicies(ctx context.Context) func() bool {
+// v3Covers reports whether projectcalico.org/v3 holds a NetworkPolicy or
+// GlobalNetworkPolicy of every namespace and name that Canal's
+// crd.projectcalico.org/v1 holds, and at least one.
+func (l *Loop) v3Covers(ctx context.Context) func() bool {
 	return func() bool {
-		if l.calicoClient == nil {
+		if l.calicoClient == nil || l.dynClient == nil {
 			return false
 		}
-		opts := metav1.ListOptions{Limit: 1}
-		np, err1 := l.calicoClient.ProjectcalicoV3().NetworkPolicies("").List(ctx, opts)
-		gnp, err2 := l.calicoClient.ProjectcalicoV3().GlobalNetworkPolicies().List(ctx, opts)
-		return err1 == nil && len(np.Items) > 0 || err2 == nil && len(gnp.Items) > 0
+		var v3Keys []string
+		np, err1 := l.calicoClient.ProjectcalicoV3().NetworkPolicies("").List(ctx, metav1.ListOptions{})
+		gnp, err2 := l.calicoClient.ProjectcalicoV3().GlobalNetworkPolicies().List(ctx, metav1.ListOptions{})
+		if err1 != nil || err2 != nil {
+			return false
+		}
+		for _, p := range np.Items {
+			v3Keys = append(v3Keys, "np/"+p.Namespace+"/"+p.Name)
+		}
+		for _, p := range gnp.Items {
+			v3Keys = append(v3Keys, "gnp/"+p.Name)
+		}
+		if len(v3Keys) == 0 {
+			return false
+		}
+		for kind, resource := range map[string]string{"np": "networkpolicies", "gnp": "globalnetworkpolicies"} {
+			gvr := schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: resource}
+			list, err := l.dynClient.Resource(gvr).List(ctx, metav1.ListOptions{})
+			if err != nil {
+				return false
+			}
+			for _, o := range list.Items {
+				key := kind + "/" + o.GetName()
+				if kind == "np" {
+					key = kind + "/" + o.GetNamespace() + "/" + o.GetName()
+				}
+				if !slices.Contains(v3Keys, key) {
+					return false
+				}
+			}
+		}
+		return true
 	}
 }
 
@@ -98,7 +127,7 @@ func (l *Loop) detectCalico(ctx context.Context) CalicoAPI {
 	if l.calicoClient == nil && l.dynClient == nil {
 		return CalicoNone
 	}
-	return DetectCalicoAPI(l.client.Discovery(), l.v3HasPolicies(ctx))
+	return DetectCalicoAPI(l.client.Discovery(), l.v3Covers(ctx))
 }
 
 // runCalicoDetector looks for a change of Calico API every period: CRDs

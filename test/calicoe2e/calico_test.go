@@ -165,7 +165,7 @@ spec:
 ---
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy
-metadata: {namespace: y, name: to-global-set}
+metadata: {namespace: "y", name: to-global-set}
 spec:
   selector: all()
   types: [Egress]
@@ -256,7 +256,7 @@ spec:
   selector: pod == 'a'
   ingress: [{action: Allow, protocol: TCP, destination: {ports: [80, "8000:8080", "http"]}}]
 `)
-	for _, args := range [][]string{{"get", "networkpolicies.projectcalico.org", "-A"}, {"get", "cnp", "-A"}, {"get", "caliconetworkpolicies", "-n", "x"}, {"get", "gnp"}, {"get", "tiers"}} {
+	for _, args := range [][]string{{"get", "networkpolicies.projectcalico.org", "-A"}, {"get", "cnp", "-A"}, {"get", "caliconetworkpolicy", "-n", "x"}, {"get", "gnp"}, {"get", "tiers"}} {
 		out, err := shared.Kubectl(ctx, "", args...)
 		if err != nil {
 			t.Errorf("kubectl %v: %v: %s", args, err, out)

@@ -120,14 +120,15 @@ func startPods(ctx context.Context, l *labtest.Lab) error {
 func kubectlApply(t *testing.T, doc string) {
 	t.Helper()
 	ctx := context.Background()
-	if out, err := shared.Kubectl(ctx, doc, "apply", "-f", "-"); err != nil {
-		t.Fatalf("kubectl apply: %v: %s\n%s", err, out, doc)
-	}
+	// Registered first: what a failed apply created goes too.
 	t.Cleanup(func() {
-		if out, err := shared.Kubectl(ctx, doc, "delete", "--wait", "-f", "-"); err != nil {
+		if out, err := shared.Kubectl(ctx, doc, "delete", "--ignore-not-found", "--wait", "-f", "-"); err != nil {
 			t.Errorf("kubectl delete: %v: %s", err, out)
 		}
 	})
+	if out, err := shared.Kubectl(ctx, doc, "apply", "-f", "-"); err != nil {
+		t.Fatalf("kubectl apply: %v: %s\n%s", err, out, doc)
+	}
 }
 
 type probeKey struct {
