@@ -494,3 +494,24 @@ spec:
 		{"x/a", "y/a", TCP, 80, false}, {"x/a", "203.0.113.1", TCP, 443, false},
 	})
 }
+
+// TestRefusedChainsFailClosedByKind: a chain the kernel refuses is
+// replaced by one that allows nothing when its policy only allows (the
+// end of the tier decides), and by a DROP when it could deny, pass or
+// log, where returning would skip its Deny or Pass.
+func TestRefusedChainsFailClosedByKind(t *testing.T) {
+	r := &Renderer{AcceptMark: 0x10000}
+	k := k8sPolicy(t, allowXAFromXB)
+	deny := fromYAML(t, "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {namespace: x, name: d}\nspec: {ingress: [{action: Deny, protocol: TCP}]}\n")
+	pass := fromYAML(t, "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {namespace: x, name: p}\nspec: {ingress: [{action: Pass}, {action: Allow}]}\n")
+	for _, c := range []struct {
+		p    *Policy
+		want string
+	}{{k, "-j RETURN"}, {deny, "-j DROP"}, {pass, "-j DROP"}} {
+		rules, _ := r.policyRules(c.p, false)
+		got := failClosed(PolicyChain(c.p.Key, false), rules)
+		if len(got) != 1 || !strings.HasSuffix(got[0], c.want) {
+			t.Errorf("%s: fail-closed chain %v, want it to end in %s", c.p.Key, got, c.want)
+		}
+	}
+}
