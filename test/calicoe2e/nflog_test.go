@@ -145,4 +145,3 @@ func containsPrefix(list []string, p string) bool {
 	}
 	return false
 }
-
