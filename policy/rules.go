@@ -271,13 +271,46 @@ func (r *Renderer) ruleLines(p *Policy, rule *Rule, egress bool, chain, field st
 	var out []string
 	for _, l := range lines {
 		if l, ok := withProtocol(l, chain, proto); ok {
-			out = append(out, l)
+			out = append(out, mergePortMatches(l))
 		}
 	}
 	if out == nil {
 		return nil, nil
 	}
 	return out, defs
+}
+
+// mergePortMatches writes a rule's source and destination port matches
+// of one protocol as one match at the place of the first, which is how the
+// kernel keeps them: iptables-save prints "-m tcp --sport 1 ... -m tcp
+// --dport 2" as "-m tcp --sport 1 --dport 2 ...".
+func mergePortMatches(line string) string {
+	for _, p := range []string{"tcp", "udp", "sctp"} {
+		f := strings.Fields(line)
+		first, opts := -1, []string(nil)
+		var out []string
+		for i := 0; i < len(f); i++ {
+			if f[i] == "-m" && i+1 < len(f) && f[i+1] == p {
+				j := i + 2
+				for j+1 < len(f) && (f[j] == "--sport" || f[j] == "--dport") {
+					opts = append(opts, f[j], f[j+1])
+					j += 2
+				}
+				if first < 0 {
+					first = len(out)
+					out = append(out, "") // the merged match goes here
+				}
+				i = j - 1
+				continue
+			}
+			out = append(out, f[i])
+		}
+		if first >= 0 {
+			out[first] = strings.Join(append([]string{"-m", p}, opts...), " ")
+			line = strings.Join(out, " ")
+		}
+	}
+	return line
 }
 
 // fieldFor is the field a NetworkPolicy rule's peers come from.
