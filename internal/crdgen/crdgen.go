@@ -119,7 +119,9 @@ func crd(g Group, k Kind) map[string]any {
 		"kind":       "CustomResourceDefinition",
 		"metadata": map[string]any{
 			"name":   k.Plural + "." + g.Group,
-			"labels": map[string]any{"app.kubernetes.io/name": "sluice"},
+			// The part label lets an operator leave the CRDs, and so the
+			// stored policies, out of a kubectl delete of the manifest.
+			"labels": map[string]any{"app.kubernetes.io/name": "sluice", "sluice.dev/part": "calico-crds"},
 		},
 		"spec": map[string]any{"group": g.Group, "names": names, "scope": scope, "versions": []any{version}},
 	}
