@@ -122,7 +122,12 @@ func calicoScaleLoop(b *testing.B) (*Loop, *fake.Clientset, *calicofake.Clientse
 func BenchmarkCalicoPolicyChange(b *testing.B) {
 	quietKlog()
 	l, client, calico, startTook := calicoScaleLoop(b)
-	target := l.state.LocalEndpoints()[0] // app0 in s0
+	var target LocalEndpoint
+	for _, ep := range l.state.LocalEndpoints() {
+		if ep.Pod.Name == "pod-0" { // app0 in s0
+			target = ep
+		}
+	}
 	ctx := context.Background()
 	gnpKey := CalicoGlobalNetworkPolicyKey + "gate"
 	wait := func(key string, selected bool) {
