@@ -114,6 +114,12 @@ func FromTier(t *v3.Tier) (*Tier, error) {
 			return out, fmt.Errorf("spec.defaultAction: %q is neither Deny nor Pass", *a)
 		}
 	}
+	if t.Name == DefaultTierName && out.DefaultAction != Deny {
+		// "The 'default' tier must have default action 'Deny'": the
+		// Kubernetes policies in it rely on the drop at its end.
+		out.DefaultAction = Deny
+		return out, fmt.Errorf("spec.defaultAction: the default tier's default action must be Deny, not %q", *t.Spec.DefaultAction)
+	}
 	return out, nil
 }
 

@@ -8,6 +8,7 @@ import (
 
 	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/yaml"
 )
@@ -512,6 +513,30 @@ func TestRefusedChainsFailClosedByKind(t *testing.T) {
 		got := failClosed(PolicyChain(c.p.Key, false), rules)
 		if len(got) != 1 || !strings.HasSuffix(got[0], c.want) {
 			t.Errorf("%s: fail-closed chain %v, want it to end in %s", c.p.Key, got, c.want)
+		}
+	}
+}
+
+// TestTierDefaults: no order is last, no default action is Deny; the
+// default tier keeps Deny whatever it says, and an unknown action is
+// refused as Deny.
+func TestTierDefaults(t *testing.T) {
+	pass, allow := v3.Pass, v3.Allow
+	for _, c := range []struct {
+		tier    v3.Tier
+		order   float64
+		action  Action
+		invalid bool
+	}{
+		{v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "t"}}, NoOrder, Deny, false},
+		{v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, DefaultTierOrder, Deny, false},
+		{v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "t"}, Spec: v3.TierSpec{DefaultAction: &pass}}, NoOrder, Pass, false},
+		{v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "default"}, Spec: v3.TierSpec{DefaultAction: &pass}}, DefaultTierOrder, Deny, true},
+		{v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "t"}, Spec: v3.TierSpec{DefaultAction: &allow}}, NoOrder, Deny, true},
+	} {
+		got, err := FromTier(&c.tier)
+		if got.Order != c.order || got.DefaultAction != c.action || (err != nil) != c.invalid {
+			t.Errorf("%s %+v: %+v, %v", c.tier.Name, c.tier.Spec, got, err)
 		}
 	}
 }

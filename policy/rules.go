@@ -3,8 +3,10 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // This file renders the chains of one endpoint and of one policy: the
@@ -374,7 +376,9 @@ func (r *Renderer) protoMatch(rule *Rule) (string, bool) {
 	return "", true
 }
 
-// iptProto is a protocol as iptables-save prints it.
+// iptProto is a protocol as iptables-save prints it: by the name of the
+// node's /etc/protocols, which iptables looks numbers up in, so "47"
+// reads back as "gre" and a re-read finds nothing to rewrite.
 func iptProto(p Protocol) string {
 	switch p {
 	case ICMPv6:
@@ -382,8 +386,36 @@ func iptProto(p Protocol) string {
 	case "":
 		return ""
 	}
+	if n, err := strconv.Atoi(string(p)); err == nil {
+		if name, ok := protocolNames()[n]; ok {
+			return name
+		}
+	}
 	return strings.ToLower(string(p))
 }
+
+// protocolNames maps protocol numbers to their first name in
+// /etc/protocols, read once.
+var protocolNames = sync.OnceValue(func() map[int]string {
+	names := map[int]string{}
+	b, err := os.ReadFile("/etc/protocols")
+	if err != nil {
+		return names
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		line, _, _ = strings.Cut(line, "#")
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		if n, err := strconv.Atoi(f[1]); err == nil {
+			if _, seen := names[n]; !seen {
+				names[n] = f[0]
+			}
+		}
+	}
+	return names
+})
 
 func (r *Renderer) icmpMatch(rule *Rule) string {
 	m, neg := rule.ICMP, ""

@@ -598,3 +598,29 @@ func TestTieredRulesLoadAndReadBack(t *testing.T) {
 		return nil
 	})
 }
+
+// TestProtocolNumbersReadBack: a rule with a protocol by number loads and
+// reads back unchanged (iptables-save prints the name /etc/protocols
+// gives the number).
+func TestProtocolNumbersReadBack(t *testing.T) {
+	n := nettest.NewNS(t)
+	w := newTierWorld()
+	sel, _ := ParseCalicoSelector("all()")
+	p := &Policy{Key: "proto", Name: "proto", Namespace: "x", PodSelector: sel, Ingress: true,
+		IngressRules: []Rule{{Action: Deny, Protocol: "47"}, {Action: Allow, NotProtocol: "132"}, {Action: Allow, Protocol: "253"}}}
+	nettest.Do(t, n, func() error {
+		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		if err != nil {
+			return err
+		}
+		rs := w.render([]*Policy{p}, false)
+		d := NewDataplane(r, false)
+		if _, err := d.Apply(rs); err != nil {
+			return err
+		}
+		if st, err := NewDataplane(r, false).Apply(rs); err != nil || st.ChainsWritten != 0 {
+			t.Errorf("re-apply changed %+v (%v): %q", st, err, rs.Chains[PolicyChain("proto", false)])
+		}
+		return d.Remove()
+	})
+}
