@@ -118,7 +118,7 @@ func crd(g Group, k Kind) map[string]any {
 		"apiVersion": "apiextensions.k8s.io/v1",
 		"kind":       "CustomResourceDefinition",
 		"metadata": map[string]any{
-			"name":   k.Plural + "." + g.Group,
+			"name": k.Plural + "." + g.Group,
 			// The part label lets an operator leave the CRDs, and so the
 			// stored policies, out of a kubectl delete of the manifest.
 			"labels": map[string]any{"app.kubernetes.io/name": "sluice", "sluice.dev/part": "calico-crds"},
