@@ -540,3 +540,35 @@ func TestTierDefaults(t *testing.T) {
 		}
 	}
 }
+
+// TestCalicoAddedLabels: Calico selectors see the labels Calico gives
+// pods, namespaces and network sets; Kubernetes selectors do not.
+func TestCalicoAddedLabels(t *testing.T) {
+	w := newTierWorld()
+	p := fromYAML(t, `
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: by-calico-labels}
+spec:
+  selector: projectcalico.org/namespace == 'x' && projectcalico.org/orchestrator == 'k8s'
+  types: [Ingress]
+  ingress: [{action: Allow, source: {namespaceSelector: projectcalico.org/name == 'y', selector: projectcalico.org/serviceaccount == 'sa-a'}}]
+`)
+	w.check(t, []*Policy{p}, []calicoCase{
+		{"y/a", "x/b", TCP, 80, true},  // y's service account sa-a
+		{"y/b", "x/b", TCP, 80, false}, // sa-b
+		{"x/a", "x/b", TCP, 80, false}, // namespace x
+		{"x/a", "y/b", TCP, 80, true},  // y is not selected
+	})
+	k := k8sPolicy(t, `
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: x, name: k}
+spec:
+  podSelector: {matchExpressions: [{key: projectcalico.org/namespace, operator: DoesNotExist}]}
+  ingress: []
+`)
+	if !k.Selects(w.pods[0], w.nss["x"]) {
+		t.Error("a Kubernetes selector saw a label Calico adds")
+	}
+}

@@ -289,13 +289,13 @@ func (p *Policy) Selects(pod *Pod, ns *Namespace) bool {
 		if pod.Namespace != p.Namespace {
 			return false
 		}
-	} else if p.NamespaceSelector != nil && (ns == nil || !p.NamespaceSelector.Matches(ns.Labels)) {
+	} else if p.NamespaceSelector != nil && (ns == nil || !matchNamespace(p.NamespaceSelector, ns)) {
 		return false
 	}
 	if p.ServiceAccounts != nil && !p.ServiceAccounts.matches(pod) {
 		return false
 	}
-	return p.PodSelector.Matches(pod.Labels)
+	return matchPod(p.PodSelector, pod)
 }
 
 func (sa *ServiceAccountMatch) matches(pod *Pod) bool {
@@ -320,13 +320,13 @@ func (pp *PodPeer) Matches(pod *Pod, ns *Namespace) bool {
 		if pod.Namespace != pp.Namespace {
 			return false
 		}
-	} else if ns == nil || !pp.Namespaces.Matches(ns.Labels) {
+	} else if ns == nil || !matchNamespace(pp.Namespaces, ns) {
 		return false
 	}
 	if pp.ServiceAccounts != nil && !pp.ServiceAccounts.matches(pod) {
 		return false
 	}
-	return pp.Pods.Matches(pod.Labels)
+	return matchPod(pp.Pods, pod)
 }
 
 // MatchesSet reports whether a pod peer selects a network set; ns is the
@@ -347,11 +347,11 @@ func (pp *PodPeer) MatchesSet(s *NetworkSet, ns *Namespace) bool {
 			if s.Namespace != pp.Namespace {
 				return false
 			}
-		case ns == nil || !pp.Namespaces.Matches(ns.Labels):
+		case ns == nil || !matchNamespace(pp.Namespaces, ns):
 			return false
 		}
 	}
-	return pp.Pods.Matches(s.Labels)
+	return matchLabels(pp.Pods, s.Labels, labels.Set{calicoNamespaceLabel: s.Namespace})
 }
 
 // namespaceScoped returns the one namespace whose pods and network sets
@@ -361,4 +361,33 @@ func (pp *PodPeer) namespaceScoped() string {
 		return pp.Namespace
 	}
 	return ""
+}
+
+// The labels Calico gives every workload endpoint, namespace and
+// namespaced network set, which its selectors may use
+// ("projectcalico.org/namespace == 'shop'"). Kubernetes label selectors do
+// not see them: NetworkPolicy's semantics stay the API's.
+const (
+	calicoNamespaceLabel      = "projectcalico.org/namespace"
+	calicoOrchestratorLabel   = "projectcalico.org/orchestrator"
+	calicoServiceAccountLabel = "projectcalico.org/serviceaccount"
+	calicoNameLabel           = "projectcalico.org/name"
+)
+
+func matchPod(sel Selector, pod *Pod) bool {
+	return matchLabels(sel, pod.Labels, labels.Set{calicoNamespaceLabel: pod.Namespace, calicoOrchestratorLabel: "k8s",
+		calicoServiceAccountLabel: pod.ServiceAccount})
+}
+
+func matchNamespace(sel Selector, ns *Namespace) bool {
+	return matchLabels(sel, ns.Labels, labels.Set{calicoNameLabel: ns.Name})
+}
+
+// matchLabels matches a selector over labels, a Calico selector over the
+// labels Calico adds as well.
+func matchLabels(sel Selector, own labels.Set, calico labels.Set) bool {
+	if c, ok := sel.(calicoSelector); ok {
+		return c.sel.EvaluateLabels(calicoLabels{own, calico})
+	}
+	return sel.Matches(own)
 }

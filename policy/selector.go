@@ -25,7 +25,7 @@ func ParseCalicoSelector(s string) (Selector, error) {
 
 // Matches evaluates the selector over a label set.
 func (c calicoSelector) Matches(l labels.Labels) bool {
-	return c.sel.EvaluateLabels(calicoLabels{l})
+	return c.sel.EvaluateLabels(calicoLabels{l, nil})
 }
 
 // String is Calico's canonical form of the selector.
@@ -35,10 +35,17 @@ func (c calicoSelector) String() string { return c.sel.String() }
 func (c calicoSelector) Language() string { return "calico" }
 
 // calicoLabels adapts Kubernetes labels to Calico's label interface,
-// which needs to tell an absent label from an empty one.
-type calicoLabels struct{ l labels.Labels }
+// which needs to tell an absent label from an empty one; added are the
+// labels Calico itself gives the object, which win.
+type calicoLabels struct {
+	l     labels.Labels
+	added labels.Set
+}
 
 func (c calicoLabels) Get(name string) (string, bool) {
+	if v, ok := c.added[name]; ok {
+		return v, true
+	}
 	if c.l == nil || !c.l.Has(name) {
 		return "", false
 	}
