@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -251,4 +252,70 @@ func cutTarget(rule string) (string, string, bool) {
 		return rule[:i], target, true
 	}
 	return "", "", false
+}
+
+// BenchmarkCalicoRulesPerEndpoint renders the benchmark's cluster with
+// 1,000 and with 5,000 pods and reports the rules one endpoint's packets
+// can meet (its chain and the policy chains it jumps to), which must not
+// grow with the pods.
+func BenchmarkCalicoRulesPerEndpoint(b *testing.B) {
+	podObjs, nsObjs, npObjs, _ := scaleObjects()
+	tiers := map[string]*Tier{DefaultTierName: DefaultTier()}
+	var calicoPols []*Policy
+	for _, o := range calicoScaleObjects() {
+		if t, ok := o.(*v3.Tier); ok {
+			tier, _ := FromTier(t)
+			tiers[t.Name] = tier
+		}
+	}
+	lookup := func(n string) *Tier { return tiers[n] }
+	for _, o := range calicoScaleObjects() {
+		switch p := o.(type) {
+		case *v3.NetworkPolicy:
+			calicoPols = append(calicoPols, FromCalicoNetworkPolicy(p, lookup))
+		case *v3.GlobalNetworkPolicy:
+			calicoPols = append(calicoPols, FromCalicoGlobalNetworkPolicy(p, lookup))
+		}
+	}
+	policies := map[string]*Policy{}
+	for _, np := range npObjs {
+		p := FromNetworkPolicy(np)
+		policies[p.Key] = p
+	}
+	for _, p := range calicoPols {
+		policies[p.Key] = p
+	}
+	nss := map[string]*Namespace{}
+	for _, n := range nsObjs {
+		nss[n.Name] = &Namespace{Name: n.Name, Labels: n.Labels}
+	}
+	l := NewLoop(Config{}, nil, nil)
+	rules := func(nPods int) int {
+		var pods []*Pod
+		for _, o := range podObjs[:nPods] {
+			pods = append(pods, l.modelPod(o))
+		}
+		in, out := Selecting(policies, pods[0], nss[pods[0].Namespace])
+		ep := LocalEndpoint{Pod: pods[0], HostVeth: "sl" + shortHash("pod-0")[:11], Ingress: in, Egress: out}
+		rs := (&Renderer{AcceptMark: 0x10000}).Render(policies, []LocalEndpoint{ep}, pods, nss)
+		n := 0
+		for _, chain := range []string{EndpointChain(ep.HostVeth, false), EndpointChain(ep.HostVeth, true)} {
+			for _, r := range rs.Chains[chain] {
+				n++
+				if _, target, ok := cutTarget(r); ok && !strings.HasPrefix(target, "SLUICE-FW") {
+					n += len(rs.Chains[target])
+				}
+			}
+		}
+		return n
+	}
+	var small, large int
+	for i := 0; i < b.N; i++ {
+		small, large = rules(1000), rules(5000)
+	}
+	if small != large {
+		b.Errorf("rules per endpoint: %d at 1,000 pods, %d at 5,000", small, large)
+	}
+	b.ReportMetric(float64(small), "rules-at-1000-pods")
+	b.ReportMetric(float64(large), "rules-at-5000-pods")
 }

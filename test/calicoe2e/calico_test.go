@@ -3,11 +3,14 @@ package calicoe2e
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/policy"
+	"github.com/sluice-net/sluice/test/labtest"
 )
 
 const securityTier = `
@@ -273,6 +276,39 @@ spec:
 		if out, err := shared.Kubectl(ctx, doc, "apply", "-f", "-"); err == nil {
 			t.Errorf("the API server accepted port %s: %s", bad, out)
 			_, _ = shared.Kubectl(ctx, doc, "delete", "-f", "-")
+		}
+	}
+}
+
+// TestREADMEExamplesApply: the README's Calico examples are accepted by
+// the API server as written (server-side dry run, so nothing changes).
+func TestREADMEExamplesApply(t *testing.T) {
+	ctx := context.Background()
+	readme, err := os.ReadFile(filepath.Join(labtest.RepoRoot(), "README.md"))
+	must(t, err)
+	section := string(readme)
+	start := strings.Index(section, "## Calico policies")
+	if start < 0 {
+		t.Fatal("no Calico section in the README")
+	}
+	section = section[start:]
+	if end := strings.Index(section[3:], "\n## "); end > 0 {
+		section = section[:end+3]
+	}
+	var docs []string
+	for _, block := range strings.Split(section, "```yaml\n")[1:] {
+		doc, _, _ := strings.Cut(block, "```")
+		docs = append(docs, doc)
+	}
+	if len(docs) < 3 {
+		t.Fatalf("found %d YAML examples, want the 3", len(docs))
+	}
+	for _, ns := range []string{"shop", "untrusted"} {
+		must(t, shared.EnsureNamespace(ctx, ns))
+	}
+	for _, doc := range docs {
+		if out, err := shared.Kubectl(ctx, doc, "apply", "--dry-run=server", "-f", "-"); err != nil {
+			t.Errorf("kubectl apply of the README example: %v: %s\n%s", err, out, doc)
 		}
 	}
 }
