@@ -171,6 +171,10 @@ type Status struct {
 	// Hooks says what is wrong with the jumps into the policy chains
 	// (and anti-spoofing), while it is; the loop is not ready then.
 	Hooks string
+	// Sources says what keeps a policy source from being complete (the
+	// Calico informers have not listed), while it does; the loop is not
+	// ready then.
+	Sources string
 }
 
 const syncKey = "policy"
@@ -291,7 +295,7 @@ func uniqueSorted(in []string) []string {
 // included: without them pod traffic would bypass policy.
 func (l *Loop) Ready() bool {
 	s := l.Status()
-	return s.Ready && s.Hooks == ""
+	return s.Ready && s.Hooks == "" && s.Sources == ""
 }
 
 // Run runs the loop until ctx ends.
@@ -672,7 +676,7 @@ func (l *Loop) publish(ctx context.Context, gen uint64, failed []Failure) {
 	l.appliedCh = make(chan struct{})
 	first := !l.status.Ready
 	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
-		NotProgrammed: notProgrammed, Hooks: l.hookProblems()}
+		NotProgrammed: notProgrammed, Hooks: l.hookProblems(), Sources: l.calicoProblem()}
 	l.mu.Unlock()
 	if first {
 		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),

@@ -16,10 +16,12 @@ import (
 	calicofake "github.com/projectcalico/api/pkg/client/clientset_generated/clientset/fake"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
@@ -355,4 +357,28 @@ func TestLoopProgramsCalicoPolicies(t *testing.T) {
 	h.waitFor("the broken GNP reported", func(s Status) bool {
 		return strings.HasPrefix(s.NotProgrammed[CalicoGlobalNetworkPolicyKey+"http"], "spec.ingress[0].http")
 	})
+}
+
+// TestCalicoListFailureHoldsUpNothingElse: when a Calico kind cannot be
+// listed (say, a ClusterRole without it), the Kubernetes policies are
+// still programmed, and the loop says it is not ready, and why.
+func TestCalicoListFailureHoldsUpNothingElse(t *testing.T) {
+	defer func(d time.Duration) { calicoSyncTimeout = d }(calicoSyncTimeout)
+	calicoSyncTimeout = 500 * time.Millisecond
+	cs := calicofake.NewSimpleClientset()
+	cs.PrependReactor("list", "tiers", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(v3.Resource("tiers"), "", errors.New("no RBAC"))
+	})
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2"), localEndpoint("x/b", "10.244.1.3")}
+	objs := append(apiObjects(), netpol("x", "deny", selects("pod", "a")))
+	h := runLoop(t, nettest.NewNS(t), Config{}, func(l *Loop) {
+		l.client.(*fake.Clientset).Resources = []*metav1.APIResourceList{{GroupVersion: "projectcalico.org/v3", APIResources: []metav1.APIResource{{Name: "networkpolicies"}}}}
+		l.WithCalico(cs, nil)
+	}, eps, objs...)
+	h.waitFor("the Kubernetes policy programmed", func(s Status) bool {
+		return s.Ready && slices.Contains(s.EndpointPolicies[vethOf("x/a")], "x/deny")
+	})
+	if st := h.loop.Status(); st.Sources == "" || h.loop.Ready() {
+		t.Errorf("ready=%v with sources %q, want not ready and a reason", h.loop.Ready(), st.Sources)
+	}
 }

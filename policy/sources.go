@@ -177,7 +177,15 @@ func (l *Loop) switchCalico(ctx context.Context, api CalicoAPI) {
 			}
 		}
 		l.calico.start(l.calico.stop)
-		l.calico.wait(ctx.Done())
+		// Bounded: informers that cannot list (a ClusterRole without the
+		// Calico kinds) must not hold up the Kubernetes policies. The
+		// loop is not ready while they have not synced (calicoProblem).
+		waitCtx, cancel := context.WithTimeout(ctx, calicoSyncTimeout)
+		l.calico.wait(waitCtx.Done())
+		cancel()
+		if p := l.calico.problem(); p != "" {
+			logger.Error(nil, "Calico informers not synced; Calico policies are not enforced until they are", "problem", p)
+		}
 		if l.calico.createDefaultTier != nil {
 			if err := l.calico.createDefaultTier(ctx); err != nil {
 				// Until it exists the agent applies it as Calico installs
@@ -557,4 +565,31 @@ func (l *Loop) calicoNetsets() []*netSetSource {
 		return nil
 	}
 	return l.calico.netsets
+}
+
+// calicoSyncTimeout bounds the wait for the Calico informers' first list
+// (a variable for tests).
+var calicoSyncTimeout = 20 * time.Second
+
+// problem says which Calico informers have not synced yet, "" when all
+// have.
+func (c *calicoSources) problem() string {
+	missing := 0
+	for _, w := range c.watches() {
+		if !w.inf.HasSynced() {
+			missing++
+		}
+	}
+	if missing == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d Calico informers have not listed yet (RBAC for the Calico kinds?)", missing)
+}
+
+// calicoProblem is what keeps the Calico sources from being complete.
+func (l *Loop) calicoProblem() string {
+	if l.calico == nil {
+		return ""
+	}
+	return l.calico.problem()
 }
