@@ -18,8 +18,11 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
@@ -380,5 +383,51 @@ func TestCalicoListFailureHoldsUpNothingElse(t *testing.T) {
 	})
 	if st := h.loop.Status(); st.Sources == "" || h.loop.Ready() {
 		t.Errorf("ready=%v with sources %q, want not ready and a reason", h.loop.Ready(), st.Sources)
+	}
+}
+
+// TestDetectCalicoAPI: v3 when only Sluice's CRDs exist, Canal's v1 when
+// only those do, and, while both exist, v1 until v3 holds every policy
+// v1 holds.
+func TestDetectCalicoAPI(t *testing.T) {
+	v1np := func(ns, name string) *unstructured.Unstructured {
+		u := &unstructured.Unstructured{}
+		u.SetAPIVersion("crd.projectcalico.org/v1")
+		u.SetKind("NetworkPolicy")
+		u.SetNamespace(ns)
+		u.SetName(name)
+		return u
+	}
+	gvrs := map[schema.GroupVersionResource]string{
+		{Group: "crd.projectcalico.org", Version: "v1", Resource: "networkpolicies"}:       "NetworkPolicyList",
+		{Group: "crd.projectcalico.org", Version: "v1", Resource: "globalnetworkpolicies"}: "GlobalNetworkPolicyList",
+	}
+	v3np := func(ns, name string) runtime.Object {
+		return &v3.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	}
+	for _, c := range []struct {
+		name   string
+		v3, v1 bool
+		v3objs []runtime.Object
+		want   CalicoAPI
+	}{
+		{"none", false, false, nil, CalicoNone},
+		{"v3 only", true, false, nil, CalicoV3},
+		{"v1 only", false, true, nil, CanalV1},
+		{"both, v3 empty", true, true, nil, CanalV1},
+		{"both, v3 partial", true, true, []runtime.Object{v3np("x", "a")}, CanalV1},
+		{"both, v3 covers", true, true, []runtime.Object{v3np("x", "a"), v3np("y", "b")}, CalicoV3},
+	} {
+		client := fake.NewClientset()
+		for api, on := range map[CalicoAPI]bool{CalicoV3: c.v3, CanalV1: c.v1} {
+			if on {
+				client.Resources = append(client.Resources, &metav1.APIResourceList{GroupVersion: string(api), APIResources: []metav1.APIResource{{Name: "networkpolicies"}}})
+			}
+		}
+		dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), gvrs, v1np("x", "a"), v1np("y", "b"))
+		l := NewLoop(Config{}, client, nil).WithCalico(calicofake.NewSimpleClientset(c.v3objs...), dyn)
+		if got := l.detectCalico(context.Background()); got != c.want {
+			t.Errorf("%s: %q, want %q", c.name, got, c.want)
+		}
 	}
 }
