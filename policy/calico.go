@@ -215,6 +215,9 @@ func (p *Policy) failClosed(err error) *Policy {
 func (p *Policy) convertSubject(c *calicoPolicy) error {
 	var errs []error
 	sel, err := ParseCalicoSelector(c.selector)
+	if err == nil && strings.Contains(c.selector, "global(") {
+		err = fmt.Errorf("global() selects no endpoint a policy can apply to")
+	}
 	if err != nil {
 		sel, _ = ParseCalicoSelector("all()")
 		errs = append(errs, fmt.Errorf("spec.selector: %w", err))
@@ -437,6 +440,10 @@ func entityScope(c *calicoPolicy, e *v3.EntityRule) (PodPeer, error) {
 }
 
 func entitySelector(scope PodPeer, s, field string) (*PodPeer, error) {
+	if strings.Contains(s, "global(") {
+		// It would select everything here.
+		return nil, fmt.Errorf("%s: global() can only be used in a namespaceSelector", field)
+	}
 	sel, err := ParseCalicoSelector(s)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", field, err)

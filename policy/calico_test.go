@@ -444,6 +444,8 @@ spec:
 		{`{ingress: [{action: Allow, ipVersion: 4, source: {nets: ["fd00::/8"]}}]}`, "spec.ingress[0].source.nets[0]"},
 		{`{ingress: [{action: Allow, source: {selector: "a ==="}}]}`, "spec.ingress[0].source.selector"},
 		{`{selector: "a ==="}`, "spec.selector"},
+		{`{selector: "global()"}`, "spec.selector"},
+		{`{ingress: [{action: Allow, source: {selector: "global() || a == 'b'"}}]}`, "spec.ingress[0].source.selector"},
 		{`{tier: nope}`, "spec.tier"},
 		{`{ingress: [{action: Allow, http: {methods: [GET]}}]}`, "spec.ingress[0].http"},
 		{`{ingress: [{action: Allow, destination: {services: {name: web}}}]}`, "spec.ingress[0].destination.services"},
