@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/policy"
@@ -310,5 +311,37 @@ func TestREADMEExamplesApply(t *testing.T) {
 		if out, err := shared.Kubectl(ctx, doc, "apply", "--dry-run=server", "-f", "-"); err != nil {
 			t.Errorf("kubectl apply of the README example: %v: %s\n%s", err, out, doc)
 		}
+	}
+}
+
+// TestCalicoDenyCutsEstablishedConnection: an established connection
+// passes conntrack until a Calico Deny stops allowing it; the agent then
+// cuts it. A connection the Deny does not match lives on (the control).
+func TestCalicoDenyCutsEstablishedConnection(t *testing.T) {
+	denied := shared.EchoConn(t, "y/b", "x/a", 9400, time.Second)
+	kept := shared.EchoConn(t, "x/b", "x/a", 9401, time.Second)
+	if denied("ping") != nil || kept("ping") != nil {
+		t.Fatal("control: the connections do not echo before the policy")
+	}
+	kubectlApply(t, `
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: cut-y}
+spec:
+  selector: pod == 'a'
+  types: [Ingress]
+  ingress:
+  - {action: Deny, source: {namespaceSelector: ns == 'y'}}
+  - {action: Allow}
+`)
+	deadline := time.Now().Add(10 * time.Second)
+	for denied("ping") == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the denied connection still works 10 s after the Deny")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := kept("ping"); err != nil {
+		t.Errorf("the connection the Deny does not match was cut: %v", err)
 	}
 }
