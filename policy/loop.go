@@ -175,6 +175,8 @@ type Status struct {
 	// Calico informers have not listed), while it does; the loop is not
 	// ready then.
 	Sources string
+	// Calico is the Calico API the loop reads, "" for none.
+	Calico string
 }
 
 const syncKey = "policy"
@@ -676,7 +678,7 @@ func (l *Loop) publish(ctx context.Context, gen uint64, failed []Failure) {
 	l.appliedCh = make(chan struct{})
 	first := !l.status.Ready
 	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
-		NotProgrammed: notProgrammed, Hooks: l.hookProblems(), Sources: l.calicoProblem()}
+		NotProgrammed: notProgrammed, Hooks: l.hookProblems(), Sources: l.calicoProblem(), Calico: string(l.calicoAPI)}
 	l.mu.Unlock()
 	if first {
 		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),

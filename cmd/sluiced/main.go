@@ -281,7 +281,7 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
 		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError,
-			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks},
+			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks, Calico: ps.Calico, Sources: ps.Sources},
 	}
 	for _, l := range ovs.Lease {
 		r.Overlay.Lease = append(r.Overlay.Lease, l.String())
