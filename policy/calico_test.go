@@ -417,8 +417,8 @@ spec:
 	w.check(t, []*Policy{p}, []calicoCase{{"x/b", "x/a", TCP, 80, true}, {"x/b", "x/a", TCP, 81, false}})
 	rs := w.render([]*Policy{p}, false)
 	pkt := packet{in: w.veth(w.pods[1]), out: w.veth(w.pods[0]), src: w.pods[1].IPs[0], dst: w.pods[0].IPs[0], proto: TCP, sport: 4000, dport: 80}
-	if _, logs := traceForward(t, rs, &pkt); len(logs) != 1 || logs[0] != LogPrefix(p, false) {
-		t.Errorf("logs %v, want one record %s", logs, LogPrefix(p, false))
+	if _, logs := traceForward(t, rs, &pkt); len(logs) != 1 || logs[0] != LogPrefix(p.Key, false, 0) {
+		t.Errorf("logs %v, want one record %s", logs, LogPrefix(p.Key, false, 0))
 	}
 }
 

@@ -61,8 +61,15 @@ type Decision struct {
 	// Policy is the key of the policy whose rule decided, "" when the end
 	// of a tier or of all tiers did; Tier the tier where it was decided.
 	Policy, Tier string
-	// Logged lists the keys of the policies whose Log rules the flow hit.
-	Logged []string
+	// Logged lists the Log rules the flow hit, in order.
+	Logged []LogHit
+}
+
+// LogHit is one Log rule a flow hit: the policy's key and the rule's
+// index in its direction.
+type LogHit struct {
+	Policy string
+	Rule   int
 }
 
 // Verdict is a flow's outcome in both directions.
@@ -151,7 +158,7 @@ func (e *Evaluator) walkTier(policies []*Policy, f Flow, egress bool, d *Decisio
 			}
 			switch a := r.action(); a {
 			case Log:
-				d.Logged = append(d.Logged, p.Key)
+				d.Logged = append(d.Logged, LogHit{p.Key, i})
 			default:
 				return a, p.Key
 			}

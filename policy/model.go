@@ -140,8 +140,6 @@ type Rule struct {
 	// IPVersion is 4 or 6 to match one family only, 0 for both.
 	IPVersion int
 	Src, Dst  Match
-	// LogPrefix is the NFLOG prefix of a Log rule.
-	LogPrefix string
 }
 
 // action is the rule's action after defaulting.

@@ -154,7 +154,7 @@ func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 			continue // cannot match in this family
 		}
 		defs = append(defs, ruleDefs...)
-		target, mark := r.target(p, rule, egress)
+		target, mark := r.target(p, rule, egress, i)
 		if mark != pending {
 			flush()
 		}
@@ -197,27 +197,29 @@ func allAllow(rules []Rule) bool {
 
 // target is a rule's target, and the mark a run of such rules returns
 // on ("" for targets that end or continue by themselves).
-func (r *Renderer) target(p *Policy, rule *Rule, egress bool) (target, mark string) {
+func (r *Renderer) target(p *Policy, rule *Rule, egress bool, index int) (target, mark string) {
 	switch rule.action() {
 	case Deny:
 		return "-j DROP", ""
 	case Pass:
 		return fmt.Sprintf("-j MARK --set-xmark 0x%x/0x%x", r.passMark(), r.passMark()), fmt.Sprintf("0x%x/0x%x", r.passMark(), r.passMark())
 	case Log:
-		return fmt.Sprintf("-j NFLOG --nflog-prefix \"%s\" --nflog-group %d", LogPrefix(p, egress), r.logGroup()), ""
+		return fmt.Sprintf("-j NFLOG --nflog-prefix \"%s\" --nflog-group %d", LogPrefix(p.Key, egress, index), r.logGroup()), ""
 	}
 	return fmt.Sprintf("-j MARK --set-xmark %s", r.mark()), r.mark()
 }
 
-// LogPrefix is the NFLOG prefix of a policy's Log rules: "sluice" and
-// the direction (I or E), then the policy's chain hash, so a record names
-// the policy and stays within NFLOG's 64 bytes.
-func LogPrefix(p *Policy, egress bool) string {
+// LogPrefix is the NFLOG prefix of a policy's Log rule, in fields the
+// drop logging can reuse: "sluice", the action (L for Log), the direction
+// (I or E), the hash that names the policy's chain (SLUICE-PI-<hash>),
+// and the rule's index in its direction. It stays within NFLOG's 64 bytes
+// whatever the policy's name.
+func LogPrefix(key string, egress bool, rule int) string {
 	dir := "I"
 	if egress {
 		dir = "E"
 	}
-	return "sluice|" + dir + "|" + shortHash(p.Key)
+	return fmt.Sprintf("sluice|L|%s|%s|%d", dir, shortHash(key), rule)
 }
 
 // ruleLines renders a rule's matches, one line per combination of its

@@ -315,23 +315,19 @@ func traceForward(t *testing.T, rs *Ruleset, p *packet) (bool, []string) {
 
 // expectedLogs is what the evaluator says the rules log: the egress
 // side's Log rules, then, when egress allowed it, the ingress side's.
-func expectedLogs(pols []*Policy, v Verdict, f Flow) []string {
-	byKey := map[string]*Policy{}
-	for _, p := range pols {
-		byKey[p.Key] = p
-	}
+func expectedLogs(_ []*Policy, v Verdict, f Flow) []string {
 	var out []string
 	if f.Src.Pod != nil {
-		for _, k := range v.Egress.Logged {
-			out = append(out, LogPrefix(byKey[k], true))
+		for _, h := range v.Egress.Logged {
+			out = append(out, LogPrefix(h.Policy, true, h.Rule))
 		}
 		if !v.Egress.Allowed {
 			return out
 		}
 	}
 	if f.Dst.Pod != nil {
-		for _, k := range v.Ingress.Logged {
-			out = append(out, LogPrefix(byKey[k], false))
+		for _, h := range v.Ingress.Logged {
+			out = append(out, LogPrefix(h.Policy, false, h.Rule))
 		}
 	}
 	return out

@@ -113,7 +113,7 @@ spec:
   selector: pod == 'a'
   ingress: [{action: Log, protocol: TCP}, {action: Allow}]
 `)
-	want := policy.LogPrefix(&policy.Policy{Key: policy.CalicoNetworkPolicyKey + "x/log-then-allow"}, false)
+	want := policy.LogPrefix(policy.CalicoNetworkPolicyKey+"x/log-then-allow", false, 0)
 	var got []string
 	deadline := time.Now().Add(30 * time.Second)
 	for !containsPrefix(got, want) && time.Now().Before(deadline) {
