@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -232,20 +233,23 @@ func FuzzFromCalicoPolicy(f *testing.F) {
 		f.Add([]byte(s), true)
 	}
 	w := newTierWorld()
+	f.Add([]byte{0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c}, true)
+	f.Add([]byte(strings.Repeat("\x03\x05\x02\x06\x04\x01", 20)), false)
 	f.Fuzz(func(t *testing.T, data []byte, global bool) {
+		var spec v3.GlobalNetworkPolicySpec
+		if json.Unmarshal(data, &spec) != nil {
+			spec = (&calicoDecoder{fuzzDecoder{b: data}}).spec()
+		}
+		if tooBig(&spec.Ingress, &spec.Egress) {
+			return
+		}
 		var p *Policy
 		if global {
-			var spec v3.GlobalNetworkPolicySpec
-			if json.Unmarshal(data, &spec) != nil || tooBig(&spec.Ingress, &spec.Egress) {
-				return
-			}
 			p = FromCalicoGlobalNetworkPolicy(&v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "fuzz"}, Spec: spec}, testTiers())
 		} else {
-			var spec v3.NetworkPolicySpec
-			if json.Unmarshal(data, &spec) != nil || tooBig(&spec.Ingress, &spec.Egress) {
-				return
-			}
-			p = FromCalicoNetworkPolicy(&v3.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "fuzz"}, Spec: spec}, testTiers())
+			np := v3.NetworkPolicySpec{Tier: spec.Tier, Order: spec.Order, Ingress: spec.Ingress, Egress: spec.Egress, Selector: spec.Selector,
+				Types: spec.Types, ServiceAccountSelector: spec.ServiceAccountSelector}
+			p = FromCalicoNetworkPolicy(&v3.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "fuzz"}, Spec: np}, testTiers())
 		}
 		if p.PodSelector == nil || p.Tier == nil {
 			t.Fatalf("no selector or tier: %+v", p)
@@ -287,4 +291,95 @@ var calicoFuzzSeeds = []string{
 	`{"ingress":[{"action":"Allow","http":{"methods":["GET"]}}],"egress":[{"action":"Allow"}]}`,
 	`{"ingress":[{"action":"Allow","protocol":47},{"action":"Deny","protocol":"udplite"}]}`,
 	`{"types":["Ingress","Egress"],"ingress":[{"action":"Allow","source":{"nets":["198.18.0.0/24"]},"destination":{"nets":["10.244.1.2"]}}]}`,
+}
+
+// calicoDecoder builds a v3 spec from fuzz bytes, field by field, when
+// they are not JSON: the fuzzer then explores the fields' combinations
+// (valid and not) rather than JSON syntax.
+type calicoDecoder struct{ fuzzDecoder }
+
+var (
+	fuzzActions    = []string{"Allow", "Deny", "Pass", "Log", "", "Accept"}
+	fuzzProtocols  = []string{"TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "udplite", "banana", "6", "47"}
+	fuzzNets       = []string{"198.18.0.0/24", "10.244.1.0/24", "0.0.0.0/0", "2001:db8::/64", "::/0", "10.244.1.2", "nope", "10.0.0.0/33"}
+	fuzzSelectors  = append(slices.Clone(testCalicoSelectors), "", "a ===", "global()", "projectcalico.org/namespace == 'x'")
+	fuzzNsSelector = []string{"", "team == 'red'", "global()", "all()", "bad ((("}
+	fuzzCalicoPorts      = []numorstring.Port{numorstring.SinglePort(80), numorstring.SinglePort(53), {MinPort: 53, MaxPort: 81}, numorstring.NamedPort("http"),
+		numorstring.NamedPort("dns"), {MinPort: 90, MaxPort: 80}, numorstring.SinglePort(0)}
+)
+
+func (d *calicoDecoder) entity() v3.EntityRule {
+	var e v3.EntityRule
+	for n := d.n(3); n > 0; n-- {
+		switch d.n(7) {
+		case 0:
+			e.Nets = append(e.Nets, d.pick(fuzzNets))
+		case 1:
+			e.NotNets = append(e.NotNets, d.pick(fuzzNets))
+		case 2:
+			e.Selector = d.pick(fuzzSelectors)
+		case 3:
+			e.NotSelector = d.pick(fuzzSelectors)
+		case 4:
+			e.NamespaceSelector = d.pick(fuzzNsSelector)
+		case 5:
+			e.Ports = append(e.Ports, fuzzCalicoPorts[d.n(len(fuzzCalicoPorts))])
+		default:
+			e.NotPorts = append(e.NotPorts, fuzzCalicoPorts[d.n(len(fuzzCalicoPorts))])
+		}
+	}
+	if d.n(8) == 0 {
+		e.ServiceAccounts = &v3.ServiceAccountMatch{Names: []string{"sa-a"}, Selector: d.pick([]string{"", "sa == 'b'"})}
+	}
+	return e
+}
+
+func (d *calicoDecoder) rule() v3.Rule {
+	r := v3.Rule{Action: v3.Action(d.pick(fuzzActions)), Source: d.entity(), Destination: d.entity()}
+	if d.n(3) > 0 {
+		p := numorstring.ProtocolFromString(d.pick(fuzzProtocols))
+		r.Protocol = &p
+	}
+	if d.n(5) == 0 {
+		p := numorstring.ProtocolFromString(d.pick(fuzzProtocols))
+		r.NotProtocol = &p
+	}
+	if d.n(3) == 0 {
+		typ, code := []int{8, 128, 13, 300}[d.n(4)], d.n(3)-1
+		f := &v3.ICMPFields{Type: &typ}
+		if code >= 0 {
+			f.Code = &code
+		}
+		if d.n(2) == 0 {
+			r.ICMP = f
+		} else {
+			r.NotICMP = f
+		}
+	}
+	if d.n(5) == 0 {
+		v := []int{4, 6, 5}[d.n(3)]
+		r.IPVersion = &v
+	}
+	return r
+}
+
+func (d *calicoDecoder) spec() v3.GlobalNetworkPolicySpec {
+	s := v3.GlobalNetworkPolicySpec{Tier: d.pick([]string{"", "security", "passing", "nope"}), Selector: d.pick(fuzzSelectors)}
+	if d.n(2) == 0 {
+		o := float64(d.n(3) * 100)
+		s.Order = &o
+	}
+	if d.n(3) == 0 {
+		s.NamespaceSelector = d.pick(fuzzNsSelector)
+	}
+	for n := d.n(3); n > 0; n-- {
+		s.Types = append(s.Types, v3.PolicyType(d.pick([]string{"Ingress", "Egress", "Sideways"})))
+	}
+	for n := d.n(3); n > 0; n-- {
+		s.Ingress = append(s.Ingress, d.rule())
+	}
+	for n := d.n(3); n > 0; n-- {
+		s.Egress = append(s.Egress, d.rule())
+	}
+	return s
 }
