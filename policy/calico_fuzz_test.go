@@ -299,12 +299,12 @@ var calicoFuzzSeeds = []string{
 type calicoDecoder struct{ fuzzDecoder }
 
 var (
-	fuzzActions    = []string{"Allow", "Deny", "Pass", "Log", "", "Accept"}
-	fuzzProtocols  = []string{"TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "udplite", "banana", "6", "47"}
-	fuzzNets       = []string{"198.18.0.0/24", "10.244.1.0/24", "0.0.0.0/0", "2001:db8::/64", "::/0", "10.244.1.2", "nope", "10.0.0.0/33"}
-	fuzzSelectors  = append(slices.Clone(testCalicoSelectors), "", "a ===", "global()", "projectcalico.org/namespace == 'x'")
-	fuzzNsSelector = []string{"", "team == 'red'", "global()", "all()", "bad ((("}
-	fuzzCalicoPorts      = []numorstring.Port{numorstring.SinglePort(80), numorstring.SinglePort(53), {MinPort: 53, MaxPort: 81}, numorstring.NamedPort("http"),
+	fuzzActions     = []string{"Allow", "Deny", "Pass", "Log", "", "Accept"}
+	fuzzProtocols   = []string{"TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "udplite", "banana", "6", "47"}
+	fuzzNets        = []string{"198.18.0.0/24", "10.244.1.0/24", "0.0.0.0/0", "2001:db8::/64", "::/0", "10.244.1.2", "nope", "10.0.0.0/33"}
+	fuzzSelectors   = append(slices.Clone(testCalicoSelectors), "", "a ===", "global()", "projectcalico.org/namespace == 'x'")
+	fuzzNsSelector  = []string{"", "team == 'red'", "global()", "all()", "bad ((("}
+	fuzzCalicoPorts = []numorstring.Port{numorstring.SinglePort(80), numorstring.SinglePort(53), {MinPort: 53, MaxPort: 81}, numorstring.NamedPort("http"),
 		numorstring.NamedPort("dns"), {MinPort: 90, MaxPort: 80}, numorstring.SinglePort(0)}
 )
 
