@@ -378,14 +378,17 @@ func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFact
 		}
 	}
 	l.pods, l.namespaces, l.serviceAccounts = pods.Lister(), nss.Lister(), sas.Lister()
-	factory.Start(ctx.Done())
-	factory.WaitForCacheSync(ctx.Done())
 	api := l.detectCalico(ctx)
 	l.mu.Lock()
 	l.calicoWanted = api
 	l.mu.Unlock()
+	factory.Start(ctx.Done())
 	if api != CalicoNone {
-		l.switchCalico(ctx, api)
+		l.startCalico(ctx, api) // lists beside the Kubernetes informers
+	}
+	factory.WaitForCacheSync(ctx.Done())
+	if api != CalicoNone {
+		l.finishCalico(ctx)
 	}
 	return factory, nil
 }

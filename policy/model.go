@@ -373,12 +373,19 @@ const (
 )
 
 func matchPod(sel Selector, pod *Pod) bool {
-	return matchLabels(sel, pod.Labels, labels.Set{calicoNamespaceLabel: pod.Namespace, calicoOrchestratorLabel: "k8s",
-		calicoServiceAccountLabel: pod.ServiceAccount})
+	c, ok := sel.(calicoSelector)
+	if !ok {
+		return sel.Matches(pod.Labels)
+	}
+	return c.sel.EvaluateLabels(podCalicoLabels{pod})
 }
 
 func matchNamespace(sel Selector, ns *Namespace) bool {
-	return matchLabels(sel, ns.Labels, labels.Set{calicoNameLabel: ns.Name})
+	c, ok := sel.(calicoSelector)
+	if !ok {
+		return sel.Matches(ns.Labels)
+	}
+	return c.sel.EvaluateLabels(calicoLabels{ns.Labels, labels.Set{calicoNameLabel: ns.Name}})
 }
 
 // matchLabels matches a selector over labels, a Calico selector over the
@@ -388,4 +395,21 @@ func matchLabels(sel Selector, own labels.Set, calico labels.Set) bool {
 		return c.sel.EvaluateLabels(calicoLabels{own, calico})
 	}
 	return sel.Matches(own)
+}
+
+// podCalicoLabels is a pod's labels as Calico's selectors see them,
+// without building a map per match.
+type podCalicoLabels struct{ pod *Pod }
+
+func (p podCalicoLabels) Get(name string) (string, bool) {
+	switch name {
+	case calicoNamespaceLabel:
+		return p.pod.Namespace, true
+	case calicoOrchestratorLabel:
+		return "k8s", true
+	case calicoServiceAccountLabel:
+		return p.pod.ServiceAccount, true
+	}
+	v, ok := p.pod.Labels[name]
+	return v, ok
 }

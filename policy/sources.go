@@ -156,6 +156,14 @@ func (l *Loop) runCalicoDetector(ctx context.Context, period time.Duration) {
 // switchCalico reads from another Calico API: it stops the old informers,
 // starts the new, and marks every policy, network set and tier changed.
 func (l *Loop) switchCalico(ctx context.Context, api CalicoAPI) {
+	l.startCalico(ctx, api)
+	l.finishCalico(ctx)
+}
+
+// startCalico stops the old Calico informers and starts the new ones,
+// without waiting for them: at start the loop waits for them and the
+// Kubernetes informers together.
+func (l *Loop) startCalico(ctx context.Context, api CalicoAPI) {
 	logger := klog.FromContext(ctx)
 	if l.calico != nil {
 		close(l.calico.stop)
@@ -169,14 +177,23 @@ func (l *Loop) switchCalico(ctx context.Context, api CalicoAPI) {
 		l.calico = canalSources(l.dynClient, 10*time.Minute)
 	}
 	logger.Info("policy sources", "calico", string(api))
-	if l.calico != nil {
-		l.sources = append(l.sources, l.calico.policies...)
-		for _, w := range l.calico.watches() {
-			if err := l.watch(w.inf, w.dirty); err != nil {
-				logger.Error(err, "watching a Calico kind")
-			}
+	if l.calico == nil {
+		return
+	}
+	l.sources = append(l.sources, l.calico.policies...)
+	for _, w := range l.calico.watches() {
+		if err := l.watch(w.inf, w.dirty); err != nil {
+			logger.Error(err, "watching a Calico kind")
 		}
-		l.calico.start(l.calico.stop)
+	}
+	l.calico.start(l.calico.stop)
+}
+
+// finishCalico waits for the Calico informers, makes the default tier,
+// and marks every policy, network set and tier changed.
+func (l *Loop) finishCalico(ctx context.Context) {
+	logger := klog.FromContext(ctx)
+	if l.calico != nil {
 		// Bounded: informers that cannot list (a ClusterRole without the
 		// Calico kinds) must not hold up the Kubernetes policies. The
 		// loop is not ready while they have not synced (calicoProblem).
