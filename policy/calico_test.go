@@ -9,6 +9,7 @@ import (
 	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/yaml"
 )
@@ -573,4 +574,39 @@ spec:
 	if !k.Selects(w.pods[0], w.nss["x"]) {
 		t.Error("a Kubernetes selector saw a label Calico adds")
 	}
+}
+
+// TestUndecodableCanalObjectFailsClosedForItsSubject: a v1 object the v3
+// types refuse still fails closed only for whom it selects, as far as
+// that can be read.
+func TestUndecodableCanalObjectFailsClosedForItsSubject(t *testing.T) {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "crd.projectcalico.org/v1", "kind": "GlobalNetworkPolicy",
+		"metadata": map[string]any{"name": "bad-port"},
+		"spec": map[string]any{"selector": "role == 'db'", "types": []any{"Ingress"},
+			"ingress": []any{map[string]any{"action": "Allow", "protocol": "TCP", "destination": map[string]any{"ports": []any{"90:80"}}}}},
+	}}
+	_, err := decode[v3.GlobalNetworkPolicy](u)
+	if err == nil {
+		t.Fatal("the object decodes")
+	}
+	p := undecodable(CalicoGlobalNetworkPolicyKey+"bad-port", u, err)
+	w := newTierWorld()
+	if !strings.HasPrefix(p.Broken, "spec:") || !p.Ingress || p.Egress {
+		t.Fatalf("broken %q ingress %v egress %v", p.Broken, p.Ingress, p.Egress)
+	}
+	for _, pod := range w.pods {
+		if got, want := p.Selects(pod, w.nss[pod.Namespace]), pod.Labels["role"] == "db"; got != want {
+			t.Errorf("%s/%s: selected %v, want %v", pod.Namespace, pod.Name, got, want)
+		}
+	}
+	w.check(t, []*Policy{withoutBroken(p)}, []calicoCase{{"x/b", "x/a", TCP, 80, false}, {"x/a", "x/b", TCP, 80, true}})
+}
+
+// withoutBroken returns the policy with Broken cleared, for check, which
+// refuses broken policies by default.
+func withoutBroken(p *Policy) *Policy {
+	c := *p
+	c.Broken = ""
+	return &c
 }

@@ -408,12 +408,35 @@ func kubernetesSource(informer cache.SharedIndexInformer) *policySource {
 	}}
 }
 
-// undecodable is the model of an object that does not decode: whom it
-// selects is unknown, so it fails closed for every endpoint in its scope.
-func undecodable(key, namespace string, err error) *Policy {
-	sel, _ := ParseCalicoSelector("all()")
-	p := &Policy{Key: key, Name: key, Namespace: namespace, Order: 0, PodSelector: sel, Ingress: true, Egress: true}
-	return p.failClosed(fmt.Errorf("metadata: %w", err))
+// undecodable is the model of an object that does not decode (a Canal
+// object its CRDs stored but the v3 types refuse). It fails closed for
+// whom it selects, read field by field where that still works; what
+// cannot be read selects every endpoint in its scope.
+func undecodable(key string, obj any, err error) *Policy {
+	all, _ := ParseCalicoSelector("all()")
+	p := &Policy{Key: key, Name: key, Order: NoOrder, PodSelector: all, Ingress: true, Egress: true}
+	if m, ok := obj.(metav1.Object); ok {
+		p.Namespace, p.Name = m.GetNamespace(), m.GetName()
+	}
+	if u, ok := obj.(*unstructured.Unstructured); ok {
+		if s, found, _ := unstructured.NestedString(u.Object, "spec", "selector"); found {
+			if sel, err := ParseCalicoSelector(s); err == nil && !strings.Contains(s, "global(") {
+				p.PodSelector = sel
+			}
+		}
+		if s, found, _ := unstructured.NestedString(u.Object, "spec", "namespaceSelector"); found && p.Namespace == "" && s != "" {
+			if sel, err := ParseCalicoSelector(s); err == nil {
+				p.NamespaceSelector = sel
+			}
+		}
+		if types, found, _ := unstructured.NestedStringSlice(u.Object, "spec", "types"); found && len(types) > 0 {
+			p.Ingress, p.Egress = slices.Contains(types, "Ingress"), slices.Contains(types, "Egress")
+			if !p.Ingress && !p.Egress {
+				p.Ingress, p.Egress = true, true
+			}
+		}
+	}
+	return p.failClosed(fmt.Errorf("spec: %w", err))
 }
 
 // sourceOf finds the source of a model key.
@@ -473,7 +496,7 @@ func (l *Loop) convertPolicy(ctx context.Context, key string) (*Policy, error) {
 	}
 	p, err := s.convert(obj, l.tierLookup)
 	if err != nil {
-		p = undecodable(key, m.GetNamespace(), err)
+		p = undecodable(key, obj, err)
 	}
 	p.Key = key
 	if p.Broken != "" {
