@@ -71,7 +71,9 @@ func TestKubernetesAndCalicoParityInTheLab(t *testing.T) {
 				if j == 0 {
 					created, err := shared.Client.NetworkingV1().NetworkPolicies("x").Create(ctx, np, metav1.CreateOptions{})
 					must(t, err)
-					defer func() { _ = shared.Client.NetworkingV1().NetworkPolicies("x").Delete(ctx, created.Name, metav1.DeleteOptions{}) }()
+					defer func() {
+						_ = shared.Client.NetworkingV1().NetworkPolicies("x").Delete(ctx, created.Name, metav1.DeleteOptions{})
+					}()
 				} else {
 					c := calicotest.FromKubernetes(np)
 					_, err := calico.ProjectcalicoV3().NetworkPolicies("x").Create(ctx, c, metav1.CreateOptions{})
