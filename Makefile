@@ -10,7 +10,7 @@ export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
 TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
-.PHONY: all build deps tools images test bench lab lab-down lint clean
+.PHONY: all build deps tools images test bench lab lab-down lint clean generate
 
 all: build
 
@@ -18,6 +18,13 @@ all: build
 # loader alone would cost it about a millisecond.
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
+
+# The Calico policy CRDs, generated from github.com/projectcalico/api's Go
+# types (internal/crdgen) into manifests/sluice.yaml, and the
+# crd.projectcalico.org/v1 set of a Canal cluster into
+# manifests/canal-crds.yaml. A test fails while they are stale.
+generate:
+	$(GO) run ./internal/crdgen/gen
 
 # The Debian packages the lab and the tests use (iproute2, iptables, ipset,
 # conntrack, iperf3, ...), installed with apt-get when missing.

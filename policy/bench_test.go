@@ -49,7 +49,7 @@ func scale(nPods, nPolicies, nLocal int) (map[string]*Policy, []*Pod, map[string
 	var locals []LocalEndpoint
 	for i := 0; i < nLocal; i++ {
 		pod := pods[i*(nPods/nLocal)]
-		in, out := Selecting(pols, pod)
+		in, out := Selecting(pols, pod, nil)
 		locals = append(locals, LocalEndpoint{Pod: pod, HostVeth: "sl" + shortHash(pod.Name)[:11], Ingress: in, Egress: out})
 	}
 	return pols, pods, namespaces, locals
@@ -89,7 +89,7 @@ func BenchmarkPolicyProgramming(b *testing.B) {
 			key := fmt.Sprintf("ns%d/pol%d", i%100, i%1000)
 			p := *pols[key]
 			rule := p.IngressRules[0]
-			rule.Ports = []Port{{Protocol: TCP, Number: int32(9000 + i%1000)}}
+			rule.Dst.Ports = []Port{{Protocol: TCP, Number: int32(9000 + i%1000)}}
 			p.IngressRules = []Rule{rule}
 			pols[key] = &p
 			t0 := time.Now()

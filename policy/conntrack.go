@@ -16,8 +16,9 @@ import (
 // endpoint that the policies no longer allow, so a new deny also cuts
 // connections that conntrack would otherwise pass as established. The
 // reference semantics decide each flow, so the cut matches the rules.
-func cutDeniedFlows(pols map[string]*Policy, pods []*Pod, namespaces map[string]*Namespace, locals []LocalEndpoint) (int, error) {
-	j := newFlowJudge(pols, pods, namespaces, locals)
+func cutDeniedFlows(r cutRequest) (int, error) {
+	j := newFlowJudge(r.policies, r.pods, r.namespaces, r.locals)
+	j.netsets = r.netsets
 	filter := &denyFilter{}
 	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
 		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
@@ -50,6 +51,7 @@ type flowJudge struct {
 	byIP       map[netip.Addr]*Pod
 	local      map[netip.Addr]bool
 	namespaces map[string]*Namespace
+	netsets    []*NetworkSet
 	policies   []*Policy
 	// selecting caches, per pod, the policies that select it.
 	selecting map[*Pod][]*Policy
@@ -91,7 +93,8 @@ func (j *flowJudge) denied(t netlink.IPTuple) bool {
 		return false
 	}
 	s, d := j.endpoint(src), j.endpoint(dst)
-	return !Allowed(j.relevant(s.Pod, d.Pod), s, d, proto, int32(t.DstPort))
+	e := &Evaluator{Policies: j.relevant(s.Pod, d.Pod), NetworkSets: j.netsets, Namespaces: j.namespaces}
+	return !e.Verdict(Flow{Src: s, Dst: d, Proto: proto, SrcPort: int32(t.SrcPort), DstPort: int32(t.DstPort)}).Allowed()
 }
 
 func (j *flowJudge) endpoint(ip netip.Addr) Endpoint {
@@ -113,7 +116,7 @@ func (j *flowJudge) relevant(pods ...*Pod) []*Policy {
 		ps, ok := j.selecting[pod]
 		if !ok {
 			for _, p := range j.policies {
-				if p.Selects(pod) {
+				if p.Selects(pod, j.namespaces[pod.Namespace]) {
 					ps = append(ps, p)
 				}
 			}
@@ -158,6 +161,7 @@ type cutRequest struct {
 	pods       []*Pod
 	namespaces map[string]*Namespace
 	locals     []LocalEndpoint
+	netsets    []*NetworkSet
 }
 
 // requestCut hands a cut to runCutter, replacing one not yet started: the
@@ -188,7 +192,7 @@ func (l *Loop) runCutter(ctx context.Context) {
 		var n int
 		err := l.netns.Do(func(ns.NetNS) error {
 			var err error
-			n, err = cutDeniedFlows(r.policies, r.pods, r.namespaces, r.locals)
+			n, err = cutDeniedFlows(r)
 			return err
 		})
 		if err != nil {

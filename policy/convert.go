@@ -3,7 +3,6 @@ package policy
 import (
 	"fmt"
 	"net/netip"
-	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -16,7 +15,10 @@ import (
 // cannot be translated is returned with Broken set, selecting what it can:
 // it then isolates its pods and allows nothing, never more.
 func FromNetworkPolicy(np *networkingv1.NetworkPolicy) *Policy {
-	p := &Policy{Key: np.Namespace + "/" + np.Name, Namespace: np.Namespace}
+	// "Kubernetes NetworkPolicies sit in the default tier at order 1000",
+	// where Calico places them; all their rules allow, so inside the tier
+	// they add up as the API says.
+	p := &Policy{Key: np.Namespace + "/" + np.Name, Name: np.Name, Order: KubernetesPolicyOrder, Namespace: np.Namespace}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
 		// Whom the policy selects is unknown: fail closed for the whole
@@ -52,18 +54,19 @@ func FromNetworkPolicy(np *networkingv1.NetworkPolicy) *Policy {
 		return p
 	}
 	for i, r := range np.Spec.Ingress {
-		rule, err := convertRule(fmt.Sprintf("spec.ingress[%d]", i), "from", np.Namespace, r.From, r.Ports)
+		peers, ports, err := convertRule(fmt.Sprintf("spec.ingress[%d]", i), "from", np.Namespace, r.From, r.Ports)
 		if err != nil {
 			return p.broken(err)
 		}
-		p.IngressRules = append(p.IngressRules, rule)
+		// The peers are the source; the ports are the selected pod's.
+		p.IngressRules = append(p.IngressRules, Rule{Action: Allow, Src: Match{Peers: peers}, Dst: Match{Ports: ports}})
 	}
 	for i, r := range np.Spec.Egress {
-		rule, err := convertRule(fmt.Sprintf("spec.egress[%d]", i), "to", np.Namespace, r.To, r.Ports)
+		peers, ports, err := convertRule(fmt.Sprintf("spec.egress[%d]", i), "to", np.Namespace, r.To, r.Ports)
 		if err != nil {
 			return p.broken(err)
 		}
-		p.EgressRules = append(p.EgressRules, rule)
+		p.EgressRules = append(p.EgressRules, Rule{Action: Allow, Dst: Match{Peers: peers, Ports: ports}})
 	}
 	return p
 }
@@ -77,32 +80,31 @@ func (p *Policy) broken(err error) *Policy {
 	return p
 }
 
-// convertRule converts one rule; errors name the field from path, as in
-// "spec.ingress[0].from[1].ipBlock.cidr: ...".
-func convertRule(path, peersField, namespace string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (Rule, error) {
-	var r Rule
+// convertRule converts one rule's peers and ports; errors name the field
+// from path, as in "spec.ingress[0].from[1].ipBlock.cidr: ...".
+func convertRule(path, peersField, namespace string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (outPeers []Peer, outPorts []Port, err error) {
 	for i, peer := range peers {
 		p, matches, err := convertPeer(namespace, peer)
 		if err != nil {
-			return r, fmt.Errorf("%s.%s[%d]%w", path, peersField, i, err)
+			return nil, nil, fmt.Errorf("%s.%s[%d]%w", path, peersField, i, err)
 		}
 		if matches {
-			r.Peers = append(r.Peers, p)
+			outPeers = append(outPeers, p)
 		}
 	}
-	if len(peers) > 0 && r.Peers == nil {
+	if len(peers) > 0 && outPeers == nil {
 		// Every peer matches nothing, so the rule allows nothing; a nil
 		// list would mean every peer.
-		r.Peers = []Peer{}
+		outPeers = []Peer{}
 	}
 	for i, port := range ports {
 		pt, err := convertPort(port)
 		if err != nil {
-			return r, fmt.Errorf("%s.ports[%d]%w", path, i, err)
+			return nil, nil, fmt.Errorf("%s.ports[%d]%w", path, i, err)
 		}
-		r.Ports = append(r.Ports, pt)
+		outPorts = append(outPorts, pt)
 	}
-	return r, nil
+	return outPeers, outPorts, nil
 }
 
 // convertPeer converts one peer. It reports matches=false for an ipBlock
@@ -137,37 +139,27 @@ func convertPeer(namespace string, peer networkingv1.NetworkPolicyPeer) (p Peer,
 	return Peer{Pods: pp}, true, nil
 }
 
-// convertIPBlock normalises an ipBlock: "except is a slice of CIDRs that
-// should not be included within an IPBlock". The API server accepts only
-// excepts strictly inside the cidr; what else reaches us keeps its meaning
-// by that sentence, in the form the renderer needs (each except strictly
-// inside the cidr, once): an except outside the block excludes nothing and
-// is dropped, and one that holds the whole block leaves a peer that
-// matches no address (matches=false).
+// convertIPBlock converts an ipBlock into the normalised form of
+// normaliseBlock: it reports matches=false for a block whose excepts
+// leave no address.
 func convertIPBlock(b *networkingv1.IPBlock) (p Peer, matches bool, err error) {
 	cidr, err := parseBlockPrefix(b.CIDR)
 	if err != nil {
 		return Peer{}, false, fmt.Errorf(".ipBlock.cidr: %w", err)
 	}
-	p = Peer{CIDR: cidr}
-	empty := false
+	var except []netip.Prefix
 	for i, e := range b.Except {
 		ex, err := parseBlockPrefix(e)
 		if err != nil {
 			return Peer{}, false, fmt.Errorf(".ipBlock.except[%d]: %w", i, err)
 		}
-		switch {
-		case !ex.Overlaps(cidr): // outside the block, or the other family
-		case ex.Bits() <= cidr.Bits():
-			empty = true // holds the whole block
-		case !slices.Contains(p.Except, ex):
-			p.Except = append(p.Except, ex)
-		}
+		except = append(except, ex)
 	}
+	except, empty := normaliseBlock(cidr, except)
 	if empty {
 		return Peer{}, false, nil
 	}
-	return p, true, nil
+	return Peer{CIDR: cidr, Except: except}, true, nil
 }
 
 // parseBlockPrefix parses an ipBlock prefix, host bits and all (the API

@@ -253,11 +253,35 @@ type Failure struct {
 }
 
 // failClosed is the content of a policy chain that could not be
-// programmed: it allows nothing, so only the endpoint chain's final DROP
-// and the other policies decide. The comment is fixed, so the chain is
-// not rewritten on every sync.
-func failClosed(chain string) []string {
+// programmed. A chain that only allows (every NetworkPolicy) then allows
+// nothing, so only the end of its tier and the other policies decide. A
+// chain that can deny, pass or log (Calico's) drops what it would have
+// seen: returning would skip its Deny or Pass and let a later policy allow
+// what it should not. The comments are fixed, so the chain is not
+// rewritten on every sync.
+func failClosed(chain string, rules []string) []string {
+	if !allowOnly(rules) {
+		return []string{fmt.Sprintf("-A %s -m comment --comment \"sluice could not program this policy; it drops what it selects (see sluicectl status)\" -j DROP", chain)}
+	}
 	return []string{fmt.Sprintf("-A %s -m comment --comment \"sluice could not program this policy; it allows nothing (see sluicectl status)\" -j RETURN", chain)}
+}
+
+// allowOnly reports whether a rendered policy chain only allows: no DROP
+// or NFLOG target, and one mark (the accept mark) set.
+func allowOnly(rules []string) bool {
+	mark := ""
+	for _, r := range rules {
+		if strings.HasSuffix(r, " -j DROP") || strings.Contains(r, " -j NFLOG ") {
+			return false
+		}
+		if _, m, ok := strings.Cut(r, " -j MARK --set-xmark "); ok {
+			if mark != "" && m != mark {
+				return false
+			}
+			mark = m
+		}
+	}
+	return true
 }
 
 // applySets writes the sets that changed and returns the ones that could
@@ -337,7 +361,7 @@ func (d *Dataplane) isolate(chains map[string][]string, failedSets map[string]st
 		}
 		if r, ok := d.refusedChains[name]; ok {
 			if r.content == strings.Join(rules, "\n") {
-				out[name] = failClosed(name)
+				out[name] = failClosed(name, rules)
 				st.Failed = append(st.Failed, Failure{Chain: name, Reason: r.reason})
 				continue
 			}
@@ -348,7 +372,7 @@ func (d *Dataplane) isolate(chains map[string][]string, failedSets map[string]st
 		}
 		for _, set := range d.referencedSets(name, rules) {
 			if why, ok := failedSets[set]; ok {
-				out[name] = failClosed(name)
+				out[name] = failClosed(name, rules)
 				st.Failed = append(st.Failed, Failure{Chain: name, Set: set, Reason: why})
 				break
 			}
@@ -492,7 +516,7 @@ func (d *Dataplane) commitEach(want map[string][]string, changed, stale []string
 		d.refusedChains[name] = refusal{strings.Join(want[name], "\n"), err.Error()}
 		st.Failed = append(st.Failed, Failure{Chain: name, Reason: err.Error()})
 		closed := maps.Clone(want)
-		closed[name] = failClosed(name)
+		closed[name] = failClosed(name, want[name])
 		if err := d.commit(closed, []string{name}, nil, st); err != nil {
 			return fmt.Errorf("writing the fail-closed chain %s: %w", name, err)
 		}

@@ -229,7 +229,7 @@ func (w *fuzzWorld) render(p *Policy, ipv6 bool) *Ruleset {
 	m := map[string]*Policy{p.Key: p}
 	var eps []LocalEndpoint
 	for _, pod := range w.pods {
-		in, out := Selecting(m, pod)
+		in, out := Selecting(m, pod, nil)
 		eps = append(eps, LocalEndpoint{Pod: pod, HostVeth: w.veth(pod), Ingress: in, Egress: out})
 	}
 	return (&Renderer{IPv6: ipv6, AcceptMark: 0x10000}).Render(m, eps, w.pods, w.nss)
@@ -416,14 +416,14 @@ func checkBroken(t *testing.T, w *fuzzWorld, np *networkingv1.NetworkPolicy, p *
 	// At least the pods the object selects, when that is known.
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	for _, pod := range w.pods {
-		if pod.Namespace == np.Namespace && (err != nil || sel.Matches(pod.Labels)) && !p.Selects(pod) {
+		if pod.Namespace == np.Namespace && (err != nil || sel.Matches(pod.Labels)) && !p.Selects(pod, nil) {
 			t.Fatalf("Broken policy does not select %s/%s (%s)", pod.Namespace, pod.Name, msg)
 		}
 	}
 	// And allows those pods nothing in those directions.
 	outside := Endpoint{IP: netip.MustParseAddr("198.18.0.254")}
 	for _, self := range w.pods {
-		if !p.Selects(self) {
+		if !p.Selects(self, nil) {
 			continue
 		}
 		me := Endpoint{Pod: self, Namespace: w.nss[self.Namespace], IP: self.IPs[0]}
@@ -878,7 +878,7 @@ func TestFromNetworkPolicyInputChecks(t *testing.T) {
 	// An ipBlock whose excepts cover it matches nothing: the rule must not
 	// turn into "every peer".
 	p := FromNetworkPolicy(&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "empty"}, Spec: in(block("10.244.2.0/24", "10.244.2.0/24"))})
-	if r := p.IngressRules; len(r) != 1 || r[0].Peers == nil || len(r[0].Peers) != 0 {
+	if r := p.IngressRules; len(r) != 1 || r[0].Src.Peers == nil || len(r[0].Src.Peers) != 0 {
 		t.Errorf("rule of an ipBlock that matches nothing: %+v", r)
 	}
 }

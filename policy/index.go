@@ -26,6 +26,7 @@ import (
 type clusterState struct {
 	policies   map[string]*Policy
 	namespaces map[string]*Namespace
+	netsets    map[string]*NetworkSet
 	apiPods    map[string]*Pod // "namespace/name" -> as the API server has it
 	endpoints  map[string]endpointapi.Endpoint
 	// pods are the effective pods: the API's, with the registry's IPs for
@@ -48,6 +49,7 @@ type clusterState struct {
 	dirtyPolicies   map[string]bool
 	dirtyPods       map[string]bool
 	dirtyNamespaces map[string]bool
+	dirtyNetSets    map[string]bool
 }
 
 // selection is a local endpoint and the policies selecting it.
@@ -75,6 +77,9 @@ type renderedPolicy struct {
 
 type renderedEndpoint struct {
 	version int
+	// tiers is tierSignature of the policies it was rendered from: a
+	// tier's default action is part of the chain.
+	tiers string
 	// chains are the endpoint's chains of both directions, with their
 	// port trees.
 	chains map[string][]string
@@ -89,10 +94,10 @@ type indexedSet struct {
 
 func newClusterState(families []*Renderer) *clusterState {
 	s := &clusterState{
-		policies: map[string]*Policy{}, namespaces: map[string]*Namespace{}, apiPods: map[string]*Pod{},
+		policies: map[string]*Policy{}, namespaces: map[string]*Namespace{}, netsets: map[string]*NetworkSet{}, apiPods: map[string]*Pod{},
 		endpoints: map[string]endpointapi.Endpoint{}, pods: map[string]*Pod{}, podsByNamespace: map[string]map[string]*Pod{},
 		selections:    map[string]*selection{},
-		dirtyPolicies: map[string]bool{}, dirtyPods: map[string]bool{}, dirtyNamespaces: map[string]bool{},
+		dirtyPolicies: map[string]bool{}, dirtyPods: map[string]bool{}, dirtyNamespaces: map[string]bool{}, dirtyNetSets: map[string]bool{},
 	}
 	for _, r := range families {
 		s.families = append(s.families, &familyState{r: r, policyChains: map[policyChainRef]*renderedPolicy{},
@@ -126,6 +131,11 @@ func setModel[T any](models map[string]*T, dirty map[string]bool, key string, v 
 		models[key] = v
 	}
 	dirty[key] = true
+}
+
+// SetNetworkSet records a network set, or its deletion with nil.
+func (s *clusterState) SetNetworkSet(key string, ns *NetworkSet) {
+	setModel(s.netsets, s.dirtyNetSets, key, ns)
 }
 
 // SetEndpoints replaces the local endpoints with the registry's.
@@ -233,12 +243,14 @@ func (s *clusterState) Commit() []*Ruleset {
 	clear(s.dirtyPolicies)
 	clear(s.dirtyPods)
 	clear(s.dirtyNamespaces)
+	clear(s.dirtyNetSets)
 	return rulesets
 }
 
 // updateSelections finds the policies selecting each local endpoint: all
-// of them for a new endpoint or a changed pod, only the changed policies
-// for the rest.
+// of them for a new endpoint, a changed pod or a changed namespace (which
+// cluster-wide policies select by), only the changed policies for the
+// rest.
 func (s *clusterState) updateSelections() {
 	for k, sel := range s.selections {
 		if ep, ok := s.endpoints[k]; !ok || !sameEndpoint(ep, sel.ep) {
@@ -247,9 +259,10 @@ func (s *clusterState) updateSelections() {
 	}
 	for k, ep := range s.endpoints {
 		pod := s.pods[ep.Namespace+"/"+ep.Pod]
+		ns := s.namespaces[ep.Namespace]
 		sel, ok := s.selections[k]
-		if !ok || sel.pod != pod {
-			in, out := Selecting(s.policies, pod)
+		if !ok || sel.pod != pod || s.dirtyNamespaces[ep.Namespace] {
+			in, out := Selecting(s.policies, pod, ns)
 			if ok && slices.Equal(in, sel.ingress) && slices.Equal(out, sel.egress) {
 				sel.pod = pod
 				continue
@@ -261,13 +274,19 @@ func (s *clusterState) updateSelections() {
 		if len(s.dirtyPolicies) == 0 {
 			continue
 		}
-		in, out := sel.ingress, sel.egress
+		var addIn, addOut []string
 		for key := range s.dirtyPolicies {
 			p := s.policies[key]
-			selects := p != nil && p.Selects(pod)
-			in = setMember(in, key, selects && p.Ingress)
-			out = setMember(out, key, selects && p.Egress)
+			if p != nil && !p.Staged && p.Selects(pod, ns) {
+				if p.Ingress {
+					addIn = append(addIn, key)
+				}
+				if p.Egress {
+					addOut = append(addOut, key)
+				}
+			}
 		}
+		in, out := s.reorder(sel.ingress, addIn), s.reorder(sel.egress, addOut)
 		if !slices.Equal(in, sel.ingress) || !slices.Equal(out, sel.egress) || s.dirtyPortTree(in, out) {
 			sel.ingress, sel.egress = in, out
 			s.versions++
@@ -276,17 +295,29 @@ func (s *clusterState) updateSelections() {
 	}
 }
 
-// setMember returns the sorted list with key present or absent, copying
-// it when it changes.
-func setMember(list []string, key string, present bool) []string {
-	i, found := slices.BinarySearch(list, key)
-	switch {
-	case present && !found:
-		return slices.Insert(slices.Clone(list), i, key)
-	case !present && found:
-		return slices.Delete(slices.Clone(list), i, i+1)
+// reorder returns an endpoint's policy list after the changed policies:
+// without the dirty ones, then with those of add put where they now
+// belong (a changed policy may have a new order or tier). It returns list
+// itself when nothing changed.
+func (s *clusterState) reorder(list, add []string) []string {
+	var out []string
+	for _, k := range list {
+		if !s.dirtyPolicies[k] {
+			out = append(out, k)
+		}
 	}
-	return list
+	for _, k := range add {
+		p := s.policies[k]
+		i := 0
+		for i < len(out) && comparePolicies(s.policies[out[i]], p) < 0 {
+			i++
+		}
+		out = slices.Insert(out, i, k)
+	}
+	if slices.Equal(out, list) {
+		return list
+	}
+	return out
 }
 
 // renderFamily brings one family's chains and sets up to date. used are
@@ -346,10 +377,26 @@ func (s *clusterState) renderSets(f *familyState, changes []podChange, needed ma
 		for _, c := range changes {
 			s.reindex(f, is, c.key, c.new)
 		}
-		if is.def.peer != nil && is.def.peer.Namespaces != nil {
+		// Namespace labels decide peers with a namespace selector, and the
+		// pods a cluster-wide policy's named-port set counts.
+		nsScoped := is.def.peer != nil && is.def.peer.Namespaces != nil ||
+			is.def.selectedBy != nil && is.def.selectedBy.NamespaceSelector != nil
+		if nsScoped {
 			for ns := range s.dirtyNamespaces {
 				for k, pod := range s.podsByNamespace[ns] {
 					s.reindex(f, is, k, pod)
+				}
+			}
+		}
+		if is.def.peer != nil && is.def.peer.NetworkSets {
+			for k := range s.dirtyNetSets {
+				s.reindexNetSet(f, is, k)
+			}
+			if nsScoped {
+				for k, ns := range s.netsets {
+					if s.dirtyNamespaces[ns.Namespace] {
+						s.reindexNetSet(f, is, k)
+					}
 				}
 			}
 		}
@@ -364,6 +411,11 @@ func (s *clusterState) renderSets(f *familyState, changes []podChange, needed ma
 				is.byPod[k] = e
 			}
 		})
+		if d.peer != nil && d.peer.NetworkSets {
+			for k := range s.netsets {
+				s.reindexNetSet(f, is, k)
+			}
+		}
 		f.sets[name] = is
 	}
 	for name, is := range f.sets {
@@ -373,6 +425,9 @@ func (s *clusterState) renderSets(f *familyState, changes []podChange, needed ma
 				is.set.Entries = append(is.set.Entries, e...)
 			}
 			sortEntries(is.set)
+			// A pod's address may also lie in a network set, and two
+			// network sets may hold the same net.
+			is.set.Entries = slices.Compact(is.set.Entries)
 		}
 		rs.Sets[name] = is.set
 	}
@@ -393,9 +448,10 @@ func (s *clusterState) renderEndpointChains(f *familyState, rs *Ruleset) {
 	for _, sel := range s.selections {
 		veth := sel.ep.HostVeth
 		re := f.endpointChains[veth]
-		if re == nil || re.version != sel.version {
+		tiers := tierSignature(policiesOf(s.policies, sel.ingress)) + "|" + tierSignature(policiesOf(s.policies, sel.egress))
+		if re == nil || re.version != sel.version || re.tiers != tiers {
 			addrs := endpointAddrs(sel.ep)
-			re = &renderedEndpoint{version: sel.version, chains: f.r.endpointChains(veth, addrs, sel.ingress, s.policies, false)}
+			re = &renderedEndpoint{version: sel.version, tiers: tiers, chains: f.r.endpointChains(veth, addrs, sel.ingress, s.policies, false)}
 			maps.Copy(re.chains, f.r.endpointChains(veth, addrs, sel.egress, s.policies, true))
 			f.endpointChains[veth] = re
 		}
@@ -403,13 +459,49 @@ func (s *clusterState) renderEndpointChains(f *familyState, rs *Ruleset) {
 	}
 }
 
+// tierSignature is what an endpoint chain takes from its policies' tiers:
+// where each tier begins and its default action.
+func tierSignature(ps []*Policy) string {
+	var b []byte
+	for _, p := range ps {
+		t := p.tier()
+		b = append(b, t.Name...)
+		b = append(b, '/')
+		b = append(b, t.DefaultAction...)
+		b = append(b, ';')
+	}
+	return string(b)
+}
+
+// reindexNetSet updates one network set's contribution to a set.
+func (s *clusterState) reindexNetSet(f *familyState, is *indexedSet, key string) {
+	var entries []string
+	if ns := s.netsets[key]; ns != nil {
+		entries = f.r.netSetEntries(is.def, ns, s.namespaces[ns.Namespace])
+	}
+	slot := netSetSlot + key
+	if slices.Equal(entries, is.byPod[slot]) {
+		return
+	}
+	if len(entries) == 0 {
+		delete(is.byPod, slot)
+	} else {
+		is.byPod[slot] = entries
+	}
+	is.set = nil
+}
+
+// netSetSlot prefixes a network set's key in an indexedSet's byPod, which
+// pod keys ("namespace/name") never start with.
+const netSetSlot = "netset:"
+
 // candidates calls fn for every pod that may contribute to a set: those
 // of the one namespace the set is confined to, if it is.
 func (s *clusterState) candidates(d *setDef, fn func(string, *Pod)) {
 	namespace := ""
 	switch {
-	case d.peer != nil && d.peer.Namespaces == nil:
-		namespace = d.peer.Namespace
+	case d.peer != nil:
+		namespace = d.peer.namespaceScoped()
 	case d.selectedBy != nil:
 		namespace = d.selectedBy.Namespace
 	}
@@ -491,4 +583,13 @@ func (s *clusterState) dirtyPortTree(in, out []string) bool {
 		}
 	}
 	return false
+}
+
+// NetworkSets lists the network sets, for work outside the loop.
+func (s *clusterState) NetworkSets() []*NetworkSet {
+	out := make([]*NetworkSet, 0, len(s.netsets))
+	for _, n := range s.netsets {
+		out = append(out, n)
+	}
+	return out
 }

@@ -191,7 +191,7 @@ func (w *randomWorld) reference(r *Renderer) *Ruleset {
 	var locals []LocalEndpoint
 	for _, ep := range w.endpoints {
 		pod := pods[ep.Namespace+"/"+ep.Pod]
-		in, out := Selecting(w.policies, pod)
+		in, out := Selecting(w.policies, pod, nil)
 		locals = append(locals, LocalEndpoint{Pod: pod, HostVeth: ep.HostVeth, Ingress: in, Egress: out})
 	}
 	sort.Slice(locals, func(i, j int) bool { return locals[i].HostVeth < locals[j].HostVeth })

@@ -59,7 +59,7 @@ func (w *dualStackWorld) render(pols []*Policy, ipv6 bool) *Ruleset {
 	for _, k := range w.keys() {
 		pod := w.pods[k]
 		pods = append(pods, pod)
-		in, out := Selecting(m, pod)
+		in, out := Selecting(m, pod, nil)
 		eps = append(eps, LocalEndpoint{Pod: pod, HostVeth: vethOf(k), Ingress: in, Egress: out})
 	}
 	return (&Renderer{IPv6: ipv6, AcceptMark: 0x10000}).Render(m, eps, pods, w.nss)

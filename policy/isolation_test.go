@@ -22,7 +22,7 @@ func poisonedWorld() (w *world, deny, fromBlock, fromY *Policy, blockSet string)
 		From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.0/8"}}}}}})
 	fromY = np("x", "from-y", networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "b"), Ingress: []networkingv1.NetworkPolicyIngressRule{{
 		From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "y")}}}}})
-	blockSet = (&Renderer{}).cidrSetName(&fromBlock.IngressRules[0].Peers[0])
+	blockSet = (&Renderer{}).cidrSetName(&fromBlock.IngressRules[0].Src.Peers[0])
 	return
 }
 
@@ -150,7 +150,7 @@ func TestRefusedChainFailsClosedAlone(t *testing.T) {
 		for _, want := range []string{
 			"-A " + blockChain + ` -m comment --comment "sluice could not program`,
 			"-A " + PolicyChain(fromY.Key, false) + " -m set --match-set",
-			"-A " + EndpointChain(vethOf("x/a"), false) + " -j " + blockChain,
+			"-A " + EndpointChain(vethOf("x/a"), false) + " -m mark --mark 0x0/0x20000 -j " + blockChain,
 		} {
 			if !strings.Contains(kernel, want) {
 				t.Errorf("missing %q:\n%s", want, kernel)

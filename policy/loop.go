@@ -13,15 +13,16 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	calicoclient "github.com/projectcalico/api/pkg/client/clientset_generated/clientset"
 	corev1 "k8s.io/api/core/v1"
-	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
@@ -47,6 +48,9 @@ type Config struct {
 	// StrictTCPPickup turns off conntrack's loose TCP pickup, so a
 	// connection cut by a new deny cannot be revived mid-stream.
 	StrictTCPPickup bool
+	// CalicoDetectPeriod is how often the loop looks for Calico CRDs that
+	// appeared, or a finished migration from Canal.
+	CalicoDetectPeriod time.Duration
 }
 
 // Loop is the policy loop. It is the endpoint registry's
@@ -58,9 +62,19 @@ type Loop struct {
 	recorder record.EventRecorder
 	queue    workqueue.TypedRateLimitingInterface[string]
 
-	pods       corelisters.PodLister
-	namespaces corelisters.NamespaceLister
-	policies   networkinglisters.NetworkPolicyLister
+	pods            corelisters.PodLister
+	namespaces      corelisters.NamespaceLister
+	serviceAccounts corelisters.ServiceAccountLister
+	// sources are the policy kinds the loop reads (sources.go); calico
+	// the Calico API's informers, when the cluster has one.
+	sources      []*policySource
+	calico       *calicoSources
+	calicoClient calicoclient.Interface
+	dynClient    dynamic.Interface
+	// calicoAPI is the Calico API the loop reads; calicoWanted (under mu)
+	// the one the detector last found.
+	calicoAPI    CalicoAPI
+	calicoWanted CalicoAPI
 	// families are the IP families the loop programs, in the order of
 	// the renderers of state; Run builds them.
 	families []*family
@@ -81,6 +95,8 @@ type Loop struct {
 	podCache     map[string]cachedObject[*Pod]
 	nsCache      map[string]cachedObject[*Namespace]
 	selectedKeys map[string]bool // policies with a selected-endpoints gauge
+	tiers        map[string]*Tier
+	netsetCache  map[string]*NetworkSet
 	// invalid are the policies that could not be converted, and
 	// refused the ones the kernel would not take, with the reason; both
 	// fail closed. refused is what has been reported in Events.
@@ -100,15 +116,19 @@ type Loop struct {
 	cutFlows  chan cutRequest // latest conntrack cut to make
 }
 
-// dirtyKeys are the keys of changed objects: "namespace/name" for pods
-// and policies, the name for namespaces.
+// dirtyKeys are the keys of changed objects: model keys for policies
+// ("namespace/name" for networking/v1), "namespace/name" for pods and
+// service accounts, the name for namespaces, the kind and key for network
+// sets ("NetworkSet/ns/name"); tiers says a tier changed.
 type dirtyKeys struct {
-	policies, pods, namespaces map[string]bool
+	policies, pods, namespaces, netsets, serviceAccounts map[string]bool
+	tiers                                                bool
 }
 
 func (d *dirtyKeys) take() dirtyKeys {
 	out := *d
-	*d = dirtyKeys{policies: map[string]bool{}, pods: map[string]bool{}, namespaces: map[string]bool{}}
+	*d = dirtyKeys{policies: map[string]bool{}, pods: map[string]bool{}, namespaces: map[string]bool{},
+		netsets: map[string]bool{}, serviceAccounts: map[string]bool{}}
 	return out
 }
 
@@ -117,6 +137,13 @@ func (d *dirtyKeys) restore(taken dirtyKeys) {
 	maps.Copy(d.policies, taken.policies)
 	maps.Copy(d.pods, taken.pods)
 	maps.Copy(d.namespaces, taken.namespaces)
+	maps.Copy(d.netsets, taken.netsets)
+	maps.Copy(d.serviceAccounts, taken.serviceAccounts)
+	d.tiers = d.tiers || taken.tiers
+}
+
+func (d *dirtyKeys) empty() bool {
+	return len(d.policies)+len(d.pods)+len(d.namespaces)+len(d.netsets)+len(d.serviceAccounts) == 0 && !d.tiers
 }
 
 // cachedObject is an object's model and the version it was made from.
@@ -144,6 +171,12 @@ type Status struct {
 	// Hooks says what is wrong with the jumps into the policy chains
 	// (and anti-spoofing), while it is; the loop is not ready then.
 	Hooks string
+	// Sources says what keeps a policy source from being complete (the
+	// Calico informers have not listed), while it does; the loop is not
+	// ready then.
+	Sources string
+	// Calico is the Calico API the loop reads, "" for none.
+	Calico string
 }
 
 const syncKey = "policy"
@@ -152,6 +185,9 @@ const syncKey = "policy"
 func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecorder) *Loop {
 	if cfg.ResyncPeriod == 0 {
 		cfg.ResyncPeriod = 5 * time.Second
+	}
+	if cfg.CalicoDetectPeriod == 0 {
+		cfg.CalicoDetectPeriod = 10 * time.Second
 	}
 	if cfg.AcceptMark == 0 {
 		cfg.AcceptMark = 0x10000
@@ -166,6 +202,7 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 		podCache:     map[string]cachedObject[*Pod]{},
 		nsCache:      map[string]cachedObject[*Namespace]{},
 		selectedKeys: map[string]bool{},
+		netsetCache:  map[string]*NetworkSet{},
 		invalid:      map[string]string{},
 		refused:      map[string]string{},
 		kernel:       make(chan []KernelState, 1),
@@ -260,7 +297,7 @@ func uniqueSorted(in []string) []string {
 // included: without them pod traffic would bypass policy.
 func (l *Loop) Ready() bool {
 	s := l.Status()
-	return s.Ready && s.Hooks == ""
+	return s.Ready && s.Hooks == "" && s.Sources == ""
 }
 
 // Run runs the loop until ctx ends.
@@ -305,6 +342,7 @@ func (l *Loop) Run(ctx context.Context) error {
 	var helpers sync.WaitGroup
 	helpers.Go(func() { l.runRereader(ctx) })
 	helpers.Go(func() { l.runCutter(ctx) })
+	helpers.Go(func() { l.runCalicoDetector(ctx, l.cfg.CalicoDetectPeriod) })
 	go func() { <-ctx.Done(); l.queue.ShutDown() }()
 	for l.processNext(ctx) {
 	}
@@ -312,43 +350,67 @@ func (l *Loop) Run(ctx context.Context) error {
 	return nil
 }
 
-// startInformers starts the informers of pods, namespaces and policies,
-// whose event handlers mark what changed and queue a sync, and waits for
-// their caches.
+// WithCalico gives the loop the clients of the Calico APIs: the module's
+// generated clientset for projectcalico.org/v3, and a dynamic client for
+// a Canal cluster's crd.projectcalico.org/v1. Without them the loop reads
+// networking/v1 policies only.
+func (l *Loop) WithCalico(c calicoclient.Interface, d dynamic.Interface) *Loop {
+	l.calicoClient, l.dynClient = c, d
+	return l
+}
+
+// startInformers starts the informers of pods, namespaces, service
+// accounts and every policy source, whose event handlers mark what
+// changed and queue a sync, and waits for their caches.
 func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFactory, error) {
 	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
-	pods, nss, nps := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Networking().V1().NetworkPolicies()
-	watch := func(inf cache.SharedIndexInformer, dirty func(*dirtyKeys) map[string]bool) error {
-		mark := func(obj any) {
-			key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
-			if err != nil {
-				return
-			}
-			l.mu.Lock()
-			dirty(&l.dirty)[key] = true
-			l.mu.Unlock()
-			l.queue.Add(syncKey)
-		}
-		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    mark,
-			UpdateFunc: func(_, obj any) { mark(obj) },
-			DeleteFunc: mark,
-		})
-		return err
-	}
-	for inf, dirty := range map[cache.SharedIndexInformer]func(*dirtyKeys) map[string]bool{
-		pods.Informer(): func(d *dirtyKeys) map[string]bool { return d.pods },
-		nss.Informer():  func(d *dirtyKeys) map[string]bool { return d.namespaces },
-		nps.Informer():  func(d *dirtyKeys) map[string]bool { return d.policies },
+	pods, nss, sas := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Core().V1().ServiceAccounts()
+	nps := factory.Networking().V1().NetworkPolicies()
+	l.sources = []*policySource{kubernetesSource(nps.Informer())}
+	for _, w := range []watchSpec{
+		{pods.Informer(), func(d *dirtyKeys, k string) { d.pods[k] = true }},
+		{nss.Informer(), func(d *dirtyKeys, k string) { d.namespaces[k] = true }},
+		{sas.Informer(), func(d *dirtyKeys, k string) { d.serviceAccounts[k] = true }},
+		{nps.Informer(), func(d *dirtyKeys, k string) { d.policies[k] = true }},
 	} {
-		if err := watch(inf, dirty); err != nil {
+		if err := l.watch(w.inf, w.dirty); err != nil {
 			return nil, err
 		}
 	}
-	l.pods, l.namespaces, l.policies = pods.Lister(), nss.Lister(), nps.Lister()
+	l.pods, l.namespaces, l.serviceAccounts = pods.Lister(), nss.Lister(), sas.Lister()
+	api := l.detectCalico(ctx)
+	l.mu.Lock()
+	l.calicoWanted = api
+	l.mu.Unlock()
 	factory.Start(ctx.Done())
+	if api != CalicoNone {
+		l.startCalico(ctx, api) // lists beside the Kubernetes informers
+	}
 	factory.WaitForCacheSync(ctx.Done())
+	if api != CalicoNone {
+		l.finishCalico(ctx)
+	}
 	return factory, nil
+}
+
+// watch marks an informer's changed objects and queues a sync.
+func (l *Loop) watch(inf cache.SharedIndexInformer, dirty func(*dirtyKeys, string)) error {
+	mark := func(obj any) {
+		key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+		if err != nil {
+			return
+		}
+		l.mu.Lock()
+		dirty(&l.dirty, key)
+		l.mu.Unlock()
+		l.queue.Add(syncKey)
+	}
+	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    mark,
+		UpdateFunc: func(_, obj any) { mark(obj) },
+		DeleteFunc: mark,
+	})
+	return err
 }
 
 // markAll marks every cached object changed. Event handlers may still be
@@ -363,10 +425,6 @@ func (l *Loop) markAll() error {
 	if err != nil {
 		return err
 	}
-	nps, err := l.policies.List(labels.Everything())
-	if err != nil {
-		return err
-	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, p := range pods {
@@ -375,9 +433,7 @@ func (l *Loop) markAll() error {
 	for _, n := range nss {
 		l.dirty.namespaces[n.Name] = true
 	}
-	for _, np := range nps {
-		l.dirty.policies[np.Namespace+"/"+np.Name] = true
-	}
+	l.markCalicoLocked()
 	return nil
 }
 
@@ -490,9 +546,15 @@ func (l *Loop) sync(ctx context.Context) error {
 			klog.FromContext(ctx).V(2).Info("slow policy sync", "ms", d.Milliseconds())
 		}
 	}()
+	l.mu.Lock()
+	wanted := l.calicoWanted
+	l.mu.Unlock()
+	if wanted != l.calicoAPI {
+		l.switchCalico(ctx, wanted)
+	}
 	repairing := l.adoptReread()
 	gen, dirty, eps := l.takeChanges()
-	inputChanged := len(dirty.policies)+len(dirty.pods)+len(dirty.namespaces) > 0
+	inputChanged := !dirty.empty()
 	if err := l.updateModel(ctx, dirty); err != nil {
 		// Converting again is harmless; losing a key would leave its
 		// object unprogrammed until the informers' resync.
@@ -518,7 +580,7 @@ func (l *Loop) sync(ctx context.Context) error {
 		// through as established: cut them, without holding up the
 		// next change.
 		pols, pods, namespaces, locals := l.state.Snapshot()
-		l.requestCut(cutRequest{pols, pods, namespaces, locals})
+		l.requestCut(cutRequest{pols, pods, namespaces, locals, l.state.NetworkSets()})
 	}
 	l.publish(ctx, gen, failed)
 	return nil
@@ -619,7 +681,7 @@ func (l *Loop) publish(ctx context.Context, gen uint64, failed []Failure) {
 	l.appliedCh = make(chan struct{})
 	first := !l.status.Ready
 	l.status = Status{Ready: true, Selected: selected, EndpointPolicies: epPolicies, LastSync: time.Now(), Endpoints: len(locals),
-		NotProgrammed: notProgrammed, Hooks: l.hookProblems()}
+		NotProgrammed: notProgrammed, Hooks: l.hookProblems(), Sources: l.calicoProblem(), Calico: string(l.calicoAPI)}
 	l.mu.Unlock()
 	if first {
 		klog.FromContext(ctx).Info("policy programmed", "endpoints", len(locals), "policies", len(l.state.policies), "pods", len(l.state.pods),
@@ -658,17 +720,19 @@ func (l *Loop) publishSelected(locals []LocalEndpoint) (selected map[string]int,
 // policy (parsing its selectors) is the costly part, so an object is
 // converted again only when its version changed.
 func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
-	for key := range dirty.policies {
-		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
-		p, err := refresh(l.policyCache, key, func() (*networkingv1.NetworkPolicy, error) {
-			return l.policies.NetworkPolicies(namespace).Get(name)
-		}, func(np *networkingv1.NetworkPolicy) *Policy {
-			p := FromNetworkPolicy(np)
-			if p.Broken != "" {
-				l.reportBroken(ctx, np, p.Broken)
+	if dirty.tiers && l.updateTiers(ctx) {
+		// Every policy carries its tier: convert them all again.
+		for _, src := range l.sources {
+			for _, k := range src.informer.GetStore().ListKeys() {
+				dirty.policies[src.prefix+k] = true
 			}
-			return p
-		})
+		}
+		for k := range l.state.policies {
+			dirty.policies[k] = true
+		}
+	}
+	for key := range dirty.policies {
+		p, err := l.convertPolicy(ctx, key)
 		if err != nil {
 			return err
 		}
@@ -679,6 +743,19 @@ func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
 		}
 		l.state.SetPolicy(key, p)
 	}
+	for key := range dirty.netsets {
+		ns, err := l.convertNetSet(ctx, key)
+		if err != nil {
+			return err
+		}
+		if ns == nil || l.netsetCache[key] == nil || !sameNetSet(ns, l.netsetCache[key]) {
+			l.netsetCache[key] = ns
+			if ns == nil {
+				delete(l.netsetCache, key)
+			}
+			l.state.SetNetworkSet(key, ns)
+		}
+	}
 	for key := range dirty.namespaces {
 		ns, err := refresh(l.nsCache, key, func() (*corev1.Namespace, error) { return l.namespaces.Get(key) },
 			func(ns *corev1.Namespace) *Namespace { return &Namespace{Name: ns.Name, Labels: ns.Labels} })
@@ -687,15 +764,49 @@ func (l *Loop) updateModel(ctx context.Context, dirty dirtyKeys) error {
 		}
 		l.state.SetNamespace(key, ns)
 	}
+	if err := l.markServiceAccountPods(dirty); err != nil {
+		return err
+	}
 	for key := range dirty.pods {
 		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
-		pod, err := refresh(l.podCache, key, func() (*corev1.Pod, error) { return l.pods.Pods(namespace).Get(name) }, modelPod)
+		pod, err := refresh(l.podCache, key, func() (*corev1.Pod, error) { return l.pods.Pods(namespace).Get(name) }, l.modelPod)
 		if err != nil {
 			return err
 		}
 		l.state.SetPod(key, pod)
 	}
 	return nil
+}
+
+// markServiceAccountPods marks the pods of changed service accounts, and
+// forgets their cached models: a pod's model carries its account's labels.
+func (l *Loop) markServiceAccountPods(dirty dirtyKeys) error {
+	for key := range dirty.serviceAccounts {
+		namespace, name, _ := cache.SplitMetaNamespaceKey(key)
+		pods, err := l.pods.Pods(namespace).List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		for _, p := range pods {
+			if serviceAccountOf(p) == name {
+				k := p.Namespace + "/" + p.Name
+				delete(l.podCache, k)
+				dirty.pods[k] = true
+			}
+		}
+	}
+	return nil
+}
+
+func serviceAccountOf(p *corev1.Pod) string {
+	if p.Spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return p.Spec.ServiceAccountName
+}
+
+func sameNetSet(a, b *NetworkSet) bool {
+	return a.Key == b.Key && a.Namespace == b.Namespace && maps.Equal(a.Labels, b.Labels) && slices.Equal(a.Nets, b.Nets)
 }
 
 // refresh returns the model of an object from the informer cache, nil if
@@ -726,20 +837,34 @@ func objectVersion(obj metav1.Object) string {
 	return string(obj.GetUID()) + "/" + obj.GetResourceVersion()
 }
 
-func (l *Loop) reportBroken(ctx context.Context, np *networkingv1.NetworkPolicy, why string) {
-	klog.FromContext(ctx).Info("policy cannot be rendered; its pods allow nothing it would have allowed", "policy", np.Namespace+"/"+np.Name, "problem", why)
-	if l.recorder != nil {
-		l.recorder.Eventf(np, corev1.EventTypeWarning, "PolicyNotRendered", "sluice on %s cannot render this policy (%s); the pods it selects fail closed", l.cfg.NodeName, why)
+func (l *Loop) reportBroken(ctx context.Context, obj runtime.Object, key, why string) {
+	klog.FromContext(ctx).Info("policy cannot be rendered; it fails closed for the pods it selects", "policy", key, "problem", why)
+	l.report(ctx, obj, corev1.EventTypeWarning, "PolicyNotRendered", fmt.Sprintf("sluice on %s cannot render this policy (%s); the pods it selects fail closed", l.cfg.NodeName, why))
+}
+
+const corev1Warning = corev1.EventTypeWarning
+
+// report records an Event on an informer object.
+func (l *Loop) report(_ context.Context, obj any, typ, reason, msg string) {
+	ro, ok := obj.(runtime.Object)
+	if l.recorder == nil || !ok {
+		return
 	}
+	l.recorder.Event(ro, typ, reason, msg)
 }
 
 // modelPod converts a pod, or returns nil for one without a pod IP of its
 // own (hostNetwork) or that has finished.
-func modelPod(p *corev1.Pod) *Pod {
+func (l *Loop) modelPod(p *corev1.Pod) *Pod {
 	if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
 		return nil
 	}
-	m := &Pod{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels, NamedPorts: map[string]NamedPort{}}
+	m := &Pod{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels, NamedPorts: map[string]NamedPort{}, ServiceAccount: serviceAccountOf(p)}
+	if l.serviceAccounts != nil {
+		if sa, err := l.serviceAccounts.ServiceAccounts(p.Namespace).Get(m.ServiceAccount); err == nil {
+			m.ServiceAccountLabels = sa.Labels
+		}
+	}
 	for _, ip := range p.Status.PodIPs {
 		if a, err := netip.ParseAddr(ip.IP); err == nil {
 			m.IPs = append(m.IPs, a)
@@ -843,18 +968,13 @@ func (l *Loop) refusalReason(u policyChainRef, f Failure) string {
 	return fmt.Sprintf("%s: ipset %s could not be written: %s", field, f.Set, reason)
 }
 
-// policyEvent records an Event on a networking/v1 policy, if it still
-// exists.
+// policyEvent records an Event on a policy, if it still exists.
 func (l *Loop) policyEvent(key, typ, reason, msg string) {
-	if l.recorder == nil {
+	obj, err := l.object(key)
+	if err != nil || obj == nil || l.recorder == nil {
 		return
 	}
-	namespace, name, _ := cache.SplitMetaNamespaceKey(key)
-	np, err := l.policies.NetworkPolicies(namespace).Get(name)
-	if err != nil {
-		return
-	}
-	l.recorder.Event(np, typ, reason, msg)
+	l.recorder.Event(obj, typ, reason, msg)
 }
 
 // noteHooks takes what a re-read found of one family's hooks.

@@ -15,7 +15,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -143,7 +142,7 @@ func startScaleLoop(b *testing.B, poisoned bool) func() time.Duration {
 			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "192.0.2.0/24"}}}}},
 		}}
 		objs = append(objs, bad)
-		set := (&Renderer{}).cidrSetName(&FromNetworkPolicy(bad).IngressRules[0].Peers[0])
+		set := (&Renderer{}).cidrSetName(&FromNetworkPolicy(bad).IngressRules[0].Src.Peers[0])
 		hook = func(d *Dataplane) {
 			fail, tries := true, 0
 			poisonSet(d, set, &fail, &tries)
@@ -197,7 +196,7 @@ func startScaleLoop(b *testing.B, poisoned bool) func() time.Duration {
 			case err := <-done:
 				b.Fatalf("loop stopped: %v", err)
 			case <-timeout:
-				pl, _ := l.policies.List(labels.Everything())
+				pl := l.sources[0].informer.GetStore().ListKeys()
 				st := l.Status()
 				b.Fatalf("the change was never applied: %d policies listed, target %s policies %v; endpoints %d, selected %d, %v", len(pl), target.HostVeth, st.EndpointPolicies[target.HostVeth], st.Endpoints, len(st.Selected), len(st.EndpointPolicies))
 			}

@@ -3,19 +3,28 @@ package policy
 import (
 	"context"
 	"errors"
+	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	calicofake "github.com/projectcalico/api/pkg/client/clientset_generated/clientset/fake"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
@@ -298,6 +307,127 @@ func TestLoopRetriesAFailedSync(t *testing.T) {
 	for _, key := range []string{"x/a", "x/b"} {
 		if !strings.Contains(kernel, "-g "+EndpointChain(vethOf(key), false)) {
 			t.Errorf("%s is not dispatched after the retry:\n%s", key, kernel)
+		}
+	}
+}
+
+func init() {
+	// The Calico module's fake clientset predates streaming lists: without
+	// this its informers wait 10 s for a bookmark it never sends.
+	os.Setenv("KUBE_FEATURE_WatchListClient", "false")
+}
+
+// runCalicoLoop runs a loop whose cluster serves projectcalico.org/v3,
+// with the module's fake clientset holding calicoObjs.
+func runCalicoLoop(t *testing.T, calicoObjs []runtime.Object, objs ...runtime.Object) (*loopHarness, *calicofake.Clientset) {
+	cs := calicofake.NewSimpleClientset(calicoObjs...)
+	netns := nettest.NewNS(t)
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2"), localEndpoint("x/b", "10.244.1.3")}
+	h := runLoop(t, netns, Config{}, func(l *Loop) {
+		l.client.(*fake.Clientset).Resources = []*metav1.APIResourceList{{GroupVersion: "projectcalico.org/v3", APIResources: []metav1.APIResource{{Name: "networkpolicies"}}}}
+		l.WithCalico(cs, nil)
+	}, eps, objs...)
+	h.waitFor("the first sync", func(s Status) bool { return s.Ready })
+	return h, cs
+}
+
+// TestLoopProgramsCalicoPolicies: a GlobalNetworkPolicy from the Calico
+// clientset selects the local endpoints, in its tier ahead of the
+// Kubernetes policies; one with an unsupported field fails closed with an
+// Event naming the field; the default tier is created.
+func TestLoopProgramsCalicoPolicies(t *testing.T) {
+	order, deny := float64(100), v3.Deny
+	security := &v3.Tier{ObjectMeta: metav1.ObjectMeta{Name: "security", ResourceVersion: "1"}, Spec: v3.TierSpec{Order: &order, DefaultAction: &deny}}
+	gnp := &v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "deny-b", ResourceVersion: "1"}, Spec: v3.GlobalNetworkPolicySpec{
+		Tier: "security", Selector: "pod == 'a'", Ingress: []v3.Rule{{Action: v3.Deny, Source: v3.EntityRule{Selector: "pod == 'b'"}}, {Action: v3.Pass}}}}
+	h, cs := runCalicoLoop(t, []runtime.Object{security, gnp}, apiObjects()...)
+	key := CalicoGlobalNetworkPolicyKey + "deny-b"
+	h.waitFor("the GNP selecting x/a", func(s Status) bool { return slices.Contains(s.EndpointPolicies[vethOf("x/a")], key) })
+	kernel := h.save()
+	chain := PolicyChain(key, false)
+	if !strings.Contains(kernel, "-A "+chain+" -m set --match-set") || !strings.Contains(kernel, "-j DROP") {
+		t.Errorf("the Deny rule is not in the kernel:\n%s", kernel)
+	}
+	if _, err := cs.ProjectcalicoV3().Tiers().Get(context.Background(), "default", metav1.GetOptions{}); err != nil {
+		t.Errorf("the default tier was not created: %v", err)
+	}
+	bad := &v3.GlobalNetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "http"}, Spec: v3.GlobalNetworkPolicySpec{
+		Selector: "pod == 'b'", Ingress: []v3.Rule{{Action: v3.Allow, HTTP: &v3.HTTPMatch{Methods: []string{"GET"}}}}}}
+	if _, err := cs.ProjectcalicoV3().GlobalNetworkPolicies().Create(context.Background(), bad, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.event("PolicyNotRendered", "spec.ingress[0].http")
+	h.waitFor("the broken GNP reported", func(s Status) bool {
+		return strings.HasPrefix(s.NotProgrammed[CalicoGlobalNetworkPolicyKey+"http"], "spec.ingress[0].http")
+	})
+}
+
+// TestCalicoListFailureHoldsUpNothingElse: when a Calico kind cannot be
+// listed (say, a ClusterRole without it), the Kubernetes policies are
+// still programmed, and the loop says it is not ready, and why.
+func TestCalicoListFailureHoldsUpNothingElse(t *testing.T) {
+	defer func(d time.Duration) { calicoSyncTimeout = d }(calicoSyncTimeout)
+	calicoSyncTimeout = 500 * time.Millisecond
+	cs := calicofake.NewSimpleClientset()
+	cs.PrependReactor("list", "tiers", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(v3.Resource("tiers"), "", errors.New("no RBAC"))
+	})
+	eps := []endpointapi.Endpoint{localEndpoint("x/a", "10.244.1.2"), localEndpoint("x/b", "10.244.1.3")}
+	objs := append(apiObjects(), netpol("x", "deny", selects("pod", "a")))
+	h := runLoop(t, nettest.NewNS(t), Config{}, func(l *Loop) {
+		l.client.(*fake.Clientset).Resources = []*metav1.APIResourceList{{GroupVersion: "projectcalico.org/v3", APIResources: []metav1.APIResource{{Name: "networkpolicies"}}}}
+		l.WithCalico(cs, nil)
+	}, eps, objs...)
+	h.waitFor("the Kubernetes policy programmed", func(s Status) bool {
+		return s.Ready && slices.Contains(s.EndpointPolicies[vethOf("x/a")], "x/deny")
+	})
+	if st := h.loop.Status(); st.Sources == "" || h.loop.Ready() {
+		t.Errorf("ready=%v with sources %q, want not ready and a reason", h.loop.Ready(), st.Sources)
+	}
+}
+
+// TestDetectCalicoAPI: v3 when only Sluice's CRDs exist, Canal's v1 when
+// only those do, and, while both exist, v1 until v3 holds every policy
+// v1 holds.
+func TestDetectCalicoAPI(t *testing.T) {
+	v1np := func(ns, name string) *unstructured.Unstructured {
+		u := &unstructured.Unstructured{}
+		u.SetAPIVersion("crd.projectcalico.org/v1")
+		u.SetKind("NetworkPolicy")
+		u.SetNamespace(ns)
+		u.SetName(name)
+		return u
+	}
+	gvrs := map[schema.GroupVersionResource]string{
+		{Group: "crd.projectcalico.org", Version: "v1", Resource: "networkpolicies"}:       "NetworkPolicyList",
+		{Group: "crd.projectcalico.org", Version: "v1", Resource: "globalnetworkpolicies"}: "GlobalNetworkPolicyList",
+	}
+	v3np := func(ns, name string) runtime.Object {
+		return &v3.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	}
+	for _, c := range []struct {
+		name   string
+		v3, v1 bool
+		v3objs []runtime.Object
+		want   CalicoAPI
+	}{
+		{"none", false, false, nil, CalicoNone},
+		{"v3 only", true, false, nil, CalicoV3},
+		{"v1 only", false, true, nil, CanalV1},
+		{"both, v3 empty", true, true, nil, CanalV1},
+		{"both, v3 partial", true, true, []runtime.Object{v3np("x", "a")}, CanalV1},
+		{"both, v3 covers", true, true, []runtime.Object{v3np("x", "a"), v3np("y", "b")}, CalicoV3},
+	} {
+		client := fake.NewClientset()
+		for api, on := range map[CalicoAPI]bool{CalicoV3: c.v3, CanalV1: c.v1} {
+			if on {
+				client.Resources = append(client.Resources, &metav1.APIResourceList{GroupVersion: string(api), APIResources: []metav1.APIResource{{Name: "networkpolicies"}}})
+			}
+		}
+		dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), gvrs, v1np("x", "a"), v1np("y", "b"))
+		l := NewLoop(Config{}, client, nil).WithCalico(calicofake.NewSimpleClientset(c.v3objs...), dyn)
+		if got := l.detectCalico(context.Background()); got != c.want {
+			t.Errorf("%s: %q, want %q", c.name, got, c.want)
 		}
 	}
 }

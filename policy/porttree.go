@@ -33,10 +33,38 @@ const DefaultPortTreeThreshold = 8
 // portTreeFanout is the number of ranges or subtrees per tree chain.
 const portTreeFanout = 16
 
+// portTreeFits reports whether an endpoint's policies can be dispatched on
+// ports: one tier, whose default action is Deny, and rules that only
+// allow (Kubernetes NetworkPolicy, and Calico policies like it). Where
+// order decides between Allow, Deny, Pass and Log, the endpoint keeps
+// Felix's ordered tier blocks.
+func portTreeFits(pols []*Policy) bool {
+	tier := pols[0].tier()
+	if tier.DefaultAction == Pass {
+		return false
+	}
+	for _, p := range pols {
+		if p.tier().Name != tier.Name {
+			return false
+		}
+		for _, rules := range [][]Rule{p.IngressRules, p.EgressRules} {
+			for i := range rules {
+				if rules[i].action() != Allow {
+					return false
+				}
+			}
+		}
+	}
+	return true
+}
+
 // portReach is what one policy can match in one direction.
 type portReach struct {
-	// every is set when a rule has no ports: every packet may match.
+	// every is set when a rule matches every protocol and port.
 	every bool
+	// other is set when a rule may match protocols without ports (ICMP,
+	// protocol numbers).
+	other bool
 	// everyPort holds the protocols for which a rule matches every port
 	// (a protocol without a port, or a named port, resolved per pod).
 	everyPort map[Protocol]bool
@@ -46,8 +74,8 @@ type portReach struct {
 
 func policyReach(p *Policy, egress bool) portReach {
 	reach := portReach{everyPort: map[Protocol]bool{}, ranges: map[Protocol][][2]int32{}}
-	// A missing or broken policy keeps its jump: its chain decides.
-	if p == nil || p.Broken != "" {
+	// A broken policy keeps its jump: its chain decides.
+	if p.Broken != "" {
 		reach.every = true
 		return reach
 	}
@@ -55,23 +83,48 @@ func policyReach(p *Policy, egress bool) portReach {
 	if egress {
 		rules = p.EgressRules
 	}
-	for _, rule := range rules {
-		if rule.Ports == nil {
-			reach.every = true
-			return reach
-		}
-		for _, pt := range rule.Ports {
-			switch {
-			case pt.Name != "" || pt.Number == 0:
-				reach.everyPort[pt.Protocol] = true
-			case pt.EndPort != 0:
-				reach.ranges[pt.Protocol] = append(reach.ranges[pt.Protocol], [2]int32{pt.Number, pt.EndPort})
-			default:
-				reach.ranges[pt.Protocol] = append(reach.ranges[pt.Protocol], [2]int32{pt.Number, pt.Number})
-			}
+	for i := range rules {
+		reach.add(&rules[i])
+		if reach.every {
+			break
 		}
 	}
 	return reach
+}
+
+// add widens the reach by what a rule may match: its protocol and its
+// destination ports. The rule's other fields only narrow what it matches,
+// so leaving them out keeps the reach a superset, which is all the tree
+// needs.
+func (pr *portReach) add(rule *Rule) {
+	ported := func(proto Protocol) bool { return proto == TCP || proto == UDP || proto == SCTP }
+	if len(rule.Dst.Ports) == 0 {
+		switch {
+		case rule.Protocol == "":
+			pr.every = true
+		case ported(rule.Protocol):
+			pr.everyPort[rule.Protocol] = true
+		default:
+			pr.other = true
+		}
+		return
+	}
+	for _, pt := range rule.Dst.Ports {
+		proto := pt.Protocol
+		if proto == "" {
+			proto = rule.Protocol
+		}
+		switch {
+		case !ported(proto):
+			pr.every = true // a port without a known protocol: be safe
+		case pt.Name != "" || pt.Number == 0:
+			pr.everyPort[proto] = true
+		case pt.EndPort != 0:
+			pr.ranges[proto] = append(pr.ranges[proto], [2]int32{pt.Number, pt.EndPort})
+		default:
+			pr.ranges[proto] = append(pr.ranges[proto], [2]int32{pt.Number, pt.Number})
+		}
+	}
 }
 
 // covers reports whether the policy may match port on proto.
@@ -114,10 +167,11 @@ func (t *portTree) kind(tree bool) string {
 }
 
 // render returns the endpoint chain's dispatch rules.
-func (t *portTree) render(endpoint string, keys []string, policies map[string]*Policy) []string {
-	reach := make([]portReach, len(keys))
-	for i, k := range keys {
-		reach[i] = policyReach(policies[k], t.egress)
+func (t *portTree) render(endpoint string, pols []*Policy) []string {
+	keys := make([]string, len(pols))
+	reach := make([]portReach, len(pols))
+	for i, p := range pols {
+		keys[i], reach[i] = p.Key, policyReach(p, t.egress)
 	}
 	var rules []string
 	for _, proto := range []Protocol{TCP, UDP, SCTP} {
@@ -127,7 +181,7 @@ func (t *portTree) render(endpoint string, keys []string, policies map[string]*P
 	}
 	var every []string
 	for i, k := range keys {
-		if reach[i].every {
+		if reach[i].every || reach[i].other {
 			every = append(every, k)
 		}
 	}

@@ -21,9 +21,14 @@ import (
 //	  dispatch by interface name through a prefix tree, ending in DROP for
 //	  any Sluice interface that is not programmed yet
 //	SLUICE-FW-<veth> / SLUICE-TW-<veth>: one per local endpoint and direction
-//	  conntrack first, then a jump to each policy that selects the endpoint
+//	  conntrack first, then one block per tier that selects the endpoint
+//	  (rules.go): clear the pass mark, jump to each of the tier's policies
+//	  while it is clear, return once one accepted, and drop at the end of
+//	  the tier unless its default action is Pass
 //	SLUICE-PE-<hash> / SLUICE-PI-<hash>: one per policy and direction,
-//	  shared by every endpoint the policy selects
+//	  shared by every endpoint the policy selects: per rule, Allow sets the
+//	  accept mark and returns, Deny drops, Pass sets the pass mark and
+//	  returns, Log sends the packet to NFLOG and goes on
 //
 // Peers live in ipsets keyed by a hash of the normalised selector, so an
 // endpoint's rules grow with the policies that select it, not with the
@@ -82,6 +87,33 @@ type Renderer struct {
 	// a direction above which it dispatches on ports (see porttree.go);
 	// 0 means DefaultPortTreeThreshold.
 	PortTreeThreshold int
+	// PassMark is the mark bit a policy chain sets to say "pass to the
+	// next tier"; zero picks the next free bit above AcceptMark.
+	PassMark uint32
+	// LogGroup is the NFLOG group of Log rules (zero: DefaultLogGroup).
+	LogGroup uint16
+}
+
+// DefaultLogGroup is the NFLOG group Log rules write to, unless the
+// Renderer says otherwise.
+const DefaultLogGroup = 20
+
+func (r *Renderer) passMark() uint32 {
+	if r.PassMark != 0 {
+		return r.PassMark
+	}
+	m := r.AcceptMark << 1
+	for m != 0 && m&0xc000 != 0 { // kube-proxy's bits
+		m <<= 1
+	}
+	return m
+}
+
+func (r *Renderer) logGroup() uint16 {
+	if r.LogGroup != 0 {
+		return r.LogGroup
+	}
+	return DefaultLogGroup
 }
 
 func shortHash(s string) string {
@@ -123,12 +155,35 @@ func (r *Renderer) selectorSetName(pp *PodPeer) string {
 	return setPrefix + "S" + r.fam() + "-" + shortHash(normalisedPeer(pp))
 }
 
+// normalisedPeer is a peer's identity: Kubernetes peers keep the form
+// they always had (so their set names do not change); Calico selectors
+// add their kind and scope.
 func normalisedPeer(pp *PodPeer) string {
 	ns := "own=" + pp.Namespace
 	if pp.Namespaces != nil {
-		ns = "nssel=" + pp.Namespaces.String()
+		ns = "nssel=" + selectorID(pp.Namespaces)
 	}
-	return ns + ";pods=" + pp.Pods.String()
+	out := ns + ";pods=" + selectorID(pp.Pods)
+	if pp.NetworkSets {
+		out += fmt.Sprintf(";netsets;global=%v;only=%v", pp.Global, pp.OnlyGlobal)
+	}
+	if sa := pp.ServiceAccounts; sa != nil {
+		out += ";sa=" + strings.Join(sa.Names, ",")
+		if sa.Selector != nil {
+			out += ";sasel=" + selectorID(sa.Selector)
+		}
+	}
+	return out
+}
+
+// selectorID is a selector's canonical string, tagged with its language
+// unless it is a Kubernetes label selector: "a == 'b'" in Calico's and
+// "a=b" in Kubernetes' must never share a set by accident.
+func selectorID(s Selector) string {
+	if c, ok := s.(interface{ Language() string }); ok {
+		return c.Language() + ":" + s.String()
+	}
+	return s.String()
 }
 
 func (r *Renderer) cidrSetName(p *Peer) string {
@@ -158,6 +213,12 @@ func (r *Renderer) namedPortSetName(scope, name string, proto Protocol) string {
 // policy loop keeps an incremental copy of the same result (index.go);
 // Render is its reference, and the tests hold the two equal.
 func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint, pods []*Pod, namespaces map[string]*Namespace) *Ruleset {
+	return r.RenderWithSets(policies, endpoints, pods, namespaces, nil)
+}
+
+// RenderWithSets is Render with the network sets Calico selectors can
+// select.
+func (r *Renderer) RenderWithSets(policies map[string]*Policy, endpoints []LocalEndpoint, pods []*Pod, namespaces map[string]*Namespace, netsets []*NetworkSet) *Ruleset {
 	rs := &Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}}
 	used := map[policyChainRef]bool{}
 	for _, ep := range endpoints {
@@ -183,7 +244,7 @@ func (r *Renderer) Render(policies map[string]*Policy, endpoints []LocalEndpoint
 			rs.Chains[PolicyChain(k, egress)] = rules
 			for _, d := range defs {
 				if _, ok := rs.Sets[d.name]; !ok {
-					rs.Sets[d.name] = r.materialise(d, pods, namespaces)
+					rs.Sets[d.name] = r.materialise(d, pods, namespaces, netsets)
 				}
 			}
 		}
@@ -209,51 +270,41 @@ type policyChainRef struct {
 }
 
 // materialise computes a set's entries over every pod.
-func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Namespace) *Set {
+func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Namespace, netsets []*NetworkSet) *Set {
 	set := &Set{Name: d.name, Type: d.typ, IPv6: r.IPv6, Entries: slices.Clone(d.static)}
 	for _, pod := range pods {
 		set.Entries = append(set.Entries, r.podEntries(d, pod, namespaces[pod.Namespace])...)
 	}
+	for _, ns := range netsets {
+		set.Entries = append(set.Entries, r.netSetEntries(d, ns, namespaces[ns.Namespace])...)
+	}
+	set.Entries = slices.Compact(slices.Sorted(slices.Values(set.Entries)))
 	sortEntries(set)
 	return set
 }
 
 // endpointChains renders an endpoint's chain of a direction, and its port
-// tree when enough policies select it.
+// tree when enough policies select it (see porttree.go).
 func (r *Renderer) endpointChains(veth string, self []netip.Addr, keys []string, policies map[string]*Policy, egress bool) map[string][]string {
 	chain := EndpointChain(veth, egress)
+	pols := policiesOf(policies, keys)
+	rules := r.endpointRules(chain, pols, egress)
+	if len(pols) == 0 {
+		return map[string][]string{chain: rules}
+	}
+	// After conntrack, before any policy: the pod itself.
+	head := append(slices.Clone(rules[:2]), r.selfRules(chain, self, egress)...)
 	threshold := r.PortTreeThreshold
 	if threshold == 0 {
 		threshold = DefaultPortTreeThreshold
 	}
-	if len(keys) <= threshold {
-		return map[string][]string{chain: r.endpointRules(chain, self, keys, egress)}
+	if len(pols) <= threshold || !portTreeFits(pols) {
+		return map[string][]string{chain: append(head, rules[2:]...)}
 	}
-	head := r.endpointRules(chain, self, nil, egress)
-	head = head[:len(head)-1] // "no policy isolates this pod"
-	head = append(head, r.selfRules(chain, self, egress)...)
-	head = append(head, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark))
+	head = append(head, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark|r.passMark()))
 	t := &portTree{r: r, suffix: strings.TrimPrefix(veth, contract.HostVethPrefix), egress: egress, chains: map[string][]string{}}
-	t.chains[chain] = append(head, t.render(chain, keys, policies)...)
+	t.chains[chain] = append(head, t.render(chain, pols)...)
 	return t.chains
-}
-
-func (r *Renderer) endpointRules(chain string, self []netip.Addr, policies []string, egress bool) []string {
-	rules := []string{
-		fmt.Sprintf("-A %s -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN", chain),
-		fmt.Sprintf("-A %s -m conntrack --ctstate INVALID -j DROP", chain),
-	}
-	if len(policies) == 0 {
-		return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy isolates this pod\" -j RETURN", chain))
-	}
-	rules = append(rules, r.selfRules(chain, self, egress)...)
-	rules = append(rules, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark))
-	for _, k := range policies {
-		rules = append(rules,
-			fmt.Sprintf("-A %s -j %s", chain, PolicyChain(k, egress)),
-			fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
-	}
-	return append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", chain))
 }
 
 // selfRules let a pod reach itself through its own Service: kube-proxy
@@ -318,174 +369,6 @@ func (r *Renderer) dispatch(rs *Ruleset, endpoints []LocalEndpoint, egress bool)
 	rs.Chains[top] = topRules
 }
 
-// setDef says what a set holds: fixed entries (an ipBlock) or entries
-// contributed by each pod (the IPs of the pods a selector matches, or the
-// IP and port of the pods that declare a named port). A set's name is a
-// hash of its definition, so equal names mean equal content, and sets are
-// shared by every policy that needs them.
-type setDef struct {
-	name   string
-	typ    SetType
-	static []string
-	// peer: the IPs of the pods it matches.
-	peer *PodPeer
-	// namedPort: "ip,proto:port" of the pods that declare it; ingress
-	// sets only count the pods the policy selects (selectedBy).
-	namedPort  string
-	proto      Protocol
-	selectedBy *Policy
-	// field is where in the policy the set comes from, for reports.
-	field string
-}
-
-// podEntries returns what one pod contributes to a set in this family.
-func (r *Renderer) podEntries(d *setDef, pod *Pod, ns *Namespace) []string {
-	var out []string
-	switch {
-	case d.peer != nil:
-		if !d.peer.Matches(pod, ns) {
-			return nil
-		}
-		for _, ip := range pod.IPs {
-			if ip.Is6() == r.IPv6 {
-				out = append(out, netip.PrefixFrom(ip, ip.BitLen()).String())
-			}
-		}
-	case d.namedPort != "":
-		if d.selectedBy != nil && !d.selectedBy.Selects(pod) {
-			return nil
-		}
-		np, ok := pod.NamedPorts[d.namedPort]
-		if !ok || np.Protocol != d.proto {
-			return nil
-		}
-		for _, ip := range pod.IPs {
-			if ip.Is6() == r.IPv6 {
-				out = append(out, fmt.Sprintf("%s,%s:%d", ip, strings.ToLower(string(d.proto)), np.Number))
-			}
-		}
-	}
-	return out
-}
-
-// policyRules renders one policy's chain of a direction, and the sets it
-// refers to: each rule sets the accept mark for the traffic it allows and
-// returns. It depends on the policy alone, so the loop renders a policy
-// again only when the policy changes.
-func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
-	chain := PolicyChain(p.Key, egress)
-	if p.Broken != "" {
-		// Fail closed: the chain allows nothing, so the endpoint chain's
-		// final DROP applies.
-		return []string{fmt.Sprintf("-A %s -m comment --comment \"%s\" -j RETURN", chain, comment("broken policy allows nothing: "+p.Broken))}, nil
-	}
-	rules := p.IngressRules
-	peerDir, field, peersField := "src", "spec.ingress", "from"
-	if egress {
-		rules = p.EgressRules
-		peerDir, field, peersField = "dst", "spec.egress", "to"
-	}
-	var out []string
-	var defs []*setDef
-	for i := range rules {
-		rule := &rules[i]
-		ruleField := fmt.Sprintf("%s[%d]", field, i)
-		peerMatches, peerDefs := r.peerMatches(rule, peerDir, ruleField+"."+peersField)
-		if peerMatches == nil {
-			continue // peers that select nothing in this family
-		}
-		defs = append(defs, peerDefs...)
-		ports, portDefs := r.portMatches(p, rule, egress, ruleField+".ports")
-		defs = append(defs, portDefs...)
-		for _, pm := range peerMatches {
-			for _, port := range ports {
-				// iptables-save's canonical order: protocol, then the
-				// matches in the order given, so a re-read compares equal.
-				parts := []string{"-A", chain}
-				for _, m := range []string{port.proto, pm, port.rest} {
-					if m != "" {
-						parts = append(parts, m)
-					}
-				}
-				out = append(out, strings.Join(parts, " ")+fmt.Sprintf(" -j MARK --set-xmark %s", r.mark()))
-			}
-		}
-	}
-	out = append(out, fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
-	return out, defs
-}
-
-// peerMatches returns one match per peer ("" for every peer), or nil when
-// the rule's peers can never match in this family, and the sets they use.
-func (r *Renderer) peerMatches(rule *Rule, dir, field string) ([]string, []*setDef) {
-	if rule.Peers == nil {
-		return []string{""}, nil
-	}
-	var out []string
-	var defs []*setDef
-	for i := range rule.Peers {
-		peer := &rule.Peers[i]
-		if peer.Pods != nil {
-			d := &setDef{name: r.selectorSetName(peer.Pods), typ: HashNet, peer: peer.Pods, field: fmt.Sprintf("%s[%d]", field, i)}
-			defs = append(defs, d)
-			out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
-			continue
-		}
-		if peer.CIDR.Addr().Is6() != r.IPv6 {
-			continue
-		}
-		entries := ipBlockEntries(peer.CIDR, peer.Except)
-		if entries == nil {
-			continue // its excepts cover the whole block: it matches nothing
-		}
-		d := &setDef{name: r.cidrSetName(peer), typ: HashNet, static: entries, field: fmt.Sprintf("%s[%d].ipBlock", field, i)}
-		defs = append(defs, d)
-		out = append(out, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
-	}
-	return out, defs
-}
-
-// portMatch is a rule's port match: the protocol part (which iptables
-// puts first) and the rest.
-type portMatch struct{ proto, rest string }
-
-// portMatches returns one match per port (empty for every port), and the
-// sets they use. A named port becomes a hash:ip,port set of the
-// destination pods that declare it: for ingress the pods the policy
-// selects, for egress every pod (the peer match narrows it).
-func (r *Renderer) portMatches(p *Policy, rule *Rule, egress bool, field string) ([]portMatch, []*setDef) {
-	if rule.Ports == nil {
-		return []portMatch{{}}, nil
-	}
-	var out []portMatch
-	var defs []*setDef
-	for i, pt := range rule.Ports {
-		proto := strings.ToLower(string(pt.Protocol))
-		pm := portMatch{proto: "-p " + proto}
-		switch {
-		case pt.Name != "":
-			d := &setDef{typ: HashIPPort, namedPort: pt.Name, proto: pt.Protocol, field: fmt.Sprintf("%s[%d]", field, i)}
-			scope := "egress"
-			if !egress {
-				// Named by the pods the policy selects, so policies with
-				// the same pod selector share the set.
-				d.selectedBy = p
-				scope = "ingress:" + p.Namespace + ";" + p.PodSelector.String()
-			}
-			d.name = r.namedPortSetName(scope, pt.Name, pt.Protocol)
-			defs = append(defs, d)
-			pm.rest = fmt.Sprintf("-m set --match-set %s dst,dst", d.name)
-		case pt.Number == 0:
-		case pt.EndPort != 0:
-			pm.rest = fmt.Sprintf("-m %s --dport %d:%d", proto, pt.Number, pt.EndPort)
-		default:
-			pm.rest = fmt.Sprintf("-m %s --dport %d", proto, pt.Number)
-		}
-		out = append(out, pm)
-	}
-	return out, defs
-}
-
 func sortEntries(s *Set) { slices.Sort(s.Entries) }
 
 // comment makes text safe inside an iptables comment: no double quotes or
@@ -497,76 +380,6 @@ func comment(s string) string {
 		s = s[:200]
 	}
 	return s
-}
-
-// ipBlockEntries returns the hash:net entries of an ipBlock: the block,
-// then each except as a nomatch entry (hash:net picks the most specific
-// entry, so an address in an except does not match). It returns nil when
-// the excepts leave nothing.
-//
-// A hash:net set cannot hold a /0, so 0.0.0.0/0 and ::/0 become their two
-// /1 halves: the set stays the one way every ipBlock is matched, and the
-// except entries keep working inside it. Excepts that lie outside the
-// block, or in another family, change nothing and are left out; an except
-// that covers the block (or one half of a /0) removes it.
-func ipBlockEntries(cidr netip.Prefix, except []netip.Prefix) []string {
-	blocks := []netip.Prefix{cidr}
-	if cidr.Bits() == 0 {
-		blocks = halves(cidr)
-	}
-	var excepts []netip.Prefix
-	for _, e := range except {
-		e = e.Masked()
-		keep := blocks[:0]
-		for _, b := range blocks {
-			if !e.Overlaps(b) || e.Bits() > b.Bits() {
-				keep = append(keep, b)
-			}
-		}
-		blocks = keep
-		if e.Addr().Is6() == cidr.Addr().Is6() && cidr.Contains(e.Addr()) && e.Bits() > cidr.Bits() {
-			excepts = append(excepts, e)
-		}
-	}
-	if len(blocks) == 0 {
-		return nil
-	}
-	seen := map[netip.Prefix]bool{}
-	var out []string
-	for _, b := range blocks {
-		seen[b] = true
-		out = append(out, b.String())
-	}
-	for _, e := range excepts {
-		if seen[e] || !coveredBy(blocks, e) {
-			continue // a duplicate, or inside a half an except removed
-		}
-		seen[e] = true
-		out = append(out, e.String()+" nomatch")
-	}
-	return out
-}
-
-// halves splits a /0 into its two /1 halves.
-func halves(all netip.Prefix) []netip.Prefix {
-	lo := netip.PrefixFrom(all.Addr(), 1)
-	hi := netip.IPv4Unspecified()
-	if all.Addr().Is6() {
-		hi = netip.IPv6Unspecified()
-	}
-	b := hi.AsSlice()
-	b[0] = 0x80
-	hiAddr, _ := netip.AddrFromSlice(b)
-	return []netip.Prefix{lo, netip.PrefixFrom(hiAddr, 1)}
-}
-
-func coveredBy(blocks []netip.Prefix, p netip.Prefix) bool {
-	for _, b := range blocks {
-		if b.Contains(p.Addr()) && p.Bits() >= b.Bits() {
-			return true
-		}
-	}
-	return false
 }
 
 // SetField says where in a policy a set comes from ("spec.ingress[0].from[1]"),

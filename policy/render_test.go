@@ -39,7 +39,7 @@ func (w *world) renderWith(pols []*Policy, portTreeThreshold int) *Ruleset {
 	for _, k := range keys {
 		pod := w.pods[k]
 		pods = append(pods, pod)
-		in, out := Selecting(m, pod)
+		in, out := Selecting(m, pod, nil)
 		eps = append(eps, LocalEndpoint{Pod: pod, HostVeth: vethOf(k), Ingress: in, Egress: out})
 	}
 	r := &Renderer{IPv6: w.ipv6, AcceptMark: 0x10000, PortTreeThreshold: portTreeThreshold}
@@ -170,7 +170,7 @@ func TestRulesPerEndpointStayFlat(t *testing.T) {
 				IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, byte(i / 250), byte(i%250 + 2)})}})
 		}
 		local := pods[0]
-		in, out := Selecting(pols, local)
+		in, out := Selecting(pols, local, nil)
 		rs := (&Renderer{AcceptMark: 0x10000}).Render(pols, []LocalEndpoint{{Pod: local, HostVeth: "sl0123456789a", Ingress: in, Egress: out}}, pods, map[string]*Namespace{"x": {Name: "x"}})
 		return len(rs.Chains[EndpointChain("sl0123456789a", false)]), len(rs.Chains[PolicyChain(pol.Key, false)])
 	}
@@ -190,7 +190,7 @@ func TestRenderGolden(t *testing.T) {
 	rs := w.render([]*Policy{pol})
 	chain := PolicyChain("x/web", false)
 	got := strings.Join(rs.Chains[chain], "\n")
-	S, C := (&Renderer{}).selectorSetName(pol.IngressRules[0].Peers[0].Pods), (&Renderer{}).cidrSetName(&pol.IngressRules[0].Peers[1])
+	S, C := (&Renderer{}).selectorSetName(pol.IngressRules[0].Src.Peers[0].Pods), (&Renderer{}).cidrSetName(&pol.IngressRules[0].Src.Peers[1])
 	want := strings.Join([]string{
 		"-A " + chain + " -p tcp -m set --match-set " + S + " src -m tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000",
 		"-A " + chain + " -p udp -m set --match-set " + S + " src -m udp --dport 1000:2000 -j MARK --set-xmark 0x10000/0x10000",

@@ -19,6 +19,8 @@ type tracer struct {
 	mark uint32
 	// steps counts the rules the packet was matched against.
 	steps int
+	// logs are the NFLOG prefixes the packet was logged with, in order.
+	logs []string
 }
 
 type packet struct {
@@ -26,6 +28,9 @@ type packet struct {
 	src, dst netip.Addr
 	proto    Protocol
 	dport    int32
+	sport    int32
+	// icmpType and icmpCode are an ICMP or ICMPv6 message's.
+	icmpType, icmpCode int32
 	// state is the packet's conntrack state: NEW (the first packet of a
 	// connection) when empty, else ESTABLISHED, RELATED or INVALID.
 	state string
@@ -74,6 +79,8 @@ func (tr *tracer) run(chain string, p *packet, depth int) string {
 				return arg
 			case "MARK":
 				tr.setMark(f)
+			case "NFLOG":
+				tr.logs = append(tr.logs, nflogPrefix(f))
 			default:
 				if v := tr.run(arg, p, depth+1); v != verdictReturn {
 					return v
@@ -114,79 +121,134 @@ func parseMark(t *testing.T, s string) (uint32, uint32) {
 	return uint32(v), uint32(m)
 }
 
-func (tr *tracer) matches(f []string, p *packet) bool {
-	for i := 0; i < len(f); i++ {
-		switch f[i] {
-		case "-j", "-g":
+// nflogPrefix returns an NFLOG rule's prefix, unquoted.
+func nflogPrefix(f []string) string {
+	for i := range f {
+		if f[i] == "--nflog-prefix" && i+1 < len(f) {
+			return strings.Trim(f[i+1], `"`)
+		}
+	}
+	return ""
+}
+
+// tracerProto is a protocol as iptables names it, written out here rather
+// than taken from the renderer.
+func tracerProto(p Protocol) string {
+	switch p {
+	case ICMPv6:
+		return "ipv6-icmp"
+	}
+	return strings.ToLower(string(p))
+}
+
+// inPorts reports whether port is in an iptables port list ("80",
+// "80:90", "80,8000:8080").
+func inPorts(list string, port int32) bool {
+	for _, item := range strings.Split(list, ",") {
+		lo, hi, ok := strings.Cut(item, ":")
+		l, _ := strconv.Atoi(lo)
+		h := l
+		if ok {
+			h, _ = strconv.Atoi(hi)
+		}
+		if int(port) >= l && int(port) <= h {
 			return true
-		case "-i", "-o":
-			iface := p.in
-			if f[i] == "-o" {
-				iface = p.out
-			}
-			pat := f[i+1]
-			i++
-			if strings.HasSuffix(pat, "+") {
-				if !strings.HasPrefix(iface, strings.TrimSuffix(pat, "+")) {
-					return false
-				}
-			} else if iface != pat {
-				return false
-			}
-		case "-s", "-d":
-			ip := p.src
-			if f[i] == "-d" {
-				ip = p.dst
-			}
-			if !netip.MustParsePrefix(f[i+1]).Contains(ip) {
-				return false
-			}
-			i++
-		case "-p":
-			if !strings.EqualFold(f[i+1], string(p.proto)) {
-				return false
-			}
-			i++
-		case "-m":
-			i++ // module name; its options follow
-		case "--dport":
-			lo, hi, ok := strings.Cut(f[i+1], ":")
-			l, _ := strconv.Atoi(lo)
-			h := l
-			if ok {
-				h, _ = strconv.Atoi(hi)
-			}
-			if int(p.dport) < l || int(p.dport) > h {
-				return false
-			}
-			i++
-		case "--ctstate":
-			if !slices.Contains(strings.Split(f[i+1], ","), p.ctState()) {
-				return false
-			}
-			i++
-		case "--mark":
-			v, m := parseMark(tr.t, f[i+1])
-			if tr.mark&m != v {
-				return false
-			}
-			i++
-		case "--match-set":
-			if !tr.inSet(f[i+1], f[i+2], p) {
-				return false
-			}
-			i += 2
-		case "--comment":
-			// Skip the quoted comment.
-			for i+1 < len(f) && !strings.HasSuffix(f[i+1], `"`) {
-				i++
-			}
-			i++
-		default:
-			tr.t.Fatalf("tracer does not understand %q in %v", f[i], f)
+		}
+	}
+	return false
+}
+
+// icmpTypeMatches reports whether a packet is of an ICMP "type[/code]".
+func icmpTypeMatches(p *packet, spec string, v6 bool) bool {
+	if v6 != (p.proto == ICMPv6) || (!v6 && p.proto != ICMP) {
+		return false
+	}
+	ts, cs, hasCode := strings.Cut(spec, "/")
+	typ, _ := strconv.Atoi(ts)
+	if int32(typ) != p.icmpType {
+		return false
+	}
+	if hasCode {
+		code, _ := strconv.Atoi(cs)
+		return int32(code) == p.icmpCode
+	}
+	return true
+}
+
+func (tr *tracer) matches(f []string, p *packet) bool {
+	neg := false
+	for i := 0; i < len(f); i++ {
+		if f[i] == "!" {
+			neg = true
+			continue
+		}
+		ok, n := tr.matchOne(f, i, p)
+		if ok == neg {
+			return false
+		}
+		neg = false
+		i = n
+		if f[i] == "-j" || f[i] == "-g" {
+			return true
 		}
 	}
 	return true
+}
+
+// matchOne evaluates the match at f[i]; it returns whether it holds and
+// the index of its last word.
+func (tr *tracer) matchOne(f []string, i int, p *packet) (bool, int) {
+	switch f[i] {
+	case "-j", "-g":
+		return true, i
+	case "-p":
+		return strings.EqualFold(f[i+1], tracerProto(p.proto)), i + 1
+	case "--sport":
+		return inPorts(f[i+1], p.sport), i + 1
+	case "--dports":
+		return inPorts(f[i+1], p.dport), i + 1
+	case "--sports":
+		return inPorts(f[i+1], p.sport), i + 1
+	case "--icmp-type":
+		return icmpTypeMatches(p, f[i+1], false), i + 1
+	case "--icmpv6-type":
+		return icmpTypeMatches(p, f[i+1], true), i + 1
+	case "-i", "-o":
+		iface := p.in
+		if f[i] == "-o" {
+			iface = p.out
+		}
+		pat := f[i+1]
+		if strings.HasSuffix(pat, "+") {
+			return strings.HasPrefix(iface, strings.TrimSuffix(pat, "+")), i + 1
+		}
+		return iface == pat, i + 1
+	case "-s", "-d":
+		ip := p.src
+		if f[i] == "-d" {
+			ip = p.dst
+		}
+		return netip.MustParsePrefix(f[i+1]).Contains(ip), i + 1
+	case "-m":
+		return true, i + 1 // module name; its options follow
+	case "--dport":
+		return inPorts(f[i+1], p.dport), i + 1
+	case "--ctstate":
+		return slices.Contains(strings.Split(f[i+1], ","), p.ctState()), i + 1
+	case "--mark":
+		v, m := parseMark(tr.t, f[i+1])
+		return tr.mark&m == v, i + 1
+	case "--match-set":
+		return tr.inSet(f[i+1], f[i+2], p), i + 2
+	case "--comment":
+		// Skip the quoted comment.
+		for i+1 < len(f) && !strings.HasSuffix(f[i+1], `"`) {
+			i++
+		}
+		return true, i + 1
+	}
+	tr.t.Fatalf("tracer does not understand %q in %v", f[i], f)
+	return false, i
 }
 
 func (tr *tracer) inSet(name, dir string, p *packet) bool {
@@ -211,7 +273,11 @@ func (tr *tracer) inSet(name, dir string, p *packet) bool {
 		}
 		return best >= 0 && !bestNomatch
 	case HashIPPort:
-		want := fmt.Sprintf("%s,%s:%d", ip, strings.ToLower(string(p.proto)), p.dport)
+		port := p.dport
+		if strings.HasPrefix(dir, "src") {
+			port = p.sport
+		}
+		want := fmt.Sprintf("%s,%s:%d", ip, strings.ToLower(string(p.proto)), port)
 		for _, e := range set.Entries {
 			if e == want {
 				return true

@@ -115,6 +115,12 @@ func printReport(w io.Writer, r *status.Report) {
 	if pl.Hooks != "" {
 		fmt.Fprintf(w, "  hooks: %s\n", pl.Hooks)
 	}
+	if pl.Calico != "" {
+		fmt.Fprintf(w, "  calico policies from %s\n", pl.Calico)
+	}
+	if pl.Sources != "" {
+		fmt.Fprintf(w, "  sources: %s\n", pl.Sources)
+	}
 	if len(pl.NotProgrammed) > 0 {
 		fmt.Fprintf(w, "  %d policies fail closed (their pods allow nothing these policies would allow):\n", len(pl.NotProgrammed))
 		keys := make([]string, 0, len(pl.NotProgrammed))

@@ -18,8 +18,10 @@ import (
 	"syscall"
 	"time"
 
+	calicoclient "github.com/projectcalico/api/pkg/client/clientset_generated/clientset"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -226,7 +228,15 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		return fmt.Errorf("--policy-mark %q must be a single bit outside kube-proxy's 0x4000 and 0x8000", o.policyMark)
 	}
 	loop := overlay.New(cfg, client, recorder)
-	policyLoop := policy.NewLoop(policyConfig(o, cfg, uint32(mark)), client, recorder)
+	calico, err := calicoclient.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	dyn, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	policyLoop := policy.NewLoop(policyConfig(o, cfg, uint32(mark)), client, recorder).WithCalico(calico, dyn)
 	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, policyLoop)
 	if err != nil {
 		return err
@@ -290,7 +300,7 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 			Implementation: ovs.Implementation, ImplementationWhy: ovs.ImplementationWhy, PublicKey: ovs.PublicKey,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
 		Policy: status.Policy{Ready: ps.Ready, Endpoints: ps.Endpoints, Selected: ps.Selected, LastSync: ps.LastSync, LastError: ps.LastError,
-			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks},
+			NotProgrammed: ps.NotProgrammed, Hooks: ps.Hooks, Calico: ps.Calico, Sources: ps.Sources},
 	}
 	for _, l := range ovs.Lease {
 		r.Overlay.Lease = append(r.Overlay.Lease, l.String())

@@ -57,6 +57,10 @@ type Policy struct {
 	// Hooks says what is wrong with the jumps that send pod traffic
 	// through policy, when something is.
 	Hooks string `json:"hooks,omitempty"`
+	// Calico is the Calico API the policy loop reads ("" for none), and
+	// Sources what keeps a policy source from being complete.
+	Calico  string `json:"calico,omitempty"`
+	Sources string `json:"sources,omitempty"`
 }
 
 // Endpoint is a local pod endpoint.

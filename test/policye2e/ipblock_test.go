@@ -104,8 +104,8 @@ func TestIPBlockWithHostBits(t *testing.T) {
 	t.Cleanup(func() {
 		_ = shared.Client.NetworkingV1().NetworkPolicies("z").Delete(context.Background(), np.Name, metav1.DeleteOptions{})
 	})
-	if p := policy.FromNetworkPolicy(np); p.IngressRules[0].Peers[0].CIDR != netip.MustParsePrefix("10.244.0.0/16") {
-		t.Errorf("converted to %v", p.IngressRules[0].Peers[0].CIDR)
+	if p := policy.FromNetworkPolicy(np); p.IngressRules[0].Src.Peers[0].CIDR != netip.MustParsePrefix("10.244.0.0/16") {
+		t.Errorf("converted to %v", p.IngressRules[0].Src.Peers[0].CIDR)
 	}
 	checkTable(t, "ipBlock with host bits", []int32{80}, []policy.Protocol{policy.TCP})
 }
