@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"net/netip"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
@@ -25,8 +26,10 @@ const (
 type PeerStatus struct {
 	vxlan.Peer
 	IPv6 bool
-	// PublicKey is a wireguard peer's key.
-	PublicKey string
+	// PublicKey is a wireguard peer's key, and LastHandshake the latest
+	// handshake with it (zero before the first).
+	PublicKey     string
+	LastHandshake time.Time
 	// Problem says why the peer is not programmed; empty when it is.
 	Problem string
 }

@@ -231,5 +231,25 @@ func (b *wgBackend) sync(ctx context.Context, nodes []*corev1.Node) (vxlan.Chang
 	if total.Total() > 0 {
 		klog.FromContext(ctx).Info("overlay entries written", "backend", "wireguard", "changes", total, "peers", len(peers))
 	}
+	b.addHandshakes(status)
 	return total, status, nil
+}
+
+// addHandshakes puts each peer's latest handshake into its status: the
+// one sign, besides traffic, that a tunnel is up, and for a userspace
+// device the only place an operator sees it without the UAPI socket.
+func (b *wgBackend) addHandshakes(status []PeerStatus) {
+	last := map[string]time.Time{}
+	for _, name := range []string{wgDevice4, wgDevice6} {
+		d, err := b.impl.Client().Device(name)
+		if err != nil {
+			continue // not this mode's device
+		}
+		for _, p := range d.Peers {
+			last[p.PublicKey.String()] = p.LastHandshakeTime
+		}
+	}
+	for i := range status {
+		status[i].LastHandshake = last[status[i].PublicKey]
+	}
 }

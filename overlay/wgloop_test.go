@@ -53,6 +53,15 @@ func TestWireGuardPodsReachEachOther(t *testing.T) {
 			}
 		}
 	}
+	// Every peer's handshake shows in the status (from the next sync on).
+	eventually(t, "node-1's status shows a handshake with every peer", func() bool {
+		for _, p := range c.nodes[0].loop.Status().Peers {
+			if p.LastHandshake.IsZero() {
+				return false
+			}
+		}
+		return len(c.nodes[0].loop.Status().Peers) == 2
+	})
 	// The node publishes its key as flannel's wireguard backend does.
 	self, err := c.client.CoreV1().Nodes().Get(context.Background(), "node-1", metav1.GetOptions{})
 	if err != nil {

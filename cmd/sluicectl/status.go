@@ -106,6 +106,13 @@ func printReport(w io.Writer, r *status.Report) {
 		if p.Problem != "" {
 			fmt.Fprintf(w, "  NOT PROGRAMMED: %s\n", p.Problem)
 		}
+		if o.Implementation != "" && p.Problem == "" {
+			hs := "no handshake yet"
+			if p.LastHandshake != nil {
+				hs = "last handshake " + since(*p.LastHandshake)
+			}
+			fmt.Fprintf(w, "  %s\n", hs)
+		}
 	}
 	pl := r.Policy
 	fmt.Fprintf(w, "policy: %s, %d endpoints, last sync %s\n", ready(pl.Ready), pl.Endpoints, since(pl.LastSync))

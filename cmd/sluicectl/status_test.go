@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-net/sluice/internal/status"
 )
@@ -12,13 +13,15 @@ import (
 // and each peer's key where a vxlan node shows the VTEP MAC.
 func TestPrintReportShowsWireGuard(t *testing.T) {
 	key := "iigxR92AgkeJ17fAobmcDaGB57kzECTnKL3805k8dAw="
+	hs := time.Now().Add(-7 * time.Second)
 	r := &status.Report{Node: "node-1", Overlay: status.Overlay{Ready: true, Backend: "wireguard", MTU: 1420,
 		Implementation: "userspace", ImplementationWhy: "auto: kernel has no WireGuard", PublicKey: key,
-		Peers: []status.Peer{{Node: "node-2", Subnet: "10.244.1.0/24", PublicIP: "198.18.0.12", PublicKey: key}}}}
+		Peers: []status.Peer{{Node: "node-2", Subnet: "10.244.1.0/24", PublicIP: "198.18.0.12", PublicKey: key, LastHandshake: &hs},
+			{Node: "node-3", Subnet: "10.244.2.0/24", PublicIP: "198.18.0.13", PublicKey: key}}}}
 	var b bytes.Buffer
 	printReport(&b, r)
 	out := b.String()
-	for _, want := range []string{"backend wireguard", "wireguard userspace (auto: kernel has no WireGuard), public key " + key, "PUBLIC KEY", "node-2 "} {
+	for _, want := range []string{"backend wireguard", "wireguard userspace (auto: kernel has no WireGuard), public key " + key, "PUBLIC KEY", "node-2 ", "last handshake 7s ago", "no handshake yet"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}

@@ -314,6 +314,10 @@ func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.
 		if p.VtepMAC != nil {
 			peer.VtepMAC = p.VtepMAC.String()
 		}
+		if !p.LastHandshake.IsZero() {
+			hs := p.LastHandshake
+			peer.LastHandshake = &hs
+		}
 		if !p.PublicIP.IsValid() {
 			peer.PublicIP = "" // the problem says what the annotation held
 		}

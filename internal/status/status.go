@@ -34,8 +34,10 @@ type Peer struct {
 	Subnet   string `json:"subnet"`
 	PublicIP string `json:"publicIP"`
 	VtepMAC  string `json:"vtepMAC,omitempty"`
-	// PublicKey is a wireguard peer's key.
-	PublicKey string `json:"publicKey,omitempty"`
+	// PublicKey is a wireguard peer's key, LastHandshake the latest
+	// handshake with it.
+	PublicKey     string     `json:"publicKey,omitempty"`
+	LastHandshake *time.Time `json:"lastHandshake,omitempty"`
 	// Reachable says the node answered on the underlay (ICMP-free: a
 	// neighbour entry for its address that the kernel confirmed).
 	Reachable bool `json:"reachable"`
