@@ -336,19 +336,39 @@ func withProtocol(line, chain, ruleProto string) (string, bool) {
 	} else if p, ok := strings.CutPrefix(ruleProto, "-p "); ok {
 		want = p
 	}
+	// The address matches go first, then the protocol, as iptables-save
+	// prints them.
+	addrs := map[string]string{}
 	var rest []string
 	for i := 0; i < len(f); i++ {
-		if f[i] == "-p" && i+1 < len(f) {
+		negated := f[i] == "!" && i+1 < len(f) && (f[i+1] == "-s" || f[i+1] == "-d")
+		if negated {
+			i++
+		}
+		switch {
+		case (f[i] == "-s" || f[i] == "-d") && i+1 < len(f):
+			m := f[i] + " " + f[i+1]
+			if negated {
+				m = "! " + m
+			}
+			addrs[f[i]] = m
+			i++
+		case f[i] == "-p" && i+1 < len(f):
 			if want != "" && want != f[i+1] {
 				return "", false
 			}
 			want = f[i+1]
 			i++
-			continue
+		default:
+			rest = append(rest, f[i])
 		}
-		rest = append(rest, f[i])
 	}
 	head := "-A " + chain
+	for _, a := range []string{"-s", "-d"} {
+		if m, ok := addrs[a]; ok {
+			head += " " + m
+		}
+	}
 	switch {
 	case want != "" && want == neg:
 		return "", false
@@ -473,19 +493,33 @@ func (r *Renderer) peerMatches(peers []Peer, dir, field string) ([]string, []*se
 func (r *Renderer) netsMatch(m *Match, dir, field string) ([]string, []*setDef) {
 	var parts []string
 	var defs []*setDef
+	// A single net is an address match of the rule itself, as Felix
+	// writes it: no set to create, fill and keep (one rule has one -s and
+	// one -d, so a second single net on the same end takes a set).
+	addr := map[string]string{"src": "-s", "dst": "-d"}[dir]
+	usedAddr := false
 	if m.Nets != nil {
 		entries := netEntries(m.Nets, r.IPv6)
-		if entries == nil {
+		switch {
+		case entries == nil:
 			return nil, nil
+		case len(entries) == 1:
+			parts = append(parts, addr+" "+entries[0])
+			usedAddr = true
+		default:
+			d := r.netsSet(entries, field+".nets")
+			defs = append(defs, d)
+			parts = append(parts, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 		}
-		d := r.netsSet(entries, field+".nets")
-		defs = append(defs, d)
-		parts = append(parts, fmt.Sprintf("-m set --match-set %s %s", d.name, dir))
 	}
 	if entries := netEntries(m.NotNets, r.IPv6); entries != nil {
-		d := r.netsSet(entries, field+".notNets")
-		defs = append(defs, d)
-		parts = append(parts, fmt.Sprintf("-m set ! --match-set %s %s", d.name, dir))
+		if len(entries) == 1 && !usedAddr {
+			parts = append(parts, "! "+addr+" "+entries[0])
+		} else {
+			d := r.netsSet(entries, field+".notNets")
+			defs = append(defs, d)
+			parts = append(parts, fmt.Sprintf("-m set ! --match-set %s %s", d.name, dir))
+		}
 	}
 	return []string{strings.Join(parts, " ")}, defs
 }

@@ -390,8 +390,11 @@ var tierMutations = map[string]func(rs *Ruleset) bool{
 	"the pass mark is not cleared for the next tier": func(rs *Ruleset) bool {
 		return dropFirst(rs, "SLUICE-FW-", "-m comment --comment \"tier ")
 	},
-	"a notNets match is not negated": func(rs *Ruleset) bool {
+	"a notNets or notSelector set match is not negated": func(rs *Ruleset) bool {
 		return mutateFirst(rs, "SLUICE-P", "-m set ! --match-set", "-m set --match-set")
+	},
+	"a single notNet is not negated": func(rs *Ruleset) bool {
+		return mutateFirst(rs, "SLUICE-P", " ! -s ", " -s ")
 	},
 }
 

@@ -203,6 +203,12 @@ func (tr *tracer) matchOne(f []string, i int, p *packet) (bool, int) {
 		return true, i
 	case "-p":
 		return strings.EqualFold(f[i+1], tracerProto(p.proto)), i + 1
+	case "-s", "-d":
+		ip := p.src
+		if f[i] == "-d" {
+			ip = p.dst
+		}
+		return netip.MustParsePrefix(f[i+1]).Contains(ip), i + 1
 	case "--sport":
 		return inPorts(f[i+1], p.sport), i + 1
 	case "--dports":
