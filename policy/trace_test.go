@@ -229,12 +229,6 @@ func (tr *tracer) matchOne(f []string, i int, p *packet) (bool, int) {
 			return strings.HasPrefix(iface, strings.TrimSuffix(pat, "+")), i + 1
 		}
 		return iface == pat, i + 1
-	case "-s", "-d":
-		ip := p.src
-		if f[i] == "-d" {
-			ip = p.dst
-		}
-		return netip.MustParsePrefix(f[i+1]).Contains(ip), i + 1
 	case "-m":
 		return true, i + 1 // module name; its options follow
 	case "--dport":
