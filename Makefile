@@ -52,6 +52,8 @@ test: deps tools images
 	$(GO) test $(TEST_FLAGS) ./...
 	SLUICE_LAB_RUNTIME=containerd $(GO) test $(TEST_FLAGS) -run '$(REAL_NODE_POLICY_TESTS)' ./test/policye2e/
 	$(GO) test -run '^$$' -fuzz '^FuzzFromNetworkPolicy$$' -fuzztime 30s ./policy/
+	$(GO) test -run '^$$' -fuzz '^FuzzFromCalicoPolicy$$' -fuzztime 30s ./policy/
+	$(GO) test -run '^$$' -fuzz '^FuzzCalicoSelector$$' -fuzztime 30s ./policy/
 
 bench: deps tools images
 	@mkdir -p $(dir $(BENCH_OUT))
