@@ -67,6 +67,7 @@ func BenchmarkServicePerConnectionCost(b *testing.B) {
 	b.ReportMetric(ms(medianDur(noneConn)), "none-connect-p50-ms")
 	b.ReportMetric(ms(medianDur(loadedConn)), "1000-policies-connect-p50-ms")
 	b.ReportMetric(median(connect), "connect-ratio")
+	b.ReportMetric(float64(c.lostConnects), "lost-connects")
 }
 
 // createBulkPolicies makes n policies that select app=web pods labelled
@@ -152,15 +153,22 @@ func (c *cluster) connectP50(b *testing.B, from, target string) time.Duration {
 		b.Fatal(err)
 	}
 	var lat []time.Duration
-	for i := 0; i < 200; i++ {
+	lost := 0
+	for len(lat) < 200 {
 		t0 := time.Now()
 		conn, err := place.Dial("tcp", target, 2*time.Second)
 		if err != nil {
-			b.Fatal(err)
+			// On a loaded machine a SYN can be lost twice; a few such
+			// connects are noise, many are a fault.
+			if lost++; lost > 5 {
+				b.Fatalf("%d connects lost: %v", lost, err)
+			}
+			continue
 		}
 		lat = append(lat, time.Since(t0))
 		conn.Close()
 	}
+	c.lostConnects += lost
 	return medianDur(lat)
 }
 

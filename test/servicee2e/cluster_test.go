@@ -46,6 +46,8 @@ type cluster struct {
 	clusterIPs map[string]string
 	// podIPs by pod name.
 	podIPs map[string]string
+	// lostConnects counts the benchmarks' connects that timed out.
+	lostConnects int
 }
 
 // startCluster brings up a 2-node lab of real nodes with kube-proxy in the
