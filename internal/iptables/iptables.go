@@ -152,21 +152,7 @@ func failingLines(msg string, payload []byte) string {
 // EnsureJump makes sure a built-in chain jumps to one of Sluice's chains,
 // first in the chain. It checks first, so an existing jump is left alone.
 func (r *Runner) EnsureJump(table, from, to, comment string) error {
-	if err := r.EnsureChain(table, to); err != nil {
-		return err
-	}
-	spec := []string{"-m", "comment", "--comment", comment, "-j", to}
-	ok, err := r.ipt.Exists(table, from, spec...)
-	if err != nil {
-		return fmt.Errorf("checking jump %s -> %s in %s: %w", from, to, table, err)
-	}
-	if ok {
-		return nil
-	}
-	if err := r.ipt.Insert(table, from, 1, spec...); err != nil {
-		return fmt.Errorf("inserting jump %s -> %s in %s: %w", from, to, table, err)
-	}
-	return nil
+	return r.ensureJump(table, from, to, comment, true)
 }
 
 // EnsureAppendedJump makes sure a built-in chain jumps to one of Sluice's
@@ -174,6 +160,10 @@ func (r *Runner) EnsureJump(table, from, to, comment string) error {
 // where it is, so rules that others append later never start a fight over
 // the last place.
 func (r *Runner) EnsureAppendedJump(table, from, to, comment string) error {
+	return r.ensureJump(table, from, to, comment, false)
+}
+
+func (r *Runner) ensureJump(table, from, to, comment string, first bool) error {
 	if err := r.EnsureChain(table, to); err != nil {
 		return err
 	}
@@ -185,8 +175,13 @@ func (r *Runner) EnsureAppendedJump(table, from, to, comment string) error {
 	if ok {
 		return nil
 	}
-	if err := r.ipt.Append(table, from, spec...); err != nil {
-		return fmt.Errorf("appending jump %s -> %s in %s: %w", from, to, table, err)
+	if first {
+		err = r.ipt.Insert(table, from, 1, spec...)
+	} else {
+		err = r.ipt.Append(table, from, spec...)
+	}
+	if err != nil {
+		return fmt.Errorf("adding jump %s -> %s in %s: %w", from, to, table, err)
 	}
 	return nil
 }
