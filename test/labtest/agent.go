@@ -199,3 +199,33 @@ func (a *Agents) WriteConflists(ctx context.Context) error {
 	}
 	return nil
 }
+
+// AgentsWithPods is a setup for Main: sluiced on every node with netConf,
+// the node conflists written once the agents are ready, and one pod per
+// node in the nodes' order (pods are namespace/name, answering on 80 and
+// 81). *agents is set for the tests; the cleanup stops them.
+func AgentsWithPods(netConf string, pods []string, agents **Agents) func(*Lab) (func(), error) {
+	return func(l *Lab) (func(), error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		a, err := l.StartAgentsNoT(netConf)
+		if err != nil {
+			return nil, err
+		}
+		*agents = a
+		if err := a.WaitReady(ctx); err != nil {
+			return a.StopAll, fmt.Errorf("agents not ready: %w", err)
+		}
+		if err := a.WriteConflists(ctx); err != nil {
+			return a.StopAll, err
+		}
+		for i, p := range pods {
+			nsName, name, _ := strings.Cut(p, "/")
+			if _, err := l.CreatePod(ctx, PodSpec{Namespace: nsName, Name: name, Node: l.Nodes[i].Name,
+				Ports: []corev1.ContainerPort{{ContainerPort: 80}, {ContainerPort: 81}}}); err != nil {
+				return a.StopAll, err
+			}
+		}
+		return a.StopAll, nil
+	}
+}

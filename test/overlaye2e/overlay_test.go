@@ -29,32 +29,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, startAgentsAndPods)
-}
-
-// startAgentsAndPods runs sluiced on every node and a pod on each.
-func startAgentsAndPods(l *labtest.Lab) (func(), error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var err error
-	agents, err = l.StartAgentsNoT(dualStackNetConf)
-	if err != nil {
-		return nil, err
-	}
-	if err := agents.WaitReady(ctx); err != nil {
-		return agents.StopAll, fmt.Errorf("agents not ready: %w", err)
-	}
-	if err := agents.WriteConflists(ctx); err != nil {
-		return agents.StopAll, err
-	}
-	for i, p := range pods {
-		nsName, name, _ := strings.Cut(p, "/")
-		if _, err := l.CreatePod(ctx, labtest.PodSpec{Namespace: nsName, Name: name, Node: l.Nodes[i].Name,
-			Ports: []corev1.ContainerPort{{ContainerPort: 80}, {ContainerPort: 81}}}); err != nil {
-			return agents.StopAll, err
-		}
-	}
-	return agents.StopAll, nil
+	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, labtest.AgentsWithPods(dualStackNetConf, pods, &agents))
 }
 
 func ctxT(t *testing.T) context.Context {

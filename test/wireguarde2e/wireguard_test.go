@@ -19,7 +19,6 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
-	corev1 "k8s.io/api/core/v1"
 
 	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -37,31 +36,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, startAgentsAndPods)
-}
-
-func startAgentsAndPods(l *labtest.Lab) (func(), error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var err error
-	agents, err = l.StartAgentsNoT(netConf)
-	if err != nil {
-		return nil, err
-	}
-	if err := agents.WaitReady(ctx); err != nil {
-		return agents.StopAll, fmt.Errorf("agents not ready: %w", err)
-	}
-	if err := agents.WriteConflists(ctx); err != nil {
-		return agents.StopAll, err
-	}
-	for i, p := range pods {
-		nsName, name, _ := strings.Cut(p, "/")
-		if _, err := l.CreatePod(ctx, labtest.PodSpec{Namespace: nsName, Name: name, Node: l.Nodes[i].Name,
-			Ports: []corev1.ContainerPort{{ContainerPort: 80}, {ContainerPort: 81}}}); err != nil {
-			return agents.StopAll, err
-		}
-	}
-	return agents.StopAll, nil
+	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, labtest.AgentsWithPods(netConf, pods, &agents))
 }
 
 func TestPodToPodAcrossNodes(t *testing.T) {
