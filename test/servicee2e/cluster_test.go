@@ -297,7 +297,7 @@ func (c *cluster) kubeProxyNFT(t *testing.T, node string) string {
 	return out
 }
 
-// restartPods deletes the pods of a DaemonSet and waits until the
+// restartDaemonSet deletes the pods of a DaemonSet and waits until the
 // DaemonSet is complete again.
 func (c *cluster) restartDaemonSet(t *testing.T, name, selector string) {
 	t.Helper()
