@@ -43,14 +43,17 @@ tools:
 images: tools
 	test/tools/images.sh
 
-# The core policy truth tables run a second time on real nodes: the real
-# kubelet and containerd, the DaemonSet as containers of the Dockerfile's
-# image (test/realnodee2e has the rest of the real-node tests).
+# The core policy truth tables run again on real nodes: the real kubelet
+# and containerd, the DaemonSet as containers of the Dockerfile's image,
+# once over vxlan and once over userspace WireGuard inside those containers
+# (test/realnodee2e and test/wgrealnodee2e have the rest of the real-node
+# tests).
 REAL_NODE_POLICY_TESTS := TestNoPolicyAllOpen|TestDefaultDenyIngressThenAllowFromNamespace|TestNamedPortAndEgress|TestIPBlockExceptEndPortAndTheOutsideHost
 
 test: deps tools images
 	$(GO) test $(TEST_FLAGS) ./...
 	SLUICE_LAB_RUNTIME=containerd $(GO) test $(TEST_FLAGS) -run '$(REAL_NODE_POLICY_TESTS)' ./test/policye2e/
+	SLUICE_LAB_RUNTIME=containerd SLUICE_LAB_BACKEND=wireguard $(GO) test $(TEST_FLAGS) -run '$(REAL_NODE_POLICY_TESTS)' ./test/policye2e/
 	$(GO) test -run '^$$' -fuzz '^FuzzFromNetworkPolicy$$' -fuzztime 30s ./policy/
 	$(GO) test -run '^$$' -fuzz '^FuzzFromCalicoPolicy$$' -fuzztime 30s ./policy/
 	$(GO) test -run '^$$' -fuzz '^FuzzCalicoSelector$$' -fuzztime 30s ./policy/

@@ -6,22 +6,13 @@
 package wireguarde2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
-	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-	"golang.org/x/sys/unix"
-
 	"github.com/sluice-net/sluice/internal/lab"
-	"github.com/sluice-net/sluice/internal/nettest"
 	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/test/labtest"
 )
@@ -61,124 +52,15 @@ func TestPodToPodAcrossNodes(t *testing.T) {
 	}
 }
 
-// sendMarker sends one UDP datagram holding marker from a place to an
-// address and waits for the answer (every lab responder answers one).
-func sendMarker(t *testing.T, from, ip, marker string) {
-	t.Helper()
-	sendMarkerTo(t, from, net.JoinHostPort(ip, "81"), marker)
-}
-
-func sendMarkerTo(t *testing.T, from, addr, marker string) {
-	t.Helper()
-	place, err := shared.Resolve(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = ns.WithNetNSPath(place.NetNSPath, func(ns.NetNS) error {
-		c, err := net.DialTimeout("udp", addr, 2*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-		if _, err := c.Write([]byte(marker + "\n")); err != nil {
-			return err
-		}
-		_, err = c.Read(make([]byte, 2048))
-		return err
-	})
-	if err != nil {
-		t.Fatalf("%s -> %s: %v", from, addr, err)
-	}
-}
-
-// Encryption is real: while a pod sends a marker to a pod on another node,
-// the underlay carries only UDP to WireGuard's ports and not the marker.
-// The control: the same marker sent node to node outside the overlay is
-// seen, so the capture can tell.
+// Encryption is real: see labtest.AssertEncryptedOnTheUnderlay, whose
+// control is a marker sent in the clear.
 func TestEncryptedOnTheUnderlay(t *testing.T) {
-	underlay, err := ns.GetNS("/run/netns/" + shared.UnderlayNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer underlay.Close()
-	for _, v6 := range []bool{false, true} {
-		capture := nettest.StartCapture(t, underlay, "node1")
-		marker := fmt.Sprintf("sluice-secret-%d-%v", time.Now().UnixNano(), v6)
-		ip, err := shared.ResolveTarget(pods[1], v6)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sendMarker(t, pods[0], ip, marker)
-		capture.Stop()
-		if capture.Contains([]byte(marker)) {
-			t.Errorf("ipv6=%v: the marker crossed the underlay in the clear", v6)
-		}
-		wg := 0
-		for _, f := range capture.IPFlows() {
-			switch {
-			case f.Proto == unix.IPPROTO_UDP && (f.DstPort == 51820 || f.DstPort == 51821):
-				wg++
-			case f.Proto == unix.IPPROTO_UDP || f.Proto == unix.IPPROTO_TCP:
-				// The agents' API traffic crosses the underlay too; pod
-				// traffic would be to port 81.
-				if f.DstPort == 81 || f.SrcPort == 81 {
-					t.Errorf("ipv6=%v: pod traffic in the clear on the underlay: %+v", v6, f)
-				}
-			}
-		}
-		if wg == 0 {
-			t.Errorf("ipv6=%v: no WireGuard packets on the underlay", v6)
-		}
-	}
-	// Control: node-1 to the outside world, in the clear.
-	capture := nettest.StartCapture(t, underlay, "node1")
-	marker := fmt.Sprintf("sluice-plain-%d", time.Now().UnixNano())
-	sendMarkerTo(t, "node-1", net.JoinHostPort(shared.ExternalIP4, fmt.Sprint(lab.ExternalPort)), marker)
-	capture.Stop()
-	if !capture.Contains([]byte(marker)) {
-		t.Error("control: a marker sent outside the overlay was not seen, so the capture proves nothing")
-	}
-}
-
-// agentGet fetches a path of node's agent (its health address on the
-// node's loopback).
-func agentGet(t *testing.T, node, path string) string {
-	t.Helper()
-	place, err := shared.Resolve(node)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var body []byte
-	// The connection is made here, in the node's namespace: net/http
-	// would dial from another thread, in another namespace.
-	err = ns.WithNetNSPath(place.NetNSPath, func(ns.NetNS) error {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:9098", 2*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := fmt.Fprintf(c, "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path); err != nil {
-			return err
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, err = io.ReadAll(resp.Body)
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(body)
+	labtest.AssertEncryptedOnTheUnderlay(t, shared, pods[0], pods[1], 81)
 }
 
 func TestStatusAndMetricsShowImplementation(t *testing.T) {
 	var r status.Report
-	if err := json.Unmarshal([]byte(agentGet(t, "node-1", "/status")), &r); err != nil {
+	if err := json.Unmarshal([]byte(shared.AgentGet(t, "node-1", "/status")), &r); err != nil {
 		t.Fatal(err)
 	}
 	if r.Overlay.Backend != "wireguard" || r.Overlay.Implementation != "userspace" || !strings.Contains(r.Overlay.ImplementationWhy, "kernel has no WireGuard") {
@@ -196,7 +78,7 @@ func TestStatusAndMetricsShowImplementation(t *testing.T) {
 	if keys != 4 { // two peers, two families
 		t.Errorf("peers with keys: %d, want 4: %+v", keys, r.Overlay.Peers)
 	}
-	if m := agentGet(t, "node-1", "/metrics"); !strings.Contains(m, `sluice_overlay_backend_info{backend="wireguard",implementation="userspace"} 1`) {
+	if m := shared.AgentGet(t, "node-1", "/metrics"); !strings.Contains(m, `sluice_overlay_backend_info{backend="wireguard",implementation="userspace"} 1`) {
 		t.Error("metrics lack sluice_overlay_backend_info for wireguard userspace")
 	}
 }
@@ -209,7 +91,7 @@ func TestAgentRestartKeepsTCPConnection(t *testing.T) {
 	if err := send("before"); err != nil {
 		t.Fatal(err)
 	}
-	before := agentStatus(t, "node-1").Overlay.PublicKey
+	before := shared.AgentStatus(t, "node-1").Overlay.PublicKey
 	agents.Kill("node-1")
 	start := time.Now()
 	if err := agents.Start("node-1"); err != nil {
@@ -224,17 +106,9 @@ func TestAgentRestartKeepsTCPConnection(t *testing.T) {
 		t.Errorf("TCP connection across the agent restart: %v", err)
 	}
 	t.Logf("restart to echo answered: %v", time.Since(start))
-	if after := agentStatus(t, "node-1").Overlay.PublicKey; after != before {
+	if after := shared.AgentStatus(t, "node-1").Overlay.PublicKey; after != before {
 		t.Errorf("the restart changed the key: %s -> %s", before, after)
 	}
-}
-
-func agentStatus(t *testing.T, node string) status.Report {
-	var r status.Report
-	if err := json.Unmarshal([]byte(agentGet(t, node, "/status")), &r); err != nil {
-		t.Fatal(err)
-	}
-	return r
 }
 
 // The kernel implementation's dataplane is tested only where the kernel
@@ -255,7 +129,7 @@ func TestRotateKeyCommand(t *testing.T) {
 	if err := send("before"); err != nil {
 		t.Fatal(err)
 	}
-	before := agentStatus(t, "node-1").Overlay.PublicKey
+	before := shared.AgentStatus(t, "node-1").Overlay.PublicKey
 	bins, err := labtest.Binaries()
 	if err != nil {
 		t.Fatal(err)
@@ -266,11 +140,11 @@ func TestRotateKeyCommand(t *testing.T) {
 	}
 	start := time.Now()
 	if !labtest.Eventually(30*time.Second, func() bool {
-		now := agentStatus(t, "node-1").Overlay.PublicKey
+		now := shared.AgentStatus(t, "node-1").Overlay.PublicKey
 		if now == before {
 			return false
 		}
-		for _, p := range agentStatus(t, "node-2").Overlay.Peers {
+		for _, p := range shared.AgentStatus(t, "node-2").Overlay.Peers {
 			if p.Node == "node-1" && p.PublicKey == now {
 				return true
 			}
