@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -114,6 +115,8 @@ type Loop struct {
 	kernel    chan []KernelState // latest periodic re-read, one per family
 	rereadNow chan struct{}
 	cutFlows  chan cutRequest // latest conntrack cut to make
+	// model is the model of the last sync that changed it, for explain.
+	model atomic.Pointer[modelSnapshot]
 }
 
 // dirtyKeys are the keys of changed objects: model keys for policies
@@ -570,6 +573,9 @@ func (l *Loop) sync(ctx context.Context) error {
 
 	t.modelled = time.Now()
 	rulesets := l.state.Commit()
+	if inputChanged || eps != nil || l.model.Load() == nil {
+		l.saveModel()
+	}
 	t.rendered = time.Now()
 	changed, failed, err := l.applyFamilies(ctx, rulesets, repairing, t)
 	if err != nil {
