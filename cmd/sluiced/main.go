@@ -243,7 +243,8 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	}
 	if o.healthAddr != "" {
 		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
-		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report)
+		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
+			map[string]http.Handler{"/explain": explainHandler(policyLoop)})
 	}
 	policyLoop.Seed(registry.List())
 	errc := make(chan error, 3)
@@ -270,8 +271,13 @@ func policyConfig(o options, cfg overlay.Config, mark uint32) policy.Config {
 	}
 }
 
-func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report) {
+// serveHealth serves health, metrics, the status report and the
+// troubleshooting handlers (explain).
+func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report, handlers map[string]http.Handler) {
 	mux := http.NewServeMux()
+	for path, h := range handlers {
+		mux.Handle(path, h)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready() {
