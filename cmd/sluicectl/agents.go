@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sort"
 	"strings"
 	"time"
 
@@ -136,4 +137,32 @@ func (a *agentAccess) nodeOfPod(ctx context.Context, ref string) (string, error)
 		return n.Name, nil
 	}
 	return "", nil
+}
+
+// nodes lists the nodes whose agents a cluster-wide command asks: the
+// lab's nodes, or the nodes the DaemonSet's pods run on.
+func (a *agentAccess) nodes(ctx context.Context) ([]string, error) {
+	var out []string
+	switch a.mode() {
+	case "api":
+		pods, err := a.api.agentPods(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for n := range pods {
+			out = append(out, n)
+		}
+	case "lab":
+		s, err := a.lab.load()
+		if err != nil {
+			return nil, err
+		}
+		for _, n := range s.Nodes {
+			out = append(out, n.Name)
+		}
+	default:
+		return nil, fmt.Errorf("no cluster to ask: give --kubeconfig (or $KUBECONFIG with --via api), or run it where a lab is")
+	}
+	sort.Strings(out)
+	return out, nil
 }

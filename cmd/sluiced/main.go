@@ -301,7 +301,7 @@ func serveHealth(ctx context.Context, addr string, ready func() bool, report fun
 // buildReport gathers what sluicectl status shows.
 func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.Registry) status.Report {
 	ovs, ps := ov.Status(), pl.Status()
-	r := status.Report{Node: node,
+	r := status.Report{Node: node, Version: agentVersion(),
 		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
 			Implementation: ovs.Implementation, ImplementationWhy: ovs.ImplementationWhy, PublicKey: ovs.PublicKey,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},
