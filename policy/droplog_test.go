@@ -11,6 +11,7 @@ import (
 	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
 	"github.com/sluice-net/sluice/internal/nettest"
+	"github.com/sluice-net/sluice/internal/nflog"
 )
 
 func (w *tierWorld) renderDropLog(pols []*Policy, ipv6 bool) *Ruleset {
@@ -195,5 +196,30 @@ func TestParseDropPrefix(t *testing.T) {
 	}
 	if p := DropPrefixTier("sl0123456789a", true, strings.Repeat("t", 80)); len(p) > 63 {
 		t.Errorf("prefix of %d bytes: NFLOG takes 63", len(p))
+	}
+}
+
+// AttributeDrop names the local pod, the direction and the Deny rule or
+// end of tier from a record's prefix and addresses.
+func TestAttributeDrop(t *testing.T) {
+	w := newTierWorld()
+	deny := &Policy{Key: "NetworkPolicy.projectcalico.org/x/no-db", Name: "no-db", Namespace: "x", Order: 10,
+		PodSelector: labels.Everything(), Egress: true, EgressRules: []Rule{{Action: Deny}}}
+	m, _ := w.snapshot([]*Policy{deny}, false)
+	m.index = &snapshotIndex{}
+	l := NewLoop(Config{NodeName: "node-1"}, nil, nil)
+	l.model.Store(m)
+	xa, yb := w.pods[0], w.pods[3]
+	d, ok := l.AttributeDrop(nflog.Record{Prefix: DropPrefixRule(deny.Key, true, 0), Src: xa.IPs[0], Dst: yb.IPs[0], Proto: 6, DstPort: 5432})
+	if !ok || d.Pod != "x/a" || d.Direction != "egress" || d.Policy != deny.Key || d.Rule != 0 || d.Protocol != "TCP" ||
+		d.Reason != "Deny: tier default, NetworkPolicy.projectcalico.org x/no-db, egress rule 0" {
+		t.Errorf("rule drop: %+v", d)
+	}
+	d, ok = l.AttributeDrop(nflog.Record{Prefix: DropPrefixTier(w.veth(yb), false, "default"), Src: xa.IPs[0], Dst: yb.IPs[0], Proto: 17})
+	if !ok || d.Pod != "y/b" || d.Direction != "ingress" || d.Policy != "" || d.Tier != "default" || d.Reason != "isolated, no rule allowed it (end of tier default)" {
+		t.Errorf("end-of-tier drop: %+v", d)
+	}
+	if _, ok := l.AttributeDrop(nflog.Record{Prefix: LogPrefix(deny.Key, true, 0)}); ok {
+		t.Error("a Log rule's record was taken for a drop")
 	}
 }

@@ -79,12 +79,13 @@ type modelSnapshot struct {
 	netsets    []*NetworkSet
 	// notProgrammed are the policies that fail closed here, with why.
 	notProgrammed map[string]string
+	index         *snapshotIndex
 }
 
 // saveModel keeps the model of this sync for explain.
 func (l *Loop) saveModel() {
 	pols, pods, namespaces, locals := l.state.Snapshot()
-	l.model.Store(&modelSnapshot{policies: pols, pods: pods, namespaces: namespaces, locals: locals, netsets: l.state.NetworkSets()})
+	l.model.Store(&modelSnapshot{policies: pols, pods: pods, namespaces: namespaces, locals: locals, netsets: l.state.NetworkSets(), index: &snapshotIndex{}})
 }
 
 // Explain answers a flow query from the model and checks the local

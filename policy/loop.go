@@ -52,6 +52,8 @@ type Config struct {
 	// CalicoDetectPeriod is how often the loop looks for Calico CRDs that
 	// appeared, or a finished migration from Canal.
 	CalicoDetectPeriod time.Duration
+	// DropLog logs denied connections to NFLOG (droplog.go).
+	DropLog bool
 }
 
 // Loop is the policy loop. It is the endpoint registry's
@@ -218,7 +220,7 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 	l.dirty.take()
 	var renderers []*Renderer
 	for _, fam := range iptables.Families(cfg.IPv4, cfg.IPv6) {
-		renderers = append(renderers, &Renderer{IPv6: fam.Is6(), AcceptMark: cfg.AcceptMark})
+		renderers = append(renderers, &Renderer{IPv6: fam.Is6(), AcceptMark: cfg.AcceptMark, DropLog: cfg.DropLog})
 	}
 	l.state = newClusterState(renderers)
 	return l

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -165,4 +166,36 @@ func (a *agentAccess) nodes(ctx context.Context) ([]string, error) {
 	}
 	sort.Strings(out)
 	return out, nil
+}
+
+// stream reads path from the agent of node line by line until the agent
+// ends the answer or ctx ends, calling fn with each line.
+func (a *agentAccess) stream(ctx context.Context, node, path string, query url.Values, fn func([]byte)) error {
+	client, where, err := a.client(ctx, node)
+	if err != nil {
+		return err
+	}
+	client.Timeout = 0 // a followed stream has no end
+	u := "http://" + a.addr + path + "?" + query.Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("reaching the agent %s: %w", where, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("the agent %s answered %s: %s", where, resp.Status, strings.TrimSpace(string(body)))
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		fn(sc.Bytes())
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	return sc.Err()
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"net/http"
+	"strconv"
+	"strings"
 
 	"github.com/sluice-net/sluice/policy"
 )
@@ -20,5 +22,46 @@ func explainHandler(pl *policy.Loop) http.HandlerFunc {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(x)
+	}
+}
+
+// dropRingSize is how many denied connections an agent remembers.
+const dropRingSize = 4096
+
+// dropsHandler serves sluicectl drops: GET /drops?since=SEQ returns the
+// drops kept from SEQ on as JSON lines; with follow=1 it keeps the
+// response open and writes each new drop as it comes. namespace and pod
+// filter.
+func dropsHandler(ring *policy.DropRing) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		seq, _ := strconv.ParseUint(q.Get("since"), 10, 64)
+		follow := q.Get("follow") == "1"
+		ns, pod := q.Get("namespace"), q.Get("pod")
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		flusher, _ := w.(http.Flusher)
+		for {
+			drops, next, more := ring.Since(seq)
+			for _, d := range drops {
+				if (ns == "" || strings.HasPrefix(d.Pod, ns+"/")) && (pod == "" || strings.HasSuffix(d.Pod, "/"+pod)) {
+					if err := enc.Encode(d); err != nil {
+						return
+					}
+				}
+			}
+			seq = next
+			if !follow {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+			select {
+			case <-more:
+			case <-r.Context().Done():
+				return
+			}
+		}
 	}
 }

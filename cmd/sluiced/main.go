@@ -67,6 +67,7 @@ type options struct {
 	cleanup         bool
 	rotateKey       bool
 	wgSocketDir     string
+	logDrops        bool
 }
 
 func main() {
@@ -93,6 +94,7 @@ func main() {
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
+	fs.BoolVar(&o.logDrops, "log-drops", true, "log the first packet of each connection policy denies (NFLOG group 21, at most 10 a second per pod and direction), for sluicectl drops and sluice_policy_drops_total")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
@@ -241,10 +243,18 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if err != nil {
 		return err
 	}
+	drops := policy.NewDropRing(dropRingSize)
 	if o.healthAddr != "" {
 		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
-			map[string]http.Handler{"/explain": explainHandler(policyLoop)})
+			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops)})
+	}
+	if o.logDrops {
+		go func() {
+			if err := policyLoop.RunDropLog(ctx, drops); err != nil {
+				klog.ErrorS(err, "drop logs are not read; sluicectl drops shows nothing from this node")
+			}
+		}()
 	}
 	policyLoop.Seed(registry.List())
 	errc := make(chan error, 3)
@@ -267,7 +277,7 @@ func policyConfig(o options, cfg overlay.Config, mark uint32) policy.Config {
 	return policy.Config{
 		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
 		AcceptMark: mark, IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
-		ResyncPeriod: o.resync,
+		ResyncPeriod: o.resync, DropLog: o.logDrops,
 	}
 }
 
