@@ -1,0 +1,210 @@
+package policye2e
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sluice-net/sluice/policy"
+	"github.com/sluice-net/sluice/test/labtest"
+)
+
+// followDrops runs sluicectl drops -f over the lab and sends its lines to
+// the channel until the test ends.
+func followDrops(t testing.TB, args ...string) <-chan string {
+	t.Helper()
+	bins, err := labtest.Binaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bins+"/sluicectl", append([]string{"drops", "-f", "--lab-dir", shared.Dir}, args...)...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
+	lines := make(chan string, 1024)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			default: // the test stopped reading
+			}
+		}
+	}()
+	return lines
+}
+
+// waitLine waits for a line holding every want, and returns it and when
+// it came; "" when none did in time.
+func waitLine(lines <-chan string, timeout time.Duration, want ...string) (string, time.Time) {
+	deadline := time.After(timeout)
+	for {
+		select {
+		case l := <-lines:
+			ok := true
+			for _, w := range want {
+				ok = ok && strings.Contains(l, w)
+			}
+			if ok {
+				return l, time.Now()
+			}
+		case <-deadline:
+			return "", time.Time{}
+		}
+	}
+}
+
+func denyX(t testing.TB) {
+	np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "deny"}}
+	if _, err := shared.Client.NetworkingV1().NetworkPolicies("x").Create(context.Background(), np, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = shared.Client.NetworkingV1().NetworkPolicies("x").Delete(context.Background(), "deny", metav1.DeleteOptions{})
+	})
+}
+
+// TestDropsFollowShowsADeniedConnection: with x isolated, a connection
+// from z/a to x/a shows in sluicectl drops -f, from every node, with the
+// pod, the direction and the end of the default tier that denied it. The
+// control: an allowed connection (z/a to y/a) shows nothing.
+func TestDropsFollowShowsADeniedConnection(t *testing.T) {
+	denyX(t)
+	checkTable(t, "x denied", []int32{80}, []policy.Protocol{policy.TCP})
+	lines := followDrops(t)
+	time.Sleep(500 * time.Millisecond) // the followers are connected
+	if _, err := shared.Probe("z/a", "y/a", 80, false, false); err != nil {
+		t.Fatalf("control: z/a -> y/a: %v", err)
+	}
+	za, _ := shared.ResolveTarget("z/a", false)
+	ya, _ := shared.ResolveTarget("y/a", false)
+	start := time.Now()
+	probed := make(chan error, 1)
+	go func() { _, err := shared.Probe("z/a", "x/a", 80, false, false); probed <- err }()
+	line, at := waitLine(lines, 10*time.Second, "ingress", za+" → ", "TCP/80", "x/a", "denied", "end of tier default")
+	if err := <-probed; err == nil {
+		t.Fatal("z/a -> x/a passed under deny")
+	}
+	if line == "" {
+		t.Fatal("sluicectl drops -f did not show the denied connection")
+	}
+	t.Logf("shown %d ms after the connection began: %s", at.Sub(start).Milliseconds(), line)
+	if l, _ := waitLine(lines, time.Second, za+" → "+ya); l != "" {
+		t.Errorf("an allowed connection shows as dropped: %s", l)
+	}
+}
+
+// BenchmarkDropLogFlood floods x/a with 10,000 denied UDP packets a
+// second for 10 s from z/a and reports the CPU the agent on x/a's node
+// spent, from /proc, next to the same 10 s without the flood; a denied
+// connection from z/b to x/b during the flood must still be logged.
+func BenchmarkDropLogFlood(b *testing.B) {
+	denyX(b)
+	_, node, err := shared.FindPod("x/a")
+	if err != nil {
+		b.Fatal(err)
+	}
+	pid, err := shared.AgentPID(node.Name)
+	if err != nil || pid == 0 {
+		b.Fatalf("agent of %s: %d %v", node.Name, pid, err)
+	}
+	time.Sleep(3 * time.Second) // the policy is programmed
+	idle := cpuOver(b, pid, 10*time.Second, func() {})
+	lines := followDrops(b, "-n", "x")
+	zb, _ := shared.ResolveTarget("z/b", false)
+	sent := make(chan int, 1)
+	flood := cpuOver(b, pid, 10*time.Second, func() {
+		go func() { sent <- floodUDP(b, "z/a", "x/a", 10000, 10*time.Second) }()
+		time.Sleep(5 * time.Second)
+		_, _ = shared.Probe("z/b", "x/b", 80, false, false)
+	})
+	if l, _ := waitLine(lines, 5*time.Second, zb+" → ", "x/b", "denied"); l == "" {
+		b.Error("the flood made the agent lose the drop of z/b -> x/b")
+	}
+	n := <-sent
+	b.ReportMetric(float64(n)/10, "pps-sent")
+	b.ReportMetric(100*flood, "%core-flood")
+	b.ReportMetric(100*idle, "%core-idle")
+	b.Logf("agent CPU over 10 s: %.2f%% of a core under a 10k pps denied flood, %.2f%% without", 100*flood, 100*idle)
+}
+
+// cpuOver runs fn and returns the share of one core the process used
+// over d from its start.
+func cpuOver(b testing.TB, pid int, d time.Duration, fn func()) float64 {
+	before := cpuTicks(b, pid)
+	t0 := time.Now()
+	fn()
+	time.Sleep(d - time.Since(t0))
+	return float64(cpuTicks(b, pid)-before) / 100 / time.Since(t0).Seconds() // USER_HZ is 100
+}
+
+func cpuTicks(b testing.TB, pid int) int64 {
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The fields after the command name, which is in parentheses.
+	f := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return utime + stime
+}
+
+// floodUDP sends pps UDP packets (and returns how many it sent) a second from one pod to another's port
+// 80 for d, in bursts every 10 ms, from fresh source ports so that every
+// packet is a new connection to conntrack.
+func floodUDP(b testing.TB, from, to string, pps int, d time.Duration) int {
+	place, _ := shared.Resolve(from)
+	ip, _ := shared.ResolveTarget(to, false)
+	var conns []net.Conn
+	err := ns.WithNetNSPath(place.NetNSPath, func(ns.NetNS) error {
+		for i := 0; i < 64; i++ {
+			c, err := net.Dial("udp", net.JoinHostPort(ip, "80"))
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+		}
+		return nil
+	})
+	if err != nil {
+		b.Error(err)
+		return 0
+	}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	burst := pps / 100
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	msg := []byte("flood")
+	n := 0
+	for end := time.Now().Add(d); time.Now().Before(end); <-tick.C {
+		for i := 0; i < burst; i++ {
+			if _, err := conns[i%len(conns)].Write(msg); err == nil {
+				n++
+			}
+		}
+	}
+	return n
+}
