@@ -32,6 +32,7 @@ import (
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/internal/metrics"
 )
 
@@ -560,6 +561,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	repairing := l.adoptReread()
 	gen, dirty, eps := l.takeChanges()
 	inputChanged := !dirty.empty()
+	journal.Default.SetCause("policy", syncCause(dirty, eps != nil, repairing))
 	if err := l.updateModel(ctx, dirty); err != nil {
 		// Converting again is harmless; losing a key would leave its
 		// object unprogrammed until the informers' resync.

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/policy"
 )
 
@@ -48,6 +49,39 @@ func dropsHandler(ring *policy.DropRing) http.HandlerFunc {
 					if err := enc.Encode(d); err != nil {
 						return
 					}
+				}
+			}
+			seq = next
+			if !follow {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+			select {
+			case <-more:
+			case <-r.Context().Done():
+				return
+			}
+		}
+	}
+}
+
+// changesHandler serves sluicectl changes: GET /changes?since=SEQ, with
+// follow=1 to keep writing the kernel writes of the agent as they happen.
+func changesHandler(j *journal.Journal) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		seq, _ := strconv.ParseUint(q.Get("since"), 10, 64)
+		follow := q.Get("follow") == "1"
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		flusher, _ := w.(http.Flusher)
+		for {
+			entries, next, more := j.Since(seq)
+			for _, e := range entries {
+				if err := enc.Encode(e); err != nil {
+					return
 				}
 			}
 			seq = next

@@ -32,6 +32,7 @@ import (
 
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/overlay"
@@ -244,10 +245,12 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		return err
 	}
 	drops := policy.NewDropRing(dropRingSize)
+	journal.Default.SetNode(cfg.NodeName)
 	if o.healthAddr != "" {
 		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
-			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops)})
+			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops),
+				"/changes": changesHandler(journal.Default)})
 	}
 	if o.logDrops {
 		go func() {

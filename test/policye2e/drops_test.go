@@ -3,10 +3,12 @@ package policye2e
 import (
 	"bufio"
 	"context"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -39,13 +41,19 @@ func followDrops(t testing.TB, args ...string) <-chan string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
+	return scanLines(out)
+}
+
+// scanLines sends a reader's lines to a channel, dropping them when the
+// test stopped reading.
+func scanLines(r io.Reader) <-chan string {
 	lines := make(chan string, 1024)
 	go func() {
-		sc := bufio.NewScanner(out)
+		sc := bufio.NewScanner(r)
 		for sc.Scan() {
 			select {
 			case lines <- sc.Text():
-			default: // the test stopped reading
+			default:
 			}
 		}
 	}()
@@ -207,4 +215,77 @@ func floodUDP(b testing.TB, from, to string, pps int, d time.Duration) int {
 		}
 	}
 	return n
+}
+
+// BenchmarkDropLogCostOnAllowedTraffic: iperf3 from x/a to y/b, which a
+// policy allows into an isolated y (so y/b's chain holds the drop log
+// before its end-of-tier drop), with the agents' drop logging on, then off
+// (--log-drops=false in the DaemonSet), in the same run.
+func BenchmarkDropLogCostOnAllowedTraffic(b *testing.B) {
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("iperf3 is not installed")
+	}
+	ctx := context.Background()
+	for _, np := range []*networkingv1.NetworkPolicy{
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "deny"}},
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "from-x"}, Spec: networkingv1.NetworkPolicySpec{
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("ns", "x")}}}}}},
+	} {
+		if _, err := shared.Client.NetworkingV1().NetworkPolicies("y").Create(ctx, np, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		defer shared.Client.NetworkingV1().NetworkPolicies("y").Delete(ctx, np.Name, metav1.DeleteOptions{})
+	}
+	_, node, err := shared.FindPod("y/b")
+	if err != nil {
+		b.Fatal(err)
+	}
+	measure := func(wantLogs bool) float64 {
+		waitDropLogRules(b, node.Name, wantLogs)
+		if _, err := shared.ProbeEventually("x/a", "y/b", 80, false, false, time.Minute); err != nil {
+			b.Fatal(err)
+		}
+		var runs []float64
+		for i := 0; i < 3; i++ {
+			runs = append(runs, iperf(b, "x/a", "y/b"))
+		}
+		sort.Float64s(runs)
+		return runs[1]
+	}
+	with := measure(true)
+	patchDropLog(b, false)
+	defer func() { patchDropLog(b, true); waitDropLogRules(b, node.Name, true) }()
+	without := measure(false)
+	b.ReportMetric(with, "droplog-Gbps")
+	b.ReportMetric(without, "no-droplog-Gbps")
+	b.ReportMetric(with/without, "ratio")
+	b.Logf("iperf3 x/a -> y/b, median of 3: %.2f Gb/s with drop logging, %.2f without (%.3fx)", with, without, with/without)
+}
+
+// patchDropLog turns the agents' drop logging on or off in the DaemonSet.
+func patchDropLog(b *testing.B, on bool) {
+	patch := `[{"op":"add","path":"/spec/template/spec/containers/0/command/-","value":"--log-drops=false"}]`
+	if on {
+		patch = `[{"op":"remove","path":"/spec/template/spec/containers/0/command/5"}]`
+	}
+	if out, err := shared.Kubectl(context.Background(), "", "-n", "kube-system", "patch", "ds", "sluice", "--type=json", "-p", patch); err != nil {
+		b.Fatalf("%v: %s", err, out)
+	}
+}
+
+// waitDropLogRules waits until a node's rules do (or do not) log drops.
+func waitDropLogRules(b *testing.B, node string, want bool) {
+	place, err := shared.Resolve(node)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		out, _ := place.Command("iptables-save", "-t", "filter").CombinedOutput()
+		legacy, _ := place.Command("iptables-legacy-save", "-t", "filter").CombinedOutput()
+		out = append(out, legacy...)
+		if strings.Contains(string(out), "sluiceDrop") == want && strings.Contains(string(out), "SLUICE-TW-") {
+			return
+		}
+	}
+	b.Fatalf("node %s: drop log rules present=%v not reached", node, want)
 }

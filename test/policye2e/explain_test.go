@@ -21,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sluice-net/sluice/policy"
+	"github.com/sluice-net/sluice/test/labtest"
 )
 
 // agentExplain asks the agent of a lab node to explain a flow, through
@@ -199,4 +200,26 @@ func deleteRule(t *testing.T, node, rule string) {
 		errs = append(errs, fmt.Sprintf("%s: %v %s", bin, err, out))
 	}
 	t.Logf("deleting %q: %v (already repaired or deleted?)", rule, errs)
+}
+
+// BenchmarkExplainInLab: sluicectl explain in the lab, as typed: process
+// start, the lab's state, the agents of both pods' nodes through their
+// namespaces, and their kernel reads.
+func BenchmarkExplainInLab(b *testing.B) {
+	bins, err := labtest.Binaries()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var lat []time.Duration
+	for i := 0; i < 30; i++ {
+		t0 := time.Now()
+		out, err := exec.Command(bins+"/sluicectl", "explain", "x/a", "y/b", "80", "--lab-dir", shared.Dir).CombinedOutput()
+		if err != nil {
+			b.Fatalf("%v\n%s", err, out)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[15].Microseconds())/1000, "p50-ms")
+	b.Logf("explain in the lab over 30 runs: p50 %v, p90 %v", lat[15], lat[27])
 }

@@ -3,6 +3,7 @@ package realnodee2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -160,7 +161,8 @@ func TestWorkstationReachesAgentsThroughTheAPIServer(t *testing.T) {
 // BenchmarkExplainFromWorkstation: sluicectl explain with the admin
 // kubeconfig, as a user types it: process start, API lookups, a
 // port-forward to each of the two nodes, the agents' answers and kernel
-// reads.
+// reads; and sluicectl status --node, one node's report over the same
+// path, as the baseline of the API server's share.
 func BenchmarkExplainFromWorkstation(b *testing.B) {
 	ctx := context.Background()
 	for _, p := range []*corev1.Pod{agnhostPod("wsb", "client", shared.Nodes[0].Name), agnhostPod("wsb", "server", shared.Nodes[1].Name)} {
@@ -173,21 +175,39 @@ func BenchmarkExplainFromWorkstation(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"status-node", []string{"status", "--node", shared.Nodes[1].Name}},
+		{"explain", []string{"explain", "wsb/client", "wsb/server", "8080"}},
+	} {
+		p50, p90, err := cliLatency(b, 30, append(c.args, "--kubeconfig", shared.AdminKubeconfig())...)
+		if err != nil {
+			b.Errorf("%s: %v", c.name, err)
+			continue
+		}
+		b.ReportMetric(p50, c.name+"-p50-ms")
+		b.Logf("%s from a workstation over 30 runs: p50 %.0f ms, p90 %.0f ms", c.name, p50, p90)
+	}
+}
+
+// cliLatency runs sluicectl n times and returns the p50 and p90 in ms.
+func cliLatency(b *testing.B, n int, args ...string) (p50, p90 float64, err error) {
 	bins, err := labtest.Binaries()
 	if err != nil {
-		b.Fatal(err)
+		return 0, 0, err
 	}
 	var lat []time.Duration
-	for i := 0; i < 30; i++ {
+	for i := 0; i < n; i++ {
 		t0 := time.Now()
-		cmd := exec.Command(bins+"/sluicectl", "explain", "wsb/client", "wsb/server", "8080", "--kubeconfig", shared.AdminKubeconfig(), "--lab-dir", os.TempDir()+"/no-lab")
+		cmd := exec.Command(bins+"/sluicectl", append(args, "--lab-dir", os.TempDir()+"/no-lab")...)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			b.Fatalf("%v\n%s", err, out)
+			return 0, 0, fmt.Errorf("%v\n%s", err, out)
 		}
 		lat = append(lat, time.Since(t0))
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
-	b.ReportMetric(float64(lat[len(lat)*9/10].Microseconds())/1000, "p90-ms")
-	b.Logf("explain from a workstation over %d runs: p50 %v, p90 %v", len(lat), lat[len(lat)/2], lat[len(lat)*9/10])
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	return ms(lat[n/2]), ms(lat[n*9/10]), nil
 }
