@@ -99,3 +99,23 @@ func changesHandler(j *journal.Journal) http.HandlerFunc {
 		}
 	}
 }
+
+// matrixHandler serves sluicectl policy matrix:
+// GET /matrix?namespaces=a,b&port=&proto=.
+func matrixHandler(pl *policy.Loop) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		port, err := strconv.ParseUint(q.Get("port"), 10, 16)
+		if err != nil {
+			http.Error(w, "port must be a number", http.StatusBadRequest)
+			return
+		}
+		m, err := pl.Matrix(strings.Split(q.Get("namespaces"), ","), int32(port), policy.Protocol(q.Get("proto")))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(m)
+	}
+}

@@ -250,7 +250,7 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
 			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops),
-				"/changes": changesHandler(journal.Default)})
+				"/changes": changesHandler(journal.Default), "/matrix": matrixHandler(policyLoop)})
 	}
 	if o.logDrops {
 		go func() {
