@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -58,13 +59,24 @@ func TestChangesShowAJoiningNodeAndACreatedPolicy(t *testing.T) {
 	t.Cleanup(func() {
 		_ = shared.Client.CoreV1().Nodes().Delete(context.Background(), "joiner", metav1.DeleteOptions{})
 	})
-	for _, want := range [][]string{
-		{"Node joiner added: add route 10.244.203.0/24 via 10.244.203.0 dev vx-sluice.1 onlink"},
-		{"Node joiner added: add neighbour 10.244.203.0 lladdr 0e:00:00:00:cb:01 dev vx-sluice.1"},
-		{"Node joiner added: add fdb 0e:00:00:00:cb:01 dst 198.18.0.203 dev vx-sluice.1"},
-	} {
-		if l, _ := waitLine(lines, 10*time.Second, want...); l == "" {
-			t.Errorf("changes -f did not show %q", want)
+	// The overlay writes the neighbour and FDB entries before the route
+	// that needs them: wait for all three, in any order.
+	want := map[string]bool{
+		"Node joiner added: add route 10.244.203.0/24 via 10.244.203.0 dev vx-sluice.1 onlink":   false,
+		"Node joiner added: add neighbour 10.244.203.0 lladdr 0e:00:00:00:cb:01 dev vx-sluice.1": false,
+		"Node joiner added: add fdb 0e:00:00:00:cb:01 dst 198.18.0.203 dev vx-sluice.1":          false,
+	}
+	for seen, deadline := 0, time.After(15*time.Second); seen < len(want); {
+		select {
+		case l := <-lines:
+			for w, done := range want {
+				if !done && strings.Contains(l, w) {
+					want[w], seen = true, seen+1
+				}
+			}
+		case <-deadline:
+			t.Errorf("changes -f did not show all of the joining node's entries: %v", want)
+			seen = len(want)
 		}
 	}
 	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "journal"}, Spec: networkingv1.NetworkPolicySpec{PodSelector: *sel("pod", "a")}})

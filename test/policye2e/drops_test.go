@@ -3,6 +3,7 @@ package policye2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"os"
@@ -97,27 +98,44 @@ func denyX(t testing.TB) {
 func TestDropsFollowShowsADeniedConnection(t *testing.T) {
 	denyX(t)
 	checkTable(t, "x denied", []int32{80}, []policy.Protocol{policy.TCP})
-	lines := followDrops(t)
+	lines := followDrops(t, "-o", "json")
 	time.Sleep(500 * time.Millisecond) // the followers are connected
-	if _, err := shared.Probe("z/a", "y/a", 80, false, false); err != nil {
-		t.Fatalf("control: z/a -> y/a: %v", err)
-	}
 	za, _ := shared.ResolveTarget("z/a", false)
 	ya, _ := shared.ResolveTarget("y/a", false)
 	start := time.Now()
+	if _, err := shared.Probe("z/a", "y/a", 80, false, false); err != nil {
+		t.Fatalf("control: z/a -> y/a: %v", err)
+	}
 	probed := make(chan error, 1)
 	go func() { _, err := shared.Probe("z/a", "x/a", 80, false, false); probed <- err }()
-	line, at := waitLine(lines, 10*time.Second, "ingress", za+" → ", "TCP/80", "x/a", "denied", "end of tier default")
+	var got *policy.Drop
+	var at time.Time
+	deadline := time.After(10 * time.Second)
+	for got == nil {
+		select {
+		case l := <-lines:
+			var d policy.Drop
+			if json.Unmarshal([]byte(l), &d) != nil || d.Time.Before(start) {
+				continue // history from before this test
+			}
+			if d.Src == za && d.Dst == ya {
+				t.Errorf("an allowed connection shows as dropped: %+v", d)
+			}
+			if d.Src == za && d.Pod == "x/a" {
+				got, at = &d, time.Now()
+			}
+		case <-deadline:
+			t.Fatal("sluicectl drops -f did not show the denied connection")
+		}
+	}
 	if err := <-probed; err == nil {
 		t.Fatal("z/a -> x/a passed under deny")
 	}
-	if line == "" {
-		t.Fatal("sluicectl drops -f did not show the denied connection")
+	if got.Direction != "ingress" || got.Protocol != "TCP" || got.Port != 80 || got.Tier != "default" || got.Policy != "" ||
+		got.Reason != "isolated, no rule allowed it (end of tier default)" {
+		t.Errorf("the drop is not attributed right: %+v", got)
 	}
-	t.Logf("shown %d ms after the connection began: %s", at.Sub(start).Milliseconds(), line)
-	if l, _ := waitLine(lines, time.Second, za+" → "+ya); l != "" {
-		t.Errorf("an allowed connection shows as dropped: %s", l)
-	}
+	t.Logf("shown %d ms after the packet was dropped: %+v", at.Sub(got.Time).Milliseconds(), *got)
 }
 
 // BenchmarkDropLogFlood floods x/a with 10,000 denied UDP packets a
