@@ -511,10 +511,10 @@ func (l *Loop) acquireLease(ctx context.Context) ([]netip.Prefix, lease.Source, 
 			klog.FromContext(ctx).Error(nil, e.Message, "reason", e.Reason)
 			l.reportLeaseProblem(ctx, e)
 			// sluicectl status shows what the Event says, reason and fix.
-			l.setStatus(func(s *Status) { s.LastError = "no lease (" + e.Reason + "): " + e.Message })
+			l.setStatus(func(s *Status) { s.LastError = e.Reason + ": " + e.Message })
 		} else {
 			klog.FromContext(ctx).Error(err, "acquiring lease; will retry")
-			l.setStatus(func(s *Status) { s.LastError = "no lease yet: " + err.Error() })
+			l.setStatus(func(s *Status) { s.LastError = err.Error() })
 		}
 		select {
 		case <-ctx.Done():

@@ -34,7 +34,7 @@ func TestPrintReportShowsWireGuard(t *testing.T) {
 // A node without a lease says why, in the words of the Event, instead of
 // a line of empty fields.
 func TestPrintReportSaysWhyThereIsNoLease(t *testing.T) {
-	why := "no lease (PodCIDROutsideNetwork): the Node's podCIDR 10.99.7.0/24 is outside Sluice's Network 10.244.0.0/16; set --pod-network-cidr"
+	why := "PodCIDROutsideNetwork: the Node's podCIDR 10.99.7.0/24 is outside Sluice's Network 10.244.0.0/16; set --pod-network-cidr"
 	var b bytes.Buffer
 	printReport(&b, &status.Report{Node: "misfit", Overlay: status.Overlay{LastError: why}})
 	out := b.String()

@@ -267,7 +267,7 @@ func TestPodCIDROutsideNetwork(t *testing.T) {
 	statusc := make(chan string, 1)
 	go func() { statusc <- pollStatus(4*time.Second, "127.0.0.1:19098", "outside Sluice's Network") }()
 	out, exited := runAgentOnce(t, 6*time.Second, `{"Network":"10.244.0.0/16"}`, "--node-name", name, "--iface", "eth0", "--health-addr", "127.0.0.1:19098")
-	if st := <-statusc; !strings.Contains(st, "overlay: NOT READY, no lease (PodCIDROutsideNetwork)") || !strings.Contains(st, "--pod-network-cidr") {
+	if st := <-statusc; !strings.Contains(st, "overlay: NOT READY, no lease: PodCIDROutsideNetwork: ") || !strings.Contains(st, "--pod-network-cidr") {
 		t.Errorf("sluicectl status does not give the reason and fix:\n%s", st)
 	}
 	if exited {
@@ -317,8 +317,8 @@ func pollStatus(timeout time.Duration, addr, want string) string {
 	place, _ := shared.Resolve("external")
 	last := ""
 	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
-		b, _ := place.Command(bins+"/sluicectl", "status", "--via", "local", "--addr", addr).CombinedOutput()
-		if last = string(b); strings.Contains(last, want) {
+		b, err := place.Command(bins+"/sluicectl", "status", "--via", "local", "--addr", addr).CombinedOutput()
+		if last = fmt.Sprintf("%s(%v)", b, err); strings.Contains(last, want) {
 			break
 		}
 	}
