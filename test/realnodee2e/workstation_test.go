@@ -134,6 +134,10 @@ func TestWorkstationReachesAgentsThroughTheAPIServer(t *testing.T) {
 	if len(reached) != len(shared.Nodes) {
 		t.Errorf("status reached %v, want every node", reached)
 	}
+	if out, _ := sluicectl(t, "drops", "--kubeconfig", kc, "--node", shared.Nodes[0].Name); strings.Contains(out, "404 Not Found") {
+		// Real nodes run the agent from the image in the tools cache.
+		t.Fatalf("the sluice image in the tools cache predates explain and drops (the agent answers 404): rebuild it (make images)\n%s", out)
+	}
 	for _, n := range shared.Nodes {
 		out, err := sluicectl(t, "status", "--kubeconfig", kc, "--node", n.Name, "-o", "json")
 		var r status.Report
