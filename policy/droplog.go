@@ -83,13 +83,28 @@ type DropReason struct {
 // ParseDropPrefix parses a drop log prefix; ok is false for any other
 // NFLOG prefix.
 func ParseDropPrefix(prefix string) (DropReason, bool) {
+	if strings.HasPrefix(prefix, "sluice|L|") {
+		return DropReason{}, false // a Log rule's: ParseLogPrefix
+	}
+	return parsePrefix(prefix)
+}
+
+// ParseLogPrefix parses the prefix of a policy's Log rule (LogPrefix).
+func ParseLogPrefix(prefix string) (DropReason, bool) {
+	if !strings.HasPrefix(prefix, "sluice|L|") {
+		return DropReason{}, false
+	}
+	return parsePrefix(prefix)
+}
+
+func parsePrefix(prefix string) (DropReason, bool) {
 	f := strings.SplitN(strings.TrimRight(prefix, "\x00"), "|", 5)
 	if len(f) != 5 || f[0] != "sluice" || (f[2] != "I" && f[2] != "E") {
 		return DropReason{}, false
 	}
 	d := DropReason{Egress: f[2] == "E"}
 	switch f[1] {
-	case "D":
+	case "D", "L":
 		n, err := strconv.Atoi(f[4])
 		if err != nil {
 			return DropReason{}, false

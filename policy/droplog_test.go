@@ -219,7 +219,11 @@ func TestAttributeDrop(t *testing.T) {
 	if !ok || d.Pod != "y/b" || d.Direction != "ingress" || d.Policy != "" || d.Tier != "default" || d.Reason != "isolated, no rule allowed it (end of tier default)" {
 		t.Errorf("end-of-tier drop: %+v", d)
 	}
-	if _, ok := l.AttributeDrop(nflog.Record{Prefix: LogPrefix(deny.Key, true, 0)}); ok {
-		t.Error("a Log rule's record was taken for a drop")
+	d, ok = l.AttributeDrop(nflog.Record{Prefix: LogPrefix(deny.Key, true, 0), Src: xa.IPs[0], Dst: yb.IPs[0], Proto: 6})
+	if !ok || d.Verdict != "logged" || d.Pod != "x/a" || d.Reason != "Log: tier default, NetworkPolicy.projectcalico.org x/no-db, egress rule 0" {
+		t.Errorf("a Log rule's record: %+v", d)
+	}
+	if _, ok := l.AttributeDrop(nflog.Record{Prefix: "someone|else"}); ok {
+		t.Error("a foreign NFLOG record was attributed")
 	}
 }

@@ -34,6 +34,9 @@ type Drop struct {
 	Port      uint16    `json:"port,omitempty"`
 	// Pod is the local endpoint whose policy denied (namespace/name).
 	Pod string `json:"pod"`
+	// Verdict is "denied" for a drop log, "logged" for a policy's Log
+	// rule (the flow goes on to the next rule).
+	Verdict string `json:"verdict"`
 	// Policy and Rule name the Deny rule, Tier the tier; Reason says it
 	// for people.
 	Policy string `json:"policy,omitempty"`
@@ -102,11 +105,23 @@ func (r *DropRing) addLost() {
 // record to what denied it. It runs in the namespace the loop programs
 // (the agent's own); a reader that cannot bind the group is an error
 // the caller logs, not a reason to stop the agent.
-func (l *Loop) RunDropLog(ctx context.Context, ring *DropRing) error {
+func (l *Loop) RunDropLog(ctx context.Context, ring *DropRing, logRules bool) error {
+	// With logRules, Log rules (Calico's Log action) feed the same
+	// stream, from their own group. It is off by default: only one
+	// reader can bind a group, and the Log action's records are an
+	// operator's (ulogd) to read first.
+	if logRules {
+		l.readLogRules(ctx, ring)
+	}
 	r, err := nflog.Open(DropLogGroup)
 	if err != nil {
 		return err
 	}
+	return l.readGroup(ctx, r, ring)
+}
+
+// readGroup attributes the records of one NFLOG group until ctx ends.
+func (l *Loop) readGroup(ctx context.Context, r *nflog.Reader, ring *DropRing) error {
 	go func() { <-ctx.Done(); r.Close() }()
 	for {
 		recs, err := r.Read()
@@ -121,7 +136,9 @@ func (l *Loop) RunDropLog(ctx context.Context, ring *DropRing) error {
 		}
 		for _, rec := range recs {
 			if d, ok := l.AttributeDrop(rec); ok {
-				metrics.PolicyDrops.WithLabelValues(d.Direction, namespaceOf(d.Pod), metricPolicy(d)).Inc()
+				if d.Verdict == "denied" {
+					metrics.PolicyDrops.WithLabelValues(d.Direction, namespaceOf(d.Pod), metricPolicy(d)).Inc()
+				}
 				ring.Add(d)
 				klog.FromContext(ctx).V(4).Info("drop", "drop", d)
 			}
@@ -144,13 +161,18 @@ func metricPolicy(d Drop) string {
 // AttributeDrop names what denied a logged packet, from the model of the
 // last sync; ok is false for a record that is not a drop log.
 func (l *Loop) AttributeDrop(rec nflog.Record) (Drop, bool) {
+	verdict := "denied"
 	reason, ok := ParseDropPrefix(rec.Prefix)
+	if !ok {
+		reason, ok = ParseLogPrefix(rec.Prefix)
+		verdict = "logged"
+	}
 	m := l.model.Load()
 	if !ok || m == nil {
 		return Drop{}, false
 	}
 	d := Drop{Time: rec.Time, Node: l.cfg.NodeName, Direction: "ingress", Src: rec.Src.String(), Dst: rec.Dst.String(),
-		Protocol: protoName(rec.Proto), Port: rec.DstPort, Rule: -1}
+		Protocol: protoName(rec.Proto), Port: rec.DstPort, Rule: -1, Verdict: verdict}
 	self := rec.Dst
 	if reason.Egress {
 		d.Direction, self = "egress", rec.Src
@@ -165,7 +187,11 @@ func (l *Loop) AttributeDrop(rec nflog.Record) (Drop, bool) {
 		d.Rule = reason.Rule
 		if p := m.policyByHash(reason.PolicyHash); p != nil {
 			d.Policy, d.Tier = p.Key, p.tier().Name
-			d.Reason = fmt.Sprintf("Deny: tier %s, %s, %s rule %d", d.Tier, RefOf(p), d.Direction, d.Rule)
+			action := "Deny"
+			if verdict == "logged" {
+				action = "Log"
+			}
+			d.Reason = fmt.Sprintf("%s: tier %s, %s, %s rule %d", action, d.Tier, RefOf(p), d.Direction, d.Rule)
 		} else {
 			d.Reason = fmt.Sprintf("Deny rule %d of a policy no longer in the model (chain hash %s)", d.Rule, reason.PolicyHash)
 		}
@@ -234,4 +260,19 @@ func (m *modelSnapshot) policyByHash(h string) *Policy {
 type snapshotIndex struct {
 	once   sync.Once
 	byHash map[string]*Policy
+}
+
+// readLogRules reads the Log rules' group beside the drops; a node where
+// it cannot be bound still logs drops.
+func (l *Loop) readLogRules(ctx context.Context, ring *DropRing) {
+	logs, err := nflog.Open(DefaultLogGroup)
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "Log rules are not read; sluicectl drops shows only drops")
+		return
+	}
+	go func() {
+		if err := l.readGroup(ctx, logs, ring); err != nil {
+			klog.FromContext(ctx).Error(err, "reading Log rules stopped")
+		}
+	}()
 }

@@ -70,7 +70,7 @@ func printDrops(ctx context.Context, w io.Writer, a *agentAccess, nodes []string
 		if d.Port != 0 {
 			port = fmt.Sprintf("%s/%d", d.Protocol, d.Port)
 		}
-		fmt.Fprintf(w, dropsHeader, d.Time.Format("15:04:05.000"), d.Node, d.Direction, d.Src+" → "+d.Dst, port, d.Pod, "denied", d.Reason)
+		fmt.Fprintf(w, dropsHeader, d.Time.Format("15:04:05.000"), d.Node, d.Direction, d.Src+" → "+d.Dst, port, d.Pod, d.Verdict, d.Reason)
 	}
 	if output == "table" {
 		fmt.Fprintf(w, dropsHeader, "TIME", "NODE", "DIR", "SRC → DST", "PROTO", "POD", "VERDICT", "REASON")
