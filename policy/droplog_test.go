@@ -119,6 +119,14 @@ func TestDropLogsInThePortTree(t *testing.T) {
 		t.Fatal("no port tree was rendered")
 	}
 	xa, yb := w.pods[0], w.pods[3]
+	// explain finds the port tree's drops for the end of the tier.
+	m, r := w.snapshot(pols, false)
+	r.DropLog = true
+	e := &Evaluator{Policies: pols, Namespaces: w.nss}
+	x := e.Explain(Flow{Src: w.endpoint(yb, false), Dst: w.endpoint(xa, false), Proto: TCP, DstPort: 9000}, false)
+	if k := compareKernel(saveOf(rs), r, m, m.local("x/a"), &x, false); x.Reason != ReasonEndOfTier || len(k.Problems) > 0 || len(k.DecidingRules) == 0 || k.Packets == 0 {
+		t.Errorf("explain in the port tree: %s, kernel %+v", x.Summary, k)
+	}
 	for port, wantDrop := range map[int32]bool{8003: false, 9000: true} {
 		p := packet{in: w.veth(yb), out: w.veth(xa), src: yb.IPs[0], dst: xa.IPs[0], proto: TCP, sport: 40000, dport: port}
 		ok, _, drops := traceDrops(t, rs, &p)

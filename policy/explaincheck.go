@@ -379,6 +379,10 @@ func checkDeciding(save string, r *Renderer, m *modelSnapshot, k *KernelCheck, v
 				want = append(want, rule)
 			}
 		}
+		if want == nil && v.Reason == ReasonEndOfTier {
+			portTreeDrops(save, k, egress)
+			return
+		}
 	default:
 		return
 	}
@@ -435,4 +439,28 @@ func (r *Renderer) ruleTargets(p *Policy, egress bool, index int, chain string) 
 		out = append(out, line+" "+target)
 	}
 	return out
+}
+
+// portTreeDrops counts the drops of an endpoint's port tree, where an
+// endpoint with many allow-only policies ends its tier (porttree.go):
+// the tree and subset chains named after its veth.
+func portTreeDrops(save string, k *KernelCheck, egress bool) {
+	suffix := strings.TrimPrefix(k.EndpointChain, chainPrefix+map[bool]string{true: "FW-", false: "TW-"}[egress])
+	dir := map[bool]string{true: "F", false: "T"}[egress]
+	k.DecidingChain = "the port tree of " + k.EndpointChain
+	for _, l := range strings.Split(save, "\n") {
+		_, rule, ok := strings.Cut(l, "] ")
+		if !ok || !strings.Contains(rule, "no policy allowed it") || !strings.HasSuffix(rule, "-j DROP") {
+			continue
+		}
+		f := strings.Fields(rule)
+		if len(f) < 2 || !(strings.HasPrefix(f[1], chainPrefix+dir+"T-"+suffix+"-") || strings.HasPrefix(f[1], chainPrefix+dir+"S-"+suffix+"-")) {
+			continue
+		}
+		rules, counters := chainRulesCounted(save, f[1])
+		if i := slices.Index(rules, rule); i >= 0 {
+			k.DecidingRules = append(k.DecidingRules, rule)
+			k.Packets += counters[i]
+		}
+	}
 }
