@@ -86,6 +86,15 @@ func explain(ctx context.Context, a *agentAccess, q url.Values) (*policy.Explana
 		if dstNode == "" {
 			dstNode = srcNode
 		}
+		if srcNode == "" && a.mode() != "local" {
+			// Neither end is a pod given by name: any agent's model
+			// resolves the addresses.
+			nodes, err := a.nodes(ctx)
+			if err != nil || len(nodes) == 0 {
+				return nil, fmt.Errorf("no agent to ask: %v", err)
+			}
+			srcNode, dstNode = nodes[0], nodes[0]
+		}
 	}
 	ask := func(node string) (*policy.Explanation, error) {
 		body, err := a.get(ctx, node, "/explain", q)
