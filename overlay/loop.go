@@ -26,6 +26,7 @@ import (
 	"github.com/sluice-net/sluice/internal/atomicfile"
 	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/overlay/lease"
 	"github.com/sluice-net/sluice/overlay/masq"
 	"github.com/sluice-net/sluice/overlay/netconf"
@@ -176,9 +177,9 @@ func (l *Loop) Run(ctx context.Context) error {
 	nodeInformer := factory.Core().V1().Nodes()
 	l.nodes = nodeInformer.Lister()
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { l.nodeChanged() },
+		AddFunc:    func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" added"); l.nodeChanged() },
 		UpdateFunc: func(old, cur any) { l.onNodeUpdate(old, cur) },
-		DeleteFunc: func(any) { l.nodeChanged() },
+		DeleteFunc: func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" deleted"); l.nodeChanged() },
 	}); err != nil {
 		return err
 	}
@@ -207,7 +208,21 @@ func (l *Loop) onNodeUpdate(old, cur any) {
 		}
 		return
 	}
+	if ok2 {
+		journal.Default.Pending("overlay", "Node "+c.Name+" changed")
+	}
 	l.nodeChanged()
+}
+
+// nodeName names a Node of an informer event, tombstones included.
+func nodeName(obj any) string {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		return t.Key
+	}
+	if n, ok := obj.(*corev1.Node); ok {
+		return n.Name
+	}
+	return "?"
 }
 
 func (l *Loop) nodeChanged() {
@@ -238,6 +253,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 	defer l.queue.Done(key)
 	start := time.Now()
 	repair := !l.nodesChanged.Swap(false) && l.Ready()
+	journal.Default.StartSync("overlay", repair)
 	ch, err := l.sync(ctx, repair)
 	l.setStatus(func(s *Status) {
 		s.LastSync = time.Now()
@@ -494,8 +510,11 @@ func (l *Loop) acquireLease(ctx context.Context) ([]netip.Prefix, lease.Source, 
 		if e, ok := lease.IsUserError(err); ok {
 			klog.FromContext(ctx).Error(nil, e.Message, "reason", e.Reason)
 			l.reportLeaseProblem(ctx, e)
+			// sluicectl status shows what the Event says, reason and fix.
+			l.setStatus(func(s *Status) { s.LastError = e.Reason + ": " + e.Message })
 		} else {
 			klog.FromContext(ctx).Error(err, "acquiring lease; will retry")
+			l.setStatus(func(s *Status) { s.LastError = err.Error() })
 		}
 		select {
 		case <-ctx.Done():

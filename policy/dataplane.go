@@ -14,6 +14,7 @@ import (
 
 	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/ipset"
+	"github.com/sluice-net/sluice/internal/journal"
 )
 
 // Dataplane writes rendered rulesets of one family into the kernel. It
@@ -226,6 +227,7 @@ func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 		if err := ipset.Destroy(n); err != nil {
 			return st, err
 		}
+		journal.Default.Add("policy", "set", "remove", n)
 		delete(d.sets, n)
 		delete(d.setKeys, n)
 		delete(d.refusedSets, n)
@@ -315,6 +317,11 @@ func (d *Dataplane) applySets(sets map[string]*Set, st *Stats) map[string]string
 		}
 		if changes > 0 {
 			st.SetsChanged++
+			action := "change"
+			if d.sets[n] == "" {
+				action = "add"
+			}
+			journal.Default.Add("policy", "set", action, fmt.Sprintf("%s (%s, %d entries)", n, s.Type, len(s.Entries)))
 		}
 		d.sets[n] = sig
 	}
@@ -486,9 +493,15 @@ func (d *Dataplane) commit(want map[string][]string, changed, stale []string, st
 		return err
 	}
 	for _, name := range changed {
+		action := "add"
+		if _, ok := d.chains[name]; ok {
+			action = "change"
+		}
+		journal.Default.Add("policy", "chain", action, fmt.Sprintf("%s (%d rules, %s)", name, len(want[name]), d.family()))
 		d.chains[name] = slices.Clone(want[name])
 	}
 	for _, name := range stale {
+		journal.Default.Add("policy", "chain", "remove", fmt.Sprintf("%s (%s)", name, d.family()))
 		delete(d.chains, name)
 	}
 	st.ChainsWritten += len(changed)
@@ -611,4 +624,11 @@ func chainKindOf(name string) chainKind {
 func (d *Dataplane) Remove() error {
 	_, err := d.Apply(&Ruleset{Chains: map[string][]string{}, Sets: map[string]*Set{}})
 	return err
+}
+
+func (d *Dataplane) family() string {
+	if d.ipv6 {
+		return "IPv6"
+	}
+	return "IPv4"
 }

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -31,6 +32,7 @@ import (
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/contract"
 	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/internal/metrics"
 )
 
@@ -51,6 +53,8 @@ type Config struct {
 	// CalicoDetectPeriod is how often the loop looks for Calico CRDs that
 	// appeared, or a finished migration from Canal.
 	CalicoDetectPeriod time.Duration
+	// DropLog logs denied connections to NFLOG (droplog.go).
+	DropLog bool
 }
 
 // Loop is the policy loop. It is the endpoint registry's
@@ -114,6 +118,8 @@ type Loop struct {
 	kernel    chan []KernelState // latest periodic re-read, one per family
 	rereadNow chan struct{}
 	cutFlows  chan cutRequest // latest conntrack cut to make
+	// model is the model of the last sync that changed it, for explain.
+	model atomic.Pointer[modelSnapshot]
 }
 
 // dirtyKeys are the keys of changed objects: model keys for policies
@@ -215,7 +221,7 @@ func NewLoop(cfg Config, client kubernetes.Interface, recorder record.EventRecor
 	l.dirty.take()
 	var renderers []*Renderer
 	for _, fam := range iptables.Families(cfg.IPv4, cfg.IPv6) {
-		renderers = append(renderers, &Renderer{IPv6: fam.Is6(), AcceptMark: cfg.AcceptMark})
+		renderers = append(renderers, &Renderer{IPv6: fam.Is6(), AcceptMark: cfg.AcceptMark, DropLog: cfg.DropLog})
 	}
 	l.state = newClusterState(renderers)
 	return l
@@ -555,6 +561,7 @@ func (l *Loop) sync(ctx context.Context) error {
 	repairing := l.adoptReread()
 	gen, dirty, eps := l.takeChanges()
 	inputChanged := !dirty.empty()
+	journal.Default.SetCause("policy", syncCause(dirty, eps != nil, repairing))
 	if err := l.updateModel(ctx, dirty); err != nil {
 		// Converting again is harmless; losing a key would leave its
 		// object unprogrammed until the informers' resync.
@@ -570,6 +577,9 @@ func (l *Loop) sync(ctx context.Context) error {
 
 	t.modelled = time.Now()
 	rulesets := l.state.Commit()
+	if inputChanged || eps != nil || l.model.Load() == nil {
+		l.saveModel()
+	}
 	t.rendered = time.Now()
 	changed, failed, err := l.applyFamilies(ctx, rulesets, repairing, t)
 	if err != nil {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/sluice-net/sluice/internal/contract"
 )
 
 // The port tree keeps a new connection's cost flat in the number of
@@ -153,6 +155,8 @@ type portTree struct {
 	suffix string // the veth's 11 hex characters
 	egress bool
 	chains map[string][]string
+	// tier is the one tier of the endpoint's policies, for drop logs.
+	tier string
 }
 
 func (t *portTree) kind(tree bool) string {
@@ -185,7 +189,7 @@ func (t *portTree) render(endpoint string, pols []*Policy) []string {
 			every = append(every, k)
 		}
 	}
-	return append(rules, fmt.Sprintf("-A %s %s", endpoint, t.subset(every)))
+	return t.withDropLog(append(rules, fmt.Sprintf("-A %s %s", endpoint, t.subset(every))))
 }
 
 // portIntervals splits 0-65535 into the ranges in which the same policies
@@ -252,7 +256,7 @@ func (t *portTree) tree(proto Protocol, intervals []portInterval) string {
 	for _, r := range rules {
 		chain = append(chain, "-A "+name+" "+r)
 	}
-	t.chains[name] = append(chain, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", name))
+	t.chains[name] = t.withDropLog(append(chain, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", name)))
 	return "-g " + name
 }
 
@@ -270,7 +274,7 @@ func (t *portTree) subset(keys []string) string {
 				fmt.Sprintf("-A %s -j %s", name, PolicyChain(k, t.egress)),
 				fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", name, t.r.mark()))
 		}
-		t.chains[name] = append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", name))
+		t.chains[name] = t.withDropLog(append(rules, fmt.Sprintf("-A %s -m comment --comment \"no policy allowed it\" -j DROP", name)))
 	}
 	return "-g " + name
 }
@@ -281,4 +285,21 @@ func portSpan(lo, hi int32) string {
 		return fmt.Sprint(lo)
 	}
 	return fmt.Sprintf("%d:%d", lo, hi)
+}
+
+// withDropLog puts a drop log before each of the tree's drops, with the
+// drop's own matches, when the renderer logs drops.
+func (t *portTree) withDropLog(rules []string) []string {
+	const drop = "-m comment --comment \"no policy allowed it\" -j DROP"
+	if !t.r.DropLog {
+		return rules
+	}
+	out := make([]string, 0, len(rules)+1)
+	for _, r := range rules {
+		if head, ok := strings.CutSuffix(r, drop); ok {
+			out = append(out, head+t.r.dropLogTarget(t.egress, DropPrefixTier(contract.HostVethPrefix+t.suffix, t.egress, t.tier)))
+		}
+		out = append(out, r)
+	}
+	return out
 }

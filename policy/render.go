@@ -92,6 +92,9 @@ type Renderer struct {
 	PassMark uint32
 	// LogGroup is the NFLOG group of Log rules (zero: DefaultLogGroup).
 	LogGroup uint16
+	// DropLog logs the first packet of each connection policy drops,
+	// rate-limited per endpoint (droplog.go).
+	DropLog bool
 }
 
 // DefaultLogGroup is the NFLOG group Log rules write to, unless the
@@ -302,7 +305,7 @@ func (r *Renderer) endpointChains(veth string, self []netip.Addr, keys []string,
 		return map[string][]string{chain: append(head, rules[2:]...)}
 	}
 	head = append(head, fmt.Sprintf("-A %s -j MARK --set-xmark 0x0/0x%x", chain, r.AcceptMark|r.passMark()))
-	t := &portTree{r: r, suffix: strings.TrimPrefix(veth, contract.HostVethPrefix), egress: egress, chains: map[string][]string{}}
+	t := &portTree{r: r, suffix: strings.TrimPrefix(veth, contract.HostVethPrefix), egress: egress, chains: map[string][]string{}, tier: pols[0].tier().Name}
 	t.chains[chain] = append(head, t.render(chain, pols)...)
 	return t.chains
 }

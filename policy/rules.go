@@ -50,6 +50,9 @@ func (r *Renderer) endpointRules(chain string, policies []*Policy, egress bool) 
 				fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", chain, r.mark()))
 		}
 		if tier.DefaultAction != Pass {
+			if r.DropLog {
+				rules = append(rules, fmt.Sprintf("-A %s -m mark --mark %s %s", chain, pass, r.dropLogTarget(egress, DropPrefixTier(chainVeth(chain), egress, tier.Name))))
+			}
 			rules = append(rules, fmt.Sprintf("-A %s -m mark --mark %s -m comment --comment \"%s\" -j DROP", chain, pass,
 				comment("end of tier "+tier.Name+": no policy allowed it")))
 		}
@@ -172,6 +175,9 @@ func (r *Renderer) policyRules(p *Policy, egress bool) ([]string, []*setDef) {
 			continue
 		}
 		for _, l := range lines {
+			if r.DropLog && rule.action() == Deny {
+				out = append(out, l+" "+r.dropLogTarget(egress, DropPrefixRule(p.Key, egress, i)))
+			}
 			out = append(out, l+" "+target)
 		}
 		pending = mark

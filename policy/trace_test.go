@@ -19,8 +19,9 @@ type tracer struct {
 	mark uint32
 	// steps counts the rules the packet was matched against.
 	steps int
-	// logs are the NFLOG prefixes the packet was logged with, in order.
-	logs []string
+	// logs are the NFLOG prefixes the packet was logged with, in order;
+	// drops the drop logs' (droplog.go).
+	logs, drops []string
 }
 
 type packet struct {
@@ -80,7 +81,11 @@ func (tr *tracer) run(chain string, p *packet, depth int) string {
 			case "MARK":
 				tr.setMark(f)
 			case "NFLOG":
-				tr.logs = append(tr.logs, nflogPrefix(f))
+				if _, ok := ParseDropPrefix(nflogPrefix(f)); ok {
+					tr.drops = append(tr.drops, nflogPrefix(f))
+				} else {
+					tr.logs = append(tr.logs, nflogPrefix(f))
+				}
 			default:
 				if v := tr.run(arg, p, depth+1); v != verdictReturn {
 					return v
@@ -235,6 +240,8 @@ func (tr *tracer) matchOne(f []string, i int, p *packet) (bool, int) {
 		return inPorts(f[i+1], p.dport), i + 1
 	case "--ctstate":
 		return slices.Contains(strings.Split(f[i+1], ","), p.ctState()), i + 1
+	case "--hashlimit-upto", "--hashlimit-burst", "--hashlimit-mode", "--hashlimit-name":
+		return true, i + 1 // the drop log's rate limit: every packet traced is under it
 	case "--mark":
 		v, m := parseMark(tr.t, f[i+1])
 		return tr.mark&m == v, i + 1

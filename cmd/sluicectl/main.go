@@ -26,7 +26,7 @@ func main() {
 		SilenceUsage: true,
 	}
 	root.PersistentFlags().AddGoFlagSet(flag.CommandLine)
-	root.AddCommand(newLabCommand(), newStatusCommand())
+	root.AddCommand(newLabCommand(), newStatusCommand(), newExplainCommand(), newDropsCommand(), newChangesCommand(), newPolicyCommand())
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	if err := root.ExecuteContext(ctx); err != nil {

@@ -1,52 +1,41 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
-	"sigs.k8s.io/yaml"
 
 	"github.com/sluice-net/sluice/internal/status"
 )
 
 func newStatusCommand() *cobra.Command {
-	f := &labFlags{}
-	var addr, node, output string
+	a := &agentAccess{}
+	var output string
 	c := &cobra.Command{
 		Use:   "status [--node NODE] [-o table|json|yaml]",
-		Short: "Show what the node's sluiced programmed: lease, MTU, peers, endpoints and policies",
-		Long: `Reads the local agent's report (http://127.0.0.1:9098/status, --addr to change).
-With --node, reads the agent of that lab node (see 'sluicectl lab').`,
+		Short: "Show what sluiced programmed: per node, or a cluster summary",
+		Long: `With --node, the report of that node's agent: lease, MTU, peers, endpoints,
+policies and what is wrong. Without it, through the API server (--kubeconfig)
+or in a lab, a cluster summary: per node the agent's version, lease, peers
+reachable, endpoints and policies programmed and last error, and per policy
+on how many nodes it is programmed. On a node with neither, the local agent
+at --addr (http://127.0.0.1:9098/status).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			client := &http.Client{Timeout: 5 * time.Second}
-			if node != "" {
-				s, err := f.load()
+			out := cmd.OutOrStdout()
+			if a.node == "" && a.mode() != "local" {
+				sum, err := clusterSummary(cmd.Context(), a)
 				if err != nil {
 					return err
 				}
-				place, err := s.Resolve(node)
-				if err != nil {
-					return err
-				}
-				client.Transport = &http.Transport{DialContext: func(_ context.Context, network, a string) (net.Conn, error) {
-					return place.Dial(network, a, 5*time.Second)
-				}}
+				return printOutput(out, output, sum, func(w io.Writer) { printSummary(w, sum) })
 			}
-			resp, err := client.Get("http://" + addr + "/status")
-			if err != nil {
-				return fmt.Errorf("reading the agent's status at %s: %w (is sluiced running, with --health-addr?)", addr, err)
-			}
-			defer resp.Body.Close()
-			body, err := io.ReadAll(resp.Body)
+			body, err := a.get(cmd.Context(), "", "/status", nil)
 			if err != nil {
 				return err
 			}
@@ -54,30 +43,11 @@ With --node, reads the agent of that lab node (see 'sluicectl lab').`,
 			if err := json.Unmarshal(body, &r); err != nil {
 				return fmt.Errorf("the agent's status is not a report: %w", err)
 			}
-			out := cmd.OutOrStdout()
-			switch output {
-			case "json":
-				b, _ := json.MarshalIndent(r, "", "  ")
-				fmt.Fprintln(out, string(b))
-			case "yaml":
-				b, err := yaml.Marshal(r)
-				if err != nil {
-					return err
-				}
-				fmt.Fprint(out, string(b))
-			case "table", "":
-				printReport(out, &r)
-			default:
-				return fmt.Errorf("-o must be table, json or yaml, not %q", output)
-			}
-			return nil
+			return printOutput(out, output, r, func(w io.Writer) { printReport(w, &r) })
 		},
 	}
-	c.Flags().StringVar(&addr, "addr", "127.0.0.1:9098", "the agent's --health-addr")
-	c.Flags().StringVar(&node, "node", "", "a lab node whose agent to ask")
+	a.flags(c, "the node whose agent to ask (a lab node, or any node with --kubeconfig)")
 	c.Flags().StringVarP(&output, "output", "o", "table", "table, json or yaml")
-	c.Flags().StringVar(&f.name, "lab", "default", "name of the lab, with --node")
-	c.Flags().StringVar(&f.dir, "lab-dir", "", "lab directory, with --node")
 	return c
 }
 
@@ -90,9 +60,18 @@ func printReport(w io.Writer, r *status.Report) {
 	}
 	o := r.Overlay
 	fmt.Fprintf(w, "node %s\n", r.Node)
-	fmt.Fprintf(w, "overlay: %s, lease %s (from %s), backend %s over %s %s, MTU %d, last sync %s\n",
-		ready(o.Ready), strings.Join(o.Lease, ","), o.LeaseSource, o.Backend, o.Underlay, strings.Join(o.PublicIPs, ","), o.MTU, since(o.LastSync))
-	if o.LastError != "" {
+	if len(o.Lease) == 0 && !o.Ready {
+		// Nothing is programmed yet: the reason is all there is to say.
+		reason := o.LastError
+		if reason == "" {
+			reason = "the agent has not reported why"
+		}
+		fmt.Fprintf(w, "overlay: NOT READY, no lease: %s\n", reason)
+	} else {
+		fmt.Fprintf(w, "overlay: %s, lease %s (from %s), backend %s over %s %s, MTU %d, last sync %s\n",
+			ready(o.Ready), strings.Join(o.Lease, ","), o.LeaseSource, o.Backend, o.Underlay, strings.Join(o.PublicIPs, ","), o.MTU, since(o.LastSync))
+	}
+	if o.LastError != "" && len(o.Lease) > 0 {
 		fmt.Fprintf(w, "  last error: %s\n", o.LastError)
 	}
 	tunnelID, head, width := func(p status.Peer) string { return p.VtepMAC }, "VTEP MAC", 18

@@ -30,3 +30,18 @@ func TestPrintReportShowsWireGuard(t *testing.T) {
 		t.Errorf("a wireguard node's status shows VTEP MACs:\n%s", out)
 	}
 }
+
+// A node without a lease says why, in the words of the Event, instead of
+// a line of empty fields.
+func TestPrintReportSaysWhyThereIsNoLease(t *testing.T) {
+	why := "PodCIDROutsideNetwork: the Node's podCIDR 10.99.7.0/24 is outside Sluice's Network 10.244.0.0/16; set --pod-network-cidr"
+	var b bytes.Buffer
+	printReport(&b, &status.Report{Node: "misfit", Overlay: status.Overlay{LastError: why}})
+	out := b.String()
+	if !strings.Contains(out, "overlay: NOT READY, no lease: "+why) {
+		t.Errorf("status does not say why:\n%s", out)
+	}
+	if strings.Contains(out, "MTU 0") || strings.Contains(out, "(from )") {
+		t.Errorf("status prints empty fields:\n%s", out)
+	}
+}

@@ -32,6 +32,7 @@ import (
 
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/iptables"
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/internal/metrics"
 	"github.com/sluice-net/sluice/internal/status"
 	"github.com/sluice-net/sluice/overlay"
@@ -67,6 +68,8 @@ type options struct {
 	cleanup         bool
 	rotateKey       bool
 	wgSocketDir     string
+	logDrops        bool
+	dropsLogRules   bool
 }
 
 func main() {
@@ -93,6 +96,8 @@ func main() {
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
+	fs.BoolVar(&o.logDrops, "log-drops", true, "log the first packet of each connection policy denies (NFLOG group 21, at most 10 a second per pod and direction), for sluicectl drops and sluice_policy_drops_total")
+	fs.BoolVar(&o.dropsLogRules, "drops-include-log-rules", false, "also read the NFLOG group of policies' Log rules (20) into sluicectl drops, as verdict logged; only one reader can bind it, so leave it off when ulogd reads it")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
@@ -241,9 +246,20 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if err != nil {
 		return err
 	}
+	drops := policy.NewDropRing(dropRingSize)
+	journal.Default.SetNode(cfg.NodeName)
 	if o.healthAddr != "" {
 		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
-		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report)
+		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
+			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops),
+				"/changes": changesHandler(journal.Default), "/matrix": matrixHandler(policyLoop)})
+	}
+	if o.logDrops {
+		go func() {
+			if err := policyLoop.RunDropLog(ctx, drops, o.dropsLogRules); err != nil {
+				klog.ErrorS(err, "drop logs are not read; sluicectl drops shows nothing from this node")
+			}
+		}()
 	}
 	policyLoop.Seed(registry.List())
 	errc := make(chan error, 3)
@@ -266,12 +282,17 @@ func policyConfig(o options, cfg overlay.Config, mark uint32) policy.Config {
 	return policy.Config{
 		NodeName: cfg.NodeName, IPv4: cfg.Net.EnableIPv4, IPv6: cfg.Net.EnableIPv6,
 		AcceptMark: mark, IPTablesMode: cfg.IPTablesMode, StrictTCPPickup: o.strictTCP,
-		ResyncPeriod: o.resync,
+		ResyncPeriod: o.resync, DropLog: o.logDrops,
 	}
 }
 
-func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report) {
+// serveHealth serves health, metrics, the status report and the
+// troubleshooting handlers (explain).
+func serveHealth(ctx context.Context, addr string, ready func() bool, report func() status.Report, handlers map[string]http.Handler) {
 	mux := http.NewServeMux()
+	for path, h := range handlers {
+		mux.Handle(path, h)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready() {
@@ -295,7 +316,7 @@ func serveHealth(ctx context.Context, addr string, ready func() bool, report fun
 // buildReport gathers what sluicectl status shows.
 func buildReport(node string, ov *overlay.Loop, pl *policy.Loop, reg *endpoints.Registry) status.Report {
 	ovs, ps := ov.Status(), pl.Status()
-	r := status.Report{Node: node,
+	r := status.Report{Node: node, Version: agentVersion(),
 		Overlay: status.Overlay{Ready: ovs.Ready, LeaseSource: string(ovs.LeaseSource), MTU: ovs.MTU, Backend: ovs.Backend,
 			Implementation: ovs.Implementation, ImplementationWhy: ovs.ImplementationWhy, PublicKey: ovs.PublicKey,
 			Underlay: ovs.Underlay, LastSync: ovs.LastSync, LastError: ovs.LastError},

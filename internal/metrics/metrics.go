@@ -40,6 +40,16 @@ var (
 		Name: "sluice_policies_programmed",
 		Help: "Network policies in the last applied state.",
 	})
+	// PolicyDrops counts the drop logs of denied connections (the first
+	// packet of each, rate-limited per endpoint: a floor, not a packet
+	// count) by direction, the local pod's namespace and the deciding
+	// policy's key, or "end-of-tier/<tier>". Its cardinality is bounded
+	// by namespaces times the policies and tiers that select their pods:
+	// no pod or IP labels.
+	PolicyDrops = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_policy_drops_total",
+		Help: "Denied connections logged, by direction, namespace of the local pod and deciding policy (or end-of-tier/TIER).",
+	}, []string{"direction", "namespace", "policy"})
 	// CNIRequests counts the CNI plugin's calls on this node by verb and
 	// result ("ok" or "error"), as the plugin reports them. Calls made
 	// while the agent was down are not counted.
@@ -81,7 +91,7 @@ var (
 )
 
 func init() {
-	Registry.MustRegister(PoliciesNotProgrammed, SpoofedPacketsDropped)
+	Registry.MustRegister(PoliciesNotProgrammed, SpoofedPacketsDropped, PolicyDrops)
 	for _, fam := range []string{"ipv4", "ipv6"} {
 		SpoofedPacketsDropped.WithLabelValues(fam)
 	}

@@ -4,7 +4,9 @@ import "time"
 
 // Report is one agent's view of its node.
 type Report struct {
-	Node      string     `json:"node"`
+	Node string `json:"node"`
+	// Version is the agent's build (module version and VCS revision).
+	Version   string     `json:"version,omitempty"`
 	Overlay   Overlay    `json:"overlay"`
 	Policy    Policy     `json:"policy"`
 	Endpoints []Endpoint `json:"endpoints"`

@@ -10,6 +10,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-net/sluice/internal/journal"
 )
 
 // Protocol marks the routes Sluice owns (see /etc/iproute2/rt_protos; the
@@ -70,6 +72,11 @@ func Sync(fam int, want map[netip.Prefix]netlink.Route) (written, removed int, e
 		if err := netlink.RouteReplace(&r); err != nil {
 			return written, removed, fmt.Errorf("writing route %s: %w", p, err)
 		}
+		action := "add"
+		if _, ok := haveBy[p]; ok {
+			action = "change"
+		}
+		journal.Default.Add("overlay", "route", action, Describe(r))
 		written++
 	}
 	for p, r := range haveBy {
@@ -80,6 +87,7 @@ func Sync(fam int, want map[netip.Prefix]netlink.Route) (written, removed int, e
 		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, syscall.ESRCH) {
 			return written, removed, fmt.Errorf("removing stale route %s: %w", p, err)
 		}
+		journal.Default.Add("overlay", "route", "remove", Describe(r))
 		removed++
 	}
 	return written, removed, nil
@@ -100,4 +108,25 @@ func routeType(r netlink.Route) int {
 		return unix.RTN_UNICAST
 	}
 	return r.Type
+}
+
+// Describe prints a route as ip route does, for the journal.
+func Describe(r netlink.Route) string {
+	out := "?"
+	if p, ok := PrefixOf(r.Dst); ok {
+		out = p.String()
+	}
+	if routeType(r) == unix.RTN_BLACKHOLE {
+		return "blackhole " + out
+	}
+	if r.Gw != nil {
+		out += " via " + r.Gw.String()
+	}
+	if link, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+		out += " dev " + link.Attrs().Name
+	}
+	if r.Flags&int(netlink.FLAG_ONLINK) != 0 {
+		out += " onlink"
+	}
+	return out
 }

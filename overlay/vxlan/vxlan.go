@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-net/sluice/internal/journal"
 	"github.com/sluice-net/sluice/overlay/routes"
 )
 
@@ -219,6 +220,7 @@ func syncNeighbours(dev netlink.Link, fam int, want map[netip.Addr]net.HardwareA
 		if err := netlink.NeighSet(n); err != nil {
 			return written, removed, fmt.Errorf("writing neighbour %s -> %s: %w", ip, mac, err)
 		}
+		journal.Default.Add("overlay", "neighbour", addOrChange(haveBy, ip), fmt.Sprintf("%s lladdr %s dev %s", ip, mac, dev.Attrs().Name))
 		written++
 	}
 	for ip, n := range haveBy {
@@ -229,6 +231,7 @@ func syncNeighbours(dev netlink.Link, fam int, want map[netip.Addr]net.HardwareA
 		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, syscall.ENOENT) {
 			return written, removed, fmt.Errorf("removing stale neighbour %s: %w", ip, err)
 		}
+		journal.Default.Add("overlay", "neighbour", "remove", fmt.Sprintf("%s lladdr %s dev %s", ip, n.HardwareAddr, dev.Attrs().Name))
 		removed++
 	}
 	return written, removed, nil
@@ -258,6 +261,7 @@ func syncFDB(dev netlink.Link, want map[string]netip.Addr) (written, removed int
 		if err := netlink.NeighSet(n); err != nil {
 			return written, removed, fmt.Errorf("writing FDB entry %s -> %s: %w", mac, ip, err)
 		}
+		journal.Default.Add("overlay", "fdb", addOrChange(haveBy, mac), fmt.Sprintf("%s dst %s dev %s", mac, ip, dev.Attrs().Name))
 		written++
 	}
 	for mac, n := range haveBy {
@@ -268,6 +272,7 @@ func syncFDB(dev netlink.Link, want map[string]netip.Addr) (written, removed int
 		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, syscall.ENOENT) {
 			return written, removed, fmt.Errorf("removing stale FDB entry %s: %w", mac, err)
 		}
+		journal.Default.Add("overlay", "fdb", "remove", fmt.Sprintf("%s dst %s dev %s", mac, n.IP, dev.Attrs().Name))
 		removed++
 	}
 	return written, removed, nil
@@ -433,4 +438,12 @@ func SetTXChecksumOffload(dev string, on bool) error {
 		return fmt.Errorf("ethtool -K %s tx %s: %w: %s", dev, v, err, out)
 	}
 	return nil
+}
+
+// addOrChange says whether a write replaced an entry the kernel had.
+func addOrChange[K comparable, V any](have map[K]V, k K) string {
+	if _, ok := have[k]; ok {
+		return "change"
+	}
+	return "add"
 }

@@ -5,9 +5,12 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/sluice-net/sluice/internal/journal"
 )
 
 // Client reads and configures WireGuard devices by name, in wgctrl's
@@ -64,7 +67,30 @@ func Configure(c Client, t Tunnel) (ConfigChanges, error) {
 	if err := c.ConfigureDevice(t.Name, cfg); err != nil {
 		return ConfigChanges{}, fmt.Errorf("configuring WireGuard device %s: %w", t.Name, err)
 	}
+	journalPeers(t.Name, cfg)
 	return ch, nil
+}
+
+// journalPeers records the peers a configuration wrote (sluicectl changes).
+func journalPeers(dev string, cfg wgtypes.Config) {
+	for _, p := range cfg.Peers {
+		if p.Remove {
+			journal.Default.Add("overlay", "wireguard peer", "remove", fmt.Sprintf("%s dev %s", p.PublicKey, dev))
+			continue
+		}
+		var ips []string
+		for _, n := range p.AllowedIPs {
+			ips = append(ips, n.String())
+		}
+		ep := ""
+		if p.Endpoint != nil {
+			ep = " endpoint " + p.Endpoint.String()
+		}
+		journal.Default.Add("overlay", "wireguard peer", "set", fmt.Sprintf("%s%s allowed-ips %s dev %s", p.PublicKey, ep, strings.Join(ips, ","), dev))
+	}
+	if cfg.PrivateKey != nil || cfg.ListenPort != nil {
+		journal.Default.Add("overlay", "wireguard device", "set", "key or listen port of "+dev)
+	}
 }
 
 // plan computes the configuration that turns have into t. Removals come

@@ -262,7 +262,14 @@ func TestPodCIDROutsideNetwork(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = shared.Client.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{}) })
-	out, exited := runAgentOnce(t, 6*time.Second, `{"Network":"10.244.0.0/16"}`, "--node-name", name, "--iface", "eth0")
+	// While the agent retries, sluicectl status must say why, with the
+	// fix the Event gives.
+	statusc := make(chan string, 1)
+	go func() { statusc <- pollStatus(4*time.Second, "127.0.0.1:19098", "outside Sluice's Network") }()
+	out, exited := runAgentOnce(t, 6*time.Second, `{"Network":"10.244.0.0/16"}`, "--node-name", name, "--iface", "eth0", "--health-addr", "127.0.0.1:19098")
+	if st := <-statusc; !strings.Contains(st, "overlay: NOT READY, no lease: PodCIDROutsideNetwork: ") || !strings.Contains(st, "--pod-network-cidr") {
+		t.Errorf("sluicectl status does not give the reason and fix:\n%s", st)
+	}
 	if exited {
 		t.Errorf("agent exited (it must retry, not crash-loop):\n%s", out)
 	}
@@ -297,4 +304,23 @@ func TestPodCIDROutsideNetwork(t *testing.T) {
 	if !found {
 		t.Errorf("no %s Event on the node; events: %+v", lease.ReasonOutsideNetwork, events.Items)
 	}
+}
+
+// pollStatus runs sluicectl status against an agent in the outside-world
+// namespace until its output holds want, or the time is up; it returns
+// the last output.
+func pollStatus(timeout time.Duration, addr, want string) string {
+	bins, err := labtest.Binaries()
+	if err != nil {
+		return err.Error()
+	}
+	place, _ := shared.Resolve("external")
+	last := ""
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+		b, err := place.Command(bins+"/sluicectl", "status", "--via", "local", "--addr", addr).CombinedOutput()
+		if last = fmt.Sprintf("%s(%v)", b, err); strings.Contains(last, want) {
+			break
+		}
+	}
+	return last
 }

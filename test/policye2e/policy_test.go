@@ -160,9 +160,12 @@ func checkTableFamily(t *testing.T, name string, ports []int32, protos []policy.
 	t.Helper()
 	ctx := context.Background()
 	var mismatches []string
+	var pols []*policy.Policy
+	var eps map[string]policy.Endpoint
+	var got map[probeKey]bool
 	_ = wait.PollUntilContextTimeout(ctx, 500*time.Millisecond, 15*time.Second, true, func(context.Context) (bool, error) {
-		pols, eps := modelFamily(t, ctx, ipv6)
-		got := observeFamily(t, ports, protos, ipv6)
+		pols, eps = modelFamily(t, ctx, ipv6)
+		got = observeFamily(t, ports, protos, ipv6)
 		mismatches = nil
 		for k, v := range got {
 			want := policy.Allowed(pols, eps[k.from], eps[k.to], k.proto, k.port)
@@ -175,6 +178,11 @@ func checkTableFamily(t *testing.T, name string, ports []int32, protos []policy.
 	if len(mismatches) > 0 {
 		sort.Strings(mismatches)
 		t.Errorf("%s: %d mismatches:\n%s", name, len(mismatches), strings.Join(mismatches, "\n"))
+		return
+	}
+	// Every case of the table, explained by the agents (explain_test.go).
+	if wrong := checkExplained(t, name, got, pols, eps); len(wrong) > 0 {
+		t.Errorf("%s: explain is wrong on %d cases:\n%s", name, len(wrong), strings.Join(wrong, "\n"))
 	}
 }
 
