@@ -35,8 +35,10 @@ func newMatrixCommand() *cobra.Command {
 packet: for every pair of pods of the namespaces, on --port (and --proto),
 whether policy allows it and what decided. With --probe, every pair is also
 tried with a real connection, and each cell where the measurement differs
-from the model is marked "!!": exactly what to look at. Probing needs a lab
-(the pods' network namespaces); through the API server it is not supported yet.`,
+from the model is marked "!!": exactly what to look at. Through the API server
+(--kubeconfig) the probe runs "/agnhost connect" (or nc) by exec in each
+source pod, which needs create pods/exec in their namespaces; in a lab it
+connects from the pods' network namespaces.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if namespaces == "" {
@@ -48,7 +50,7 @@ from the model is marked "!!": exactly what to look at. Probing needs a lab
 			}
 			var observed map[[2]string]bool
 			if probe {
-				if observed, err = probeMatrix(a, m); err != nil {
+				if observed, err = probeMatrix(cmd.Context(), a, m); err != nil {
 					return err
 				}
 			}
@@ -100,10 +102,15 @@ func expectedMatrix(ctx context.Context, a *agentAccess, namespaces string, port
 	return &m, nil
 }
 
-// probeMatrix tries every pair from the pods' own network namespaces.
-func probeMatrix(a *agentAccess, m *policy.Matrix) (map[[2]string]bool, error) {
-	if a.mode() != "lab" {
-		return nil, fmt.Errorf("--probe needs a lab for now (it tries connections from the pods' network namespaces); through the API server it is not supported yet")
+// probeMatrix tries every pair: through the API server by exec into the
+// source pods, or in a lab from the pods' own network namespaces.
+func probeMatrix(ctx context.Context, a *agentAccess, m *policy.Matrix) (map[[2]string]bool, error) {
+	switch a.mode() {
+	case "api":
+		return probeMatrixThroughAPI(ctx, a, m)
+	case "lab":
+	default:
+		return nil, fmt.Errorf("--probe needs the API server (--kubeconfig) or a lab: it tries connections from the pods")
 	}
 	s, err := a.lab.load()
 	if err != nil {
