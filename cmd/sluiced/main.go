@@ -97,7 +97,7 @@ func main() {
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	fs.BoolVar(&o.logDrops, "log-drops", true, "log the first packet of each connection policy denies (NFLOG group 21, at most 10 a second per pod and direction), for sluicectl drops and sluice_policy_drops_total")
-	fs.BoolVar(&o.dropsLogRules, "drops-include-log-rules", false, "also read the NFLOG group of policies' Log rules (20) into sluicectl drops, as verdict logged; only one reader can bind it, so leave it off when ulogd reads it")
+	fs.BoolVar(&o.dropsLogRules, "drops-include-log-rules", true, "also read the NFLOG group of policies' Log rules (20) into sluicectl drops, as verdict logged; only one reader can bind a group, so set it to false when another program (ulogd) reads it")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
