@@ -85,7 +85,7 @@ func troubleshooter(t *testing.T, ctx context.Context) (kubeconfig string, grant
 }
 
 // TestWorkstationReachesAgentsThroughTheAPIServer: from the root namespace
-// with only a kubeconfig, status, explain and drops reach the agent of
+// with only a kubeconfig, status, explain, drops and changes reach the agent of
 // every node (port-forward into the DaemonSet's pods); without the RBAC
 // the user is told which verb on which resource is forbidden.
 func TestWorkstationReachesAgentsThroughTheAPIServer(t *testing.T) {
@@ -146,6 +146,11 @@ func TestWorkstationReachesAgentsThroughTheAPIServer(t *testing.T) {
 		}
 		if out, err := sluicectl(t, "drops", "--kubeconfig", kc, "--node", n.Name); err != nil {
 			t.Errorf("drops --node %s: %v\n%s", n.Name, err, out)
+		}
+		// The journal holds the routes to the other nodes' subnets, each
+		// with the Node event that caused it.
+		if out, err := sluicectl(t, "changes", "--kubeconfig", kc, "--node", n.Name); err != nil || !strings.Contains(out, "route") || !strings.Contains(out, "Node ") {
+			t.Errorf("changes --node %s: %v\n%s", n.Name, err, out)
 		}
 	}
 	out, err = sluicectl(t, "explain", "ws/client", "ws/server", "http", "--kubeconfig", kc, "-o", "json")
