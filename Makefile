@@ -16,8 +16,9 @@ all: build
 
 # Static binaries: the CNI plugin starts for every pod, and the dynamic
 # loader alone would cost it about a millisecond.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 build:
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/...
 
 # The Calico policy CRDs, generated from github.com/projectcalico/api's Go
 # types (internal/crdgen) into manifests/sluice.yaml, and the

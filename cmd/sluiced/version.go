@@ -2,10 +2,17 @@ package main
 
 import "runtime/debug"
 
-// agentVersion is the agent's build as Go recorded it: the module version
-// and, when built from a checkout, the VCS revision (short) and whether
-// the tree was modified.
+// version is stamped at build time (-ldflags "-X main.version=..."): the
+// image's tag in the Dockerfile, `git describe` in make build.
+var version string
+
+// agentVersion is the stamped version, else the build as Go recorded it:
+// the module version and, when built from a checkout with VCS stamping,
+// the revision (short) and whether the tree was modified.
 func agentVersion() string {
+	if version != "" {
+		return version
+	}
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
 		return "unknown"
