@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -107,6 +108,9 @@ type Loop struct {
 	// a fake rule writer in front of (or in place of) a family's runner.
 	dataplaneHook func(*Dataplane)
 	writerHook    func(contract.HookWriter) contract.HookWriter
+
+	// podLookup is the pod cache ProgramEndpoint checks (admission.go).
+	podLookup atomic.Pointer[podLookup]
 
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
@@ -234,6 +238,9 @@ func (l *Loop) Seed(eps []endpointapi.Endpoint) {
 // ProgramEndpoint adds an endpoint and waits until its chains are in the
 // kernel, so the pod's first packet meets its policy.
 func (l *Loop) ProgramEndpoint(ctx context.Context, ep endpointapi.Endpoint) error {
+	if err := l.waitPodKnown(ctx, ep); err != nil {
+		return err
+	}
 	l.mu.Lock()
 	l.endpoints[ep.Key()] = ep
 	l.wanted++
@@ -378,6 +385,7 @@ func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFact
 		}
 	}
 	l.pods, l.namespaces, l.serviceAccounts = pods.Lister(), nss.Lister(), sas.Lister()
+	l.setPodLookup(pods.Lister(), pods.Informer().HasSynced)
 	api := l.detectCalico(ctx)
 	l.mu.Lock()
 	l.calicoWanted = api
