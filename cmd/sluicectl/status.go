@@ -90,6 +90,12 @@ func printReport(w io.Writer, r *status.Report) {
 	}
 	o := r.Overlay
 	fmt.Fprintf(w, "node %s\n", r.Node)
+	if a := r.API; a != nil && !a.Reachable {
+		fmt.Fprintf(w, "API server: UNREACHABLE since %s (last contact %s): %s; the kernel keeps the last programmed state, new pods wait (CNI 11)\n",
+			since(a.Since), since(a.LastContact), a.LastError)
+	} else if a != nil {
+		fmt.Fprintf(w, "API server: reachable\n")
+	}
 	fmt.Fprintf(w, "overlay: %s, lease %s (from %s), backend %s over %s %s, MTU %d, last sync %s\n",
 		ready(o.Ready), strings.Join(o.Lease, ","), o.LeaseSource, o.Backend, o.Underlay, strings.Join(o.PublicIPs, ","), o.MTU, since(o.LastSync))
 	if o.LastError != "" {

@@ -67,6 +67,7 @@ type options struct {
 	cleanup         bool
 	rotateKey       bool
 	wgSocketDir     string
+	apiContentType  string
 }
 
 func main() {
@@ -93,6 +94,7 @@ func main() {
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
+	fs.StringVar(&o.apiContentType, "kube-api-content-type", "application/vnd.kubernetes.protobuf", "content type of requests to the API server for core objects (Nodes, Pods, Namespaces, policies); application/json to debug")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
@@ -212,7 +214,9 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		return err
 	}
 	rc.UserAgent = "sluiced/" + cfg.NodeName
-	client, err := kubernetes.NewForConfig(rc)
+	probe := newAPIProbe(2 * time.Second)
+	rc.Wrap(probe.waitForAPI)
+	client, err := kubernetes.NewForConfig(coreConfig(rc, o.apiContentType))
 	if err != nil {
 		return err
 	}
@@ -241,8 +245,14 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if err != nil {
 		return err
 	}
+	probe.client = client.Discovery().RESTClient()
+	go probe.run(ctx)
 	if o.healthAddr != "" {
-		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
+		report := func() status.Report {
+			r := buildReport(cfg.NodeName, loop, policyLoop, registry)
+			r.API = probe.report()
+			return r
+		}
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report)
 	}
 	policyLoop.Seed(registry.List())
