@@ -140,8 +140,9 @@ func measureSluice(b *testing.B, ctx context.Context, l *labtest.Lab) result {
 	if err != nil || pid == 0 {
 		b.Fatalf("no sluiced on node-1: %v", err)
 	}
+	b.Logf("sluice: %d peers programmed %s after start", r.peers, r.startToProgrammed.Round(time.Millisecond))
 	atRest(b, l, "node-1", "vx-sluice.1", pid, 12*time.Second, &r)
-	joinLeave(b, ctx, l, "node-1", 100000, &r)
+	joinLeave(b, ctx, l, "node-1", 6000, &r)
 	return r
 }
 
@@ -169,8 +170,9 @@ func measureFlannel(b *testing.B, ctx context.Context, l *labtest.Lab, flanneld 
 	// flanneld also sees node-1, which Sluice annotated.
 	r.peers = waitProgrammed(b, l, "node-2", "flannel.1", fakeNodes+1)
 	r.startToProgrammed = time.Since(start)
+	b.Logf("flanneld: %d peers programmed %s after start", r.peers, r.startToProgrammed.Round(time.Millisecond))
 	atRest(b, l, "node-2", "flannel.1", cmd.Process.Pid, 12*time.Second, &r)
-	joinLeave(b, ctx, l, "node-2", 200000, &r)
+	joinLeave(b, ctx, l, "node-2", 7000, &r)
 	return r
 }
 
