@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -86,4 +87,13 @@ func (l *Loop) waitPodKnown(ctx context.Context, ep endpointapi.Endpoint) error 
 			}
 		}
 	}
+}
+
+// isResyncReplay says an update is the informer's periodic resync handing
+// over the object it already had: the very same object, not a new
+// version (a fake clientset in tests may keep resourceVersions).
+func isResyncReplay(old, cur any) bool {
+	o, ok1 := old.(metav1.Object)
+	c, ok2 := cur.(metav1.Object)
+	return ok1 && ok2 && o == c
 }

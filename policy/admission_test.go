@@ -59,3 +59,13 @@ func TestEndpointOfAnUnknownPodIsRefused(t *testing.T) {
 		t.Errorf("the known pod's endpoint is not dispatched:\n%s", kernel)
 	}
 }
+
+func TestResyncReplaysAreNotChanges(t *testing.T) {
+	a := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "a", ResourceVersion: "5"}}
+	if !isResyncReplay(a, a) {
+		t.Error("a resync replay (the same object) counted as a change")
+	}
+	if isResyncReplay(a, a.DeepCopy()) {
+		t.Error("a new copy of an object, even with the same resourceVersion, not counted as a change")
+	}
+}

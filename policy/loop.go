@@ -414,8 +414,14 @@ func (l *Loop) watch(inf cache.SharedIndexInformer, dirty func(*dirtyKeys, strin
 		l.queue.Add(syncKey)
 	}
 	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    mark,
-		UpdateFunc: func(_, obj any) { mark(obj) },
+		AddFunc: mark,
+		UpdateFunc: func(old, obj any) {
+			// The informers' periodic resync replays every object
+			// unchanged: at 50,000 pods, a sync of them all for nothing.
+			if !isResyncReplay(old, obj) {
+				mark(obj)
+			}
+		},
 		DeleteFunc: mark,
 	})
 	return err
