@@ -32,7 +32,8 @@ type apiProbe struct {
 
 // newAPIProbe returns a probe; its client is set before run.
 func newAPIProbe(period time.Duration) *apiProbe {
-	return &apiProbe{period: period, timeout: period, checked: make(chan struct{})}
+	// A loaded API server may take seconds to answer; that is not an outage.
+	return &apiProbe{period: period, timeout: 5 * time.Second, checked: make(chan struct{})}
 }
 
 func (p *apiProbe) run(ctx context.Context) {
