@@ -70,9 +70,13 @@ func populate(b *testing.B, ctx context.Context, l *labtest.Lab) int {
 	}
 	var size int
 	for i := 0; i < pods; i++ {
-		p := (labtest.PodSpec{Namespace: namespace, Name: fmt.Sprintf("p-%d", i), Node: "no-such-node",
+		p := (labtest.PodSpec{Namespace: namespace, Name: fmt.Sprintf("p-%d", i),
 			Labels: map[string]string{"app": fmt.Sprintf("app-%d", i%policies), "tier": "web", "gen": "0"},
 			Ports:  []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}).Pod()
+		// Pending for good, so that no kubelet runs them and neither the
+		// pod garbage collector (pods of missing nodes) nor taint eviction
+		// deletes them while the bytes are counted.
+		p.Spec.NodeSelector = map[string]string{"apicost": "nowhere"}
 		got, err := cs.CoreV1().Pods(namespace).Create(ctx, p, metav1.CreateOptions{})
 		if err != nil {
 			b.Fatal(err)
