@@ -148,7 +148,7 @@ func measure(b *testing.B, ctx context.Context, l *labtest.Lab, contentType stri
 	c0, t0 := down(), time.Now()
 	for i := 1; i <= changes; i++ {
 		// A value of this run's own: the same value again is no change.
-		patch := fmt.Sprintf(`{"metadata":{"labels":{"gen":"%s-%d"}}}`, strings.TrimPrefix(contentType, "application/vnd.kubernetes."), i)
+		patch := fmt.Sprintf(`{"metadata":{"labels":{"gen":"%s-%d"}}}`, map[bool]string{true: "json", false: "pb"}[contentType == "application/json"], i)
 		if _, err := cs.CoreV1().Pods(namespace).Patch(ctx, fmt.Sprintf("p-%d", i%pods), types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
 			b.Fatal(err)
 		}
