@@ -62,6 +62,7 @@ func BenchmarkConnectFlatCost(b *testing.B) {
 		loaded, none = append(loaded, ms(c1)), append(none, ms(c0))
 		loadedG, noneG = append(loadedG, g1), append(noneG, g0)
 	}
+	b.Logf("connect p50 ms, 1,000 policies %v, none %v; Gb/s %v, %v", loaded, none, loadedG, noneG)
 	b.ReportMetric(median(none), "none-connect-p50-ms")
 	b.ReportMetric(median(loaded), "1000-policies-connect-p50-ms")
 	b.ReportMetric(median(connRatio), "connect-ratio")
