@@ -10,7 +10,7 @@ export SLUICE_TOOLS_DIR := $(TOOLS_DIR)
 TEST_FLAGS ?= -count=1 -timeout 60m -p 1
 BENCH_OUT ?= bench/report.txt
 
-.PHONY: all build deps tools images test bench lab lab-down lint clean generate
+.PHONY: all build deps tools images test bench bench-scale lab lab-down lint clean generate
 
 all: build
 
@@ -61,8 +61,22 @@ test: deps tools images
 
 bench: deps tools images
 	@mkdir -p $(dir $(BENCH_OUT))
-	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 5x ./... | tee $(BENCH_OUT)
+	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -skip '$(SCALE_BENCHES)' -benchtime 5x ./... | tee $(BENCH_OUT)
 	@echo "benchmark report: $(BENCH_OUT)"
+
+# Issue 18's scale benchmarks, each in its own lab, one after the other
+# (about 30 minutes): the overlay at 5,001 nodes beside flanneld, the
+# policy loop at 50,000 pods and at 5,000, one agent's API bytes, and the
+# per-connection cost with 1,000 policies.
+SCALE_BENCHES = BenchmarkOverlay5000Nodes|BenchmarkProgrammingAt50000Pods|BenchmarkAgentAPIBytes
+SCALE_OUT ?= bench/scale-report.txt
+bench-scale: deps tools
+	@mkdir -p $(dir $(SCALE_OUT))
+	{ $(GO) test -count=1 -timeout 30m -run '^$$' -bench 'BenchmarkOverlay5000Nodes' -benchtime 1x -v ./test/overlayscale/ && \
+	  $(GO) test -count=1 -timeout 30m -run '^$$' -bench 'BenchmarkProgrammingAt50000Pods|BenchmarkProgrammingAtScale' -benchtime 1x ./test/bench/policyscale/ && \
+	  $(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkAgentAPIBytes' -benchtime 1x -v ./test/apicost/ && \
+	  $(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkConnectFlatCost' -benchtime 5x ./test/policye2e/ ; } 2>&1 | tee $(SCALE_OUT)
+	@echo "scale report: $(SCALE_OUT)"
 
 # The lab is a real cluster: every node runs the kubelet and containerd,
 # and Sluice installs the way a cluster installs it, kubectl apply of the

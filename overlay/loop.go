@@ -469,7 +469,12 @@ func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool
 func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
 	ready := l.Status().Ready
-	if l.cfg.IPMasq {
+	// The rules depend on the configuration only, not on the Nodes: a sync
+	// for a Node change leaves their check (several iptables runs, most of
+	// such a sync's time at 5,000 nodes) to the periodic resync, which
+	// repairs them within ResyncPeriod as before.
+	checkRules := repair || !ready
+	if l.cfg.IPMasq && checkRules {
 		network := l.cfg.Net.Network
 		if f.Is6() {
 			network = l.cfg.Net.IPv6Network
@@ -487,7 +492,7 @@ func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, r
 	}
 	// The forwarding decision (SLUICE-FORWARD) is the policy loop's: it
 	// owns the jumps into its chains and repairs them.
-	return l.syncSourceFilter(ctx, f, nodes, repair && ready)
+	return l.syncSourceFilter(ctx, f, nodes, repair && ready, checkRules)
 }
 
 func addChanges(a, b vxlan.Changes) vxlan.Changes {

@@ -146,7 +146,7 @@ func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
 // wherever that peer's packets come from; the filter keeps endpoints on
 // node addresses. host-gw has no port to guard: it removes a filter left
 // from a former configuration, once.
-func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
+func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.Node, repair, checkRules bool) error {
 	logger := klog.FromContext(ctx)
 	v6 := f.Is6()
 	port := l.backend.port(v6)
@@ -168,7 +168,7 @@ func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.
 		logger.Info("known-node set repaired", "set", flt.SetName(), "changes", n)
 		metrics.DriftRepairs.WithLabelValues(repairVXLANInput).Add(float64(n))
 	}
-	if flt.Check(f.ipt) {
+	if !checkRules || flt.Check(f.ipt) {
 		return nil
 	}
 	if err := flt.Apply(f.ipt); err != nil {

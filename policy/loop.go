@@ -112,6 +112,9 @@ type Loop struct {
 	dataplaneHook func(*Dataplane)
 	writerHook    func(contract.HookWriter) contract.HookWriter
 
+	// podLookup is the pod cache ProgramEndpoint checks (admission.go).
+	podLookup atomic.Pointer[podLookup]
+
 	// netns is the network namespace the loop programs; the re-reader
 	// and the connection cutter run in it from their own goroutines.
 	netns     ns.NetNS
@@ -240,6 +243,9 @@ func (l *Loop) Seed(eps []endpointapi.Endpoint) {
 // ProgramEndpoint adds an endpoint and waits until its chains are in the
 // kernel, so the pod's first packet meets its policy.
 func (l *Loop) ProgramEndpoint(ctx context.Context, ep endpointapi.Endpoint) error {
+	if err := l.waitPodKnown(ctx, ep); err != nil {
+		return err
+	}
 	l.mu.Lock()
 	l.endpoints[ep.Key()] = ep
 	l.wanted++
@@ -384,6 +390,7 @@ func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFact
 		}
 	}
 	l.pods, l.namespaces, l.serviceAccounts = pods.Lister(), nss.Lister(), sas.Lister()
+	l.setPodLookup(pods.Lister(), pods.Informer().HasSynced)
 	api := l.detectCalico(ctx)
 	l.mu.Lock()
 	l.calicoWanted = api
@@ -412,8 +419,14 @@ func (l *Loop) watch(inf cache.SharedIndexInformer, dirty func(*dirtyKeys, strin
 		l.queue.Add(syncKey)
 	}
 	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    mark,
-		UpdateFunc: func(_, obj any) { mark(obj) },
+		AddFunc: mark,
+		UpdateFunc: func(old, obj any) {
+			// The informers' periodic resync replays every object
+			// unchanged: at 50,000 pods, a sync of them all for nothing.
+			if !isResyncReplay(old, obj) {
+				mark(obj)
+			}
+		},
 		DeleteFunc: mark,
 	})
 	return err

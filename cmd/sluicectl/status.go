@@ -60,6 +60,12 @@ func printReport(w io.Writer, r *status.Report) {
 	}
 	o := r.Overlay
 	fmt.Fprintf(w, "node %s\n", r.Node)
+	if a := r.API; a != nil && !a.Reachable {
+		fmt.Fprintf(w, "API server: UNREACHABLE since %s (last contact %s): %s; the kernel keeps the last programmed state, new pods wait (CNI 11)\n",
+			since(a.Since), since(a.LastContact), a.LastError)
+	} else if a != nil {
+		fmt.Fprintf(w, "API server: reachable\n")
+	}
 	if len(o.Lease) == 0 && !o.Ready {
 		// Nothing is programmed yet: the reason is all there is to say.
 		reason := o.LastError

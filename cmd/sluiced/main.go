@@ -70,6 +70,7 @@ type options struct {
 	wgSocketDir     string
 	logDrops        bool
 	dropsLogRules   bool
+	apiContentType  string
 }
 
 func main() {
@@ -98,6 +99,7 @@ func main() {
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
 	fs.BoolVar(&o.logDrops, "log-drops", true, "log the first packet of each connection policy denies (NFLOG group 21, at most 10 a second per pod and direction), for sluicectl drops and sluice_policy_drops_total")
 	fs.BoolVar(&o.dropsLogRules, "drops-include-log-rules", true, "also read the NFLOG group of policies' Log rules (20) into sluicectl drops, as verdict logged; only one reader can bind a group, so set it to false when another program (ulogd) reads it")
+	fs.StringVar(&o.apiContentType, "kube-api-content-type", "application/vnd.kubernetes.protobuf", "content type of requests to the API server for core objects (Nodes, Pods, Namespaces, policies); application/json to debug")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
 	flag.Parse()
 
@@ -217,7 +219,9 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 		return err
 	}
 	rc.UserAgent = "sluiced/" + cfg.NodeName
-	client, err := kubernetes.NewForConfig(rc)
+	probe := newAPIProbe(2 * time.Second)
+	rc.Wrap(probe.waitForAPI)
+	client, err := kubernetes.NewForConfig(coreConfig(rc, o.apiContentType))
 	if err != nil {
 		return err
 	}
@@ -246,10 +250,16 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if err != nil {
 		return err
 	}
+	probe.client = client.Discovery().RESTClient()
+	go probe.run(ctx)
 	drops := policy.NewDropRing(dropRingSize)
 	journal.Default.SetNode(cfg.NodeName)
 	if o.healthAddr != "" {
-		report := func() status.Report { return buildReport(cfg.NodeName, loop, policyLoop, registry) }
+		report := func() status.Report {
+			r := buildReport(cfg.NodeName, loop, policyLoop, registry)
+			r.API = probe.report()
+			return r
+		}
 		go serveHealth(ctx, o.healthAddr, func() bool { return loop.Ready() && policyLoop.Ready() }, report,
 			map[string]http.Handler{"/explain": explainHandler(policyLoop), "/drops": dropsHandler(drops),
 				"/changes": changesHandler(journal.Default), "/matrix": matrixHandler(policyLoop)})

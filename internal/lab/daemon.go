@@ -123,6 +123,10 @@ func (sup *supervisor) start(ctx context.Context, c component) {
 	go func() {
 		defer sup.wg.Done()
 		for ctx.Err() == nil {
+			sup.state.waitReleased(ctx, c.name) // hold.go
+			if ctx.Err() != nil {
+				return
+			}
 			err := sup.runOnce(ctx, c)
 			if ctx.Err() != nil {
 				return

@@ -6,7 +6,10 @@ import "time"
 type Report struct {
 	Node string `json:"node"`
 	// Version is the agent's build (module version and VCS revision).
-	Version   string     `json:"version,omitempty"`
+	Version string `json:"version,omitempty"`
+	// API says whether the agent reaches the API server (apiprobe.go in
+	// cmd/sluiced): while it does not, the kernel keeps its last state.
+	API       *API       `json:"api,omitempty"`
 	Overlay   Overlay    `json:"overlay"`
 	Policy    Policy     `json:"policy"`
 	Endpoints []Endpoint `json:"endpoints"`
@@ -73,4 +76,14 @@ type Endpoint struct {
 	HostVeth string   `json:"hostVeth"`
 	IPs      []string `json:"ips"`
 	Policies []string `json:"policies"`
+}
+
+// API is the agent's view of the API server.
+type API struct {
+	Reachable bool `json:"reachable"`
+	// Since is when reachability last changed; LastContact the last
+	// answer; LastError why the latest check failed, while it fails.
+	Since       time.Time `json:"since"`
+	LastContact time.Time `json:"lastContact"`
+	LastError   string    `json:"lastError,omitempty"`
 }

@@ -12,6 +12,9 @@ import (
 	"github.com/containernetworking/cni/pkg/invoke"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sluice-net/sluice/test/labtest"
 )
 
 // nodeRuntime lets the test process act as a node's container runtime:
@@ -52,6 +55,16 @@ func TestDelTwiceAndCheckThroughInstalledConflist(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The agent wires only pods it knows from the API server; this one is
+	// bound to no real node, so no kubelet runs it.
+	if err := shared.EnsureNamespace(ctx, "libcni"); err != nil {
+		t.Fatal(err)
+	}
+	pod := (labtest.PodSpec{Namespace: "libcni", Name: "direct", Node: "no-such-node"}).Pod()
+	if _, err := shared.Client.CoreV1().Pods("libcni").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	defer shared.Client.CoreV1().Pods("libcni").Delete(context.Background(), "direct", metav1.DeleteOptions{})
 	netnsName := "cnitest"
 	if _, err := shared.Exec(node, "ip", "netns", "add", netnsName); err != nil {
 		t.Fatal(err)
