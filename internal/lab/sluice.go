@@ -88,7 +88,7 @@ func (s *State) installManifest(ctx context.Context) error {
 		name string
 		body []byte
 	}{{"ClusterNetworkPolicy CRD", manifests.ClusterNetworkPolicyCRDs}, {"sluice manifest", m}} {
-		cmd := exec.CommandContext(ctx, KubectlPath(s.ToolsDir), "--kubeconfig", s.AdminKubeconfig(), "apply", "--server-side", "-f", "-")
+		cmd := exec.CommandContext(ctx, KubectlPath(s.ToolsDir), "--kubeconfig", s.AdminKubeconfig(), "apply", "-f", "-")
 		cmd.Stdin = bytes.NewReader(doc.body)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("kubectl apply of the %s: %w: %s", doc.name, err, out)
