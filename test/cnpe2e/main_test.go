@@ -187,7 +187,9 @@ func applyYAML(t *testing.T, docs ...string) {
 			if _, err := calico.ProjectcalicoV3().Tiers().Create(ctx, &o, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { _ = calico.ProjectcalicoV3().Tiers().Delete(context.Background(), o.Name, metav1.DeleteOptions{}) })
+			t.Cleanup(func() {
+				_ = calico.ProjectcalicoV3().Tiers().Delete(context.Background(), o.Name, metav1.DeleteOptions{})
+			})
 		case "GlobalNetworkPolicy":
 			var o v3.GlobalNetworkPolicy
 			mustYAML(t, doc, &o)
