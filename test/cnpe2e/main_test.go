@@ -58,8 +58,9 @@ func missing() string {
 	return ""
 }
 
-// setup makes the clients and pods a and b in namespaces x and y, spread
-// over the nodes, serving TCP 80 and UDP 53 (named http and dns).
+// setup makes the clients, has the agents run this tree's sluiced, and
+// starts pods a and b in namespaces x and y, spread over the nodes,
+// serving TCP 80 and UDP 53 (named http and dns).
 func setup(l *labtest.Lab) (func(), error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", l.AdminKubeconfig())
 	if err != nil {
@@ -69,6 +70,9 @@ func setup(l *labtest.Lab) (func(), error) {
 		return nil, err
 	}
 	if calico, err = calicoclient.NewForConfig(rc); err != nil {
+		return nil, err
+	}
+	if err := runBranchAgents(l); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
