@@ -226,7 +226,7 @@ func cnpRules(action cnpv1beta1.ClusterNetworkPolicyRuleAction, peers []cnpPeer,
 				unknown = true
 				continue
 			}
-			nodeRules = append(nodeRules, Rule{Action: act, Dst: Match{Selector: &PodPeer{Nodes: true, Pods: sel}, Ports: ports}})
+			nodeRules = append(nodeRules, Rule{Action: act, Dst: Match{Selector: &PodPeer{Nodes: true, NetworkSets: true, Pods: sel}, Ports: ports}})
 		default:
 			what := "no peer kind Sluice knows is set"
 			if pe.domainNames {

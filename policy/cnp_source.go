@@ -216,7 +216,7 @@ func (l *Loop) runCNPStatusWriter(ctx context.Context) {
 			_, err := l.cnp.client.PolicyV1beta1().ClusterNetworkPolicies().ApplyStatus(ctx, ac,
 				metav1.ApplyOptions{FieldManager: "sluice-" + l.cfg.NodeName, Force: true})
 			if err != nil {
-				logger.V(2).Info("writing a ClusterNetworkPolicy's status", "policy", o.Name, "err", err)
+				logger.V(2).Info("writing a ClusterNetworkPolicy status", "policy", o.Name, "err", err)
 				continue
 			}
 			l.cnp.written[o.Name] = want
