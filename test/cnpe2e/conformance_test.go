@@ -10,7 +10,10 @@ package cnpe2e
 // SCTP and crash here, which would keep every pod unready and the whole
 // suite from starting. The harness replaces those containers' command
 // with `agnhost pause` as the StatefulSets appear; only the skipped SCTP
-// tests use them.
+// tests use them. It also gives the suite's client containers, which have
+// no command, the upstream agnhost image's default (`pause`), until the
+// lab's agnhost image has it (test/tools/images.sh now sets CMD pause;
+// images built before exit at once).
 
 import (
 	"bufio"
@@ -159,7 +162,7 @@ func idleSCTPServers(ctx context.Context, t *testing.T) {
 				if done[key] {
 					continue
 				}
-				if idleSCTP(s) {
+				if changed := idleSCTP(s); defaultPause(s) || changed {
 					if _, err := cs.AppsV1().StatefulSets(ns.Name).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
 						continue
 					}
@@ -173,6 +176,20 @@ func idleSCTPServers(ctx context.Context, t *testing.T) {
 			}
 		}
 	}
+}
+
+// defaultPause gives containers without a command or arguments the
+// upstream agnhost image's default command, and reports whether it
+// changed any.
+func defaultPause(s *appsv1.StatefulSet) bool {
+	changed := false
+	for i := range s.Spec.Template.Spec.Containers {
+		c := &s.Spec.Template.Spec.Containers[i]
+		if len(c.Command) == 0 && len(c.Args) == 0 && strings.Contains(c.Image, "agnhost") {
+			c.Args, changed = []string{"pause"}, true
+		}
+	}
+	return changed
 }
 
 // idleSCTP turns containers that serve SCTP into `agnhost pause`, and

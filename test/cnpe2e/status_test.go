@@ -101,14 +101,14 @@ spec:
 		t.Errorf("generation 2 not reported by every node: %+v", conditions(t, "status-ok"))
 	}
 
-	out, err := shared.Kubectl(context.Background(), "get", "cnp", "-o", "name")
+	out, err := shared.Kubectl(context.Background(), "", "get", "cnp", "-o", "name")
 	if err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	if !strings.Contains(out, "clusternetworkpolicy.policy.networking.k8s.io/status-ok") {
 		t.Errorf("kubectl get cnp: %s", out)
 	}
-	out, err = shared.Kubectl(context.Background(), "get", "cnp")
+	out, err = shared.Kubectl(context.Background(), "", "get", "cnp")
 	if err != nil || !strings.Contains(out, "TIER") || !strings.Contains(out, "Admin") {
 		t.Errorf("kubectl get cnp (%v):\n%s", err, out)
 	}
