@@ -98,7 +98,7 @@ func startCNPScaleLoop(b *testing.B) (cnpChange, npChange func() time.Duration) 
 	for _, o := range scaleCNPs() {
 		cnpObjs = append(cnpObjs, o)
 	}
-	client, cnpClient := fake.NewClientset(objs...), cnpfake.NewClientset(cnpObjs...)
+	client, cnpClient := fake.NewClientset(objs...), cnpfake.NewSimpleClientset(cnpObjs...)
 	ctx, cancel := context.WithCancel(context.Background())
 	n := nettest.NewNS(b)
 	l := NewLoop(Config{NodeName: "node-1", IPv4: true, IPTablesMode: iptables.ModeNFT, ResyncPeriod: 5 * time.Second}, client, nil).
