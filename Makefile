@@ -58,6 +58,7 @@ test: deps tools images
 	$(GO) test -run '^$$' -fuzz '^FuzzFromNetworkPolicy$$' -fuzztime 30s ./policy/
 	$(GO) test -run '^$$' -fuzz '^FuzzFromCalicoPolicy$$' -fuzztime 30s ./policy/
 	$(GO) test -run '^$$' -fuzz '^FuzzCalicoSelector$$' -fuzztime 30s ./policy/
+	$(GO) test -run '^$$' -fuzz '^FuzzFromClusterNetworkPolicy$$' -fuzztime 30s ./policy/
 
 bench: deps tools images
 	@mkdir -p $(dir $(BENCH_OUT))

@@ -75,6 +75,10 @@ type Loop struct {
 	calico       *calicoSources
 	calicoClient calicoclient.Interface
 	dynClient    dynamic.Interface
+	// cnp is the ClusterNetworkPolicy source (cnp_source.go), and
+	// fixedSources the number of sources a Calico switch keeps.
+	cnp          *cnpSources
+	fixedSources int
 	// calicoAPI is the Calico API the loop reads; calicoWanted (under mu)
 	// the one the detector last found.
 	calicoAPI    CalicoAPI
@@ -391,6 +395,10 @@ func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFact
 	}
 	l.pods, l.namespaces, l.serviceAccounts = pods.Lister(), nss.Lister(), sas.Lister()
 	l.setPodLookup(pods.Lister(), pods.Informer().HasSynced)
+	if err := l.startClusterNetworkPolicies(ctx, factory); err != nil {
+		return nil, err
+	}
+	l.fixedSources = len(l.sources)
 	api := l.detectCalico(ctx)
 	l.mu.Lock()
 	l.calicoWanted = api
@@ -400,6 +408,7 @@ func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFact
 		l.startCalico(ctx, api) // lists beside the Kubernetes informers
 	}
 	factory.WaitForCacheSync(ctx.Done())
+	l.waitClusterNetworkPolicies(ctx)
 	if api != CalicoNone {
 		l.finishCalico(ctx)
 	}
@@ -692,6 +701,7 @@ func (l *Loop) publish(ctx context.Context, gen uint64, failed []Failure) {
 	maps.Copy(notProgrammed, l.refused)
 	metrics.PoliciesNotProgrammed.WithLabelValues("invalid").Set(float64(len(l.invalid)))
 	metrics.PoliciesNotProgrammed.WithLabelValues("kernel").Set(float64(len(l.refused)))
+	l.queueCNPStatus(notProgrammed)
 	selected, epPolicies := l.publishSelected(locals)
 	metrics.EndpointsProgrammed.Set(float64(len(locals)))
 	metrics.PoliciesProgrammed.Set(float64(len(l.state.policies)))

@@ -85,6 +85,10 @@ type PodPeer struct {
 	// ServiceAccounts, when set, narrows the pods to those whose service
 	// account it matches (Calico's serviceAccounts match).
 	ServiceAccounts *ServiceAccountMatch
+	// Nodes means Pods selects nodes by their labels, and the peer is
+	// their addresses (the network sets that stand for nodes, cnp.go),
+	// never a pod or another network set.
+	Nodes bool
 }
 
 // ServiceAccountMatch matches a pod's service account by name (any of
@@ -160,6 +164,10 @@ type Tier struct {
 	// decide, for endpoints the tier selects) or Pass (go on to the next
 	// tier).
 	DefaultAction Action
+	// Band orders tiers before Order does: ClusterNetworkPolicy's Admin
+	// tier (-1) comes before every Calico tier and the default tier (0),
+	// its Baseline tier (1) after them, whatever their order (cnp.go).
+	Band int
 }
 
 // Well-known tiers. The default tier holds Kubernetes NetworkPolicy
@@ -227,6 +235,9 @@ var defaultTier = DefaultTier()
 // then name), then by order in the tier, then by name, then by key.
 func comparePolicies(a, b *Policy) int {
 	ta, tb := a.tier(), b.tier()
+	if c := cmp.Compare(ta.Band, tb.Band); c != 0 {
+		return c
+	}
 	if c := cmp.Compare(ta.Order, tb.Order); c != 0 {
 		return c
 	}
@@ -275,6 +286,9 @@ type NetworkSet struct {
 	Namespace string
 	Labels    labels.Set
 	Nets      []netip.Prefix
+	// Node says the set stands for a node (its addresses), which only a
+	// nodes peer selects.
+	Node bool
 }
 
 // Selects reports whether the policy applies to the pod; ns is the pod's
@@ -311,7 +325,7 @@ func (sa *ServiceAccountMatch) matches(pod *Pod) bool {
 
 // Matches reports whether a pod peer selects a pod in a namespace.
 func (pp *PodPeer) Matches(pod *Pod, ns *Namespace) bool {
-	if pp.OnlyGlobal {
+	if pp.OnlyGlobal || pp.Nodes {
 		return false // selects global network sets only
 	}
 	if pp.Namespaces == nil {
@@ -330,6 +344,9 @@ func (pp *PodPeer) Matches(pod *Pod, ns *Namespace) bool {
 // MatchesSet reports whether a pod peer selects a network set; ns is the
 // set's namespace (nil for a global set).
 func (pp *PodPeer) MatchesSet(s *NetworkSet, ns *Namespace) bool {
+	if pp.Nodes || s.Node {
+		return pp.Nodes && s.Node && pp.Pods.Matches(s.Labels)
+	}
 	if !pp.NetworkSets || pp.ServiceAccounts != nil {
 		return false // a service account match selects pods only
 	}

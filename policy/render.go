@@ -170,6 +170,9 @@ func normalisedPeer(pp *PodPeer) string {
 	if pp.NetworkSets {
 		out += fmt.Sprintf(";netsets;global=%v;only=%v", pp.Global, pp.OnlyGlobal)
 	}
+	if pp.Nodes {
+		out += ";nodes"
+	}
 	if sa := pp.ServiceAccounts; sa != nil {
 		out += ";sa=" + strings.Join(sa.Names, ",")
 		if sa.Selector != nil {

@@ -169,7 +169,7 @@ func (l *Loop) startCalico(ctx context.Context, api CalicoAPI) {
 		close(l.calico.stop)
 	}
 	l.calico, l.calicoAPI = nil, api
-	l.sources = l.sources[:1] // networking/v1 stays
+	l.sources = l.sources[:l.fixedSources] // networking/v1 and ClusterNetworkPolicy stay
 	switch {
 	case api == CalicoV3 && l.calicoClient != nil:
 		l.calico = v3Sources(l.calicoClient, 10*time.Minute)
@@ -561,6 +561,9 @@ func tiersEqual(a, b map[string]*Tier) bool {
 
 // convertNetSet returns a network set's model, nil when gone.
 func (l *Loop) convertNetSet(ctx context.Context, key string) (*NetworkSet, error) {
+	if name, ok := strings.CutPrefix(key, NodeNetworkSetKey); ok {
+		return l.convertNode(name)
+	}
 	for _, s := range l.calicoNetsets() {
 		k, ok := strings.CutPrefix(key, s.prefix)
 		if !ok {

@@ -29,6 +29,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
+	cnpclient "sigs.k8s.io/network-policy-api/pkg/client/clientset/versioned"
 
 	"github.com/sluice-net/sluice/internal/endpoints"
 	"github.com/sluice-net/sluice/internal/iptables"
@@ -245,7 +246,11 @@ func run(ctx context.Context, o options, cfg overlay.Config) error {
 	if err != nil {
 		return err
 	}
-	policyLoop := policy.NewLoop(policyConfig(o, cfg, uint32(mark)), client, recorder).WithCalico(calico, dyn)
+	cnp, err := cnpclient.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	policyLoop := policy.NewLoop(policyConfig(o, cfg, uint32(mark)), client, recorder).WithCalico(calico, dyn).WithClusterNetworkPolicies(cnp)
 	registry, err := endpoints.NewRegistry(filepath.Join(o.stateDir, "endpoints"), client, policyLoop)
 	if err != nil {
 		return err

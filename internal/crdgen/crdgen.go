@@ -33,9 +33,12 @@ type Kind struct {
 
 // Kinds are the policy kinds, with the names, short names and scopes of
 // Calico's native v3 CRDs, so a later move to real Calico keeps the
-// stored objects.
+// stored objects. One short name differs: Calico's "cnp" for its
+// NetworkPolicy is ClusterNetworkPolicy's short name upstream, and
+// `kubectl get cnp` means ClusterNetworkPolicy here (use
+// caliconetworkpolicy).
 var Kinds = []Kind{
-	{Kind: "NetworkPolicy", Plural: "networkpolicies", Singular: "networkpolicy", ShortNames: []string{"cnp", "caliconetworkpolicy"},
+	{Kind: "NetworkPolicy", Plural: "networkpolicies", Singular: "networkpolicy", ShortNames: []string{"caliconetworkpolicy"},
 		Namespaced: true, Spec: reflect.TypeFor[v3.NetworkPolicySpec](), Columns: policyColumns},
 	{Kind: "GlobalNetworkPolicy", Plural: "globalnetworkpolicies", Singular: "globalnetworkpolicy", ShortNames: []string{"gnp", "cgnp"},
 		Spec: reflect.TypeFor[v3.GlobalNetworkPolicySpec](), Columns: policyColumns},

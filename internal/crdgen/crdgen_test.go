@@ -3,6 +3,7 @@ package crdgen
 import (
 	"bytes"
 	"os"
+	"slices"
 	"testing"
 
 	"sigs.k8s.io/yaml"
@@ -84,4 +85,29 @@ func dig(t *testing.T, v any, path ...any) map[string]any {
 		}
 	}
 	return v.(map[string]any)
+}
+
+// TestCommittedCNPCRDsAreCurrent: manifests/sluice-cnp-crds.yaml is the
+// module's own CRD file, for the module version go.mod requires, and
+// defines the short name cnp that the Calico NetworkPolicy CRD gave up.
+func TestCommittedCNPCRDsAreCurrent(t *testing.T) {
+	mod, err := CNPModuleDir(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := CNPCRDs(mod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if committed, err := os.ReadFile("../../manifests/sluice-cnp-crds.yaml"); err != nil || !bytes.Equal(committed, want) {
+		t.Errorf("manifests/sluice-cnp-crds.yaml is stale (%v): run make generate", err)
+	}
+	if !bytes.Contains(want, []byte("shortNames:\n    - cnp\n")) || !bytes.Contains(want, []byte("storage: true")) {
+		t.Error("the ClusterNetworkPolicy CRD lost its short name cnp or its storage version")
+	}
+	for _, k := range Kinds {
+		if slices.Contains(k.ShortNames, "cnp") {
+			t.Errorf("%s still claims the short name cnp", k.Kind)
+		}
+	}
 }

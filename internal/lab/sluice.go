@@ -82,10 +82,17 @@ func (s *State) installManifest(ctx context.Context) error {
 			return err
 		}
 	}
-	cmd := exec.CommandContext(ctx, KubectlPath(s.ToolsDir), "--kubeconfig", s.AdminKubeconfig(), "apply", "-f", "-")
-	cmd.Stdin = bytes.NewReader(m)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("kubectl apply of the sluice manifest: %w: %s", err, out)
+	// The ClusterNetworkPolicy CRD first, as an operator following the
+	// README would: the agents then list the policies at start.
+	for _, doc := range []struct {
+		name string
+		body []byte
+	}{{"ClusterNetworkPolicy CRD", manifests.ClusterNetworkPolicyCRDs}, {"sluice manifest", m}} {
+		cmd := exec.CommandContext(ctx, KubectlPath(s.ToolsDir), "--kubeconfig", s.AdminKubeconfig(), "apply", "-f", "-")
+		cmd.Stdin = bytes.NewReader(doc.body)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("kubectl apply of the %s: %w: %s", doc.name, err, out)
+		}
 	}
 	return nil
 }

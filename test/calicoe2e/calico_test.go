@@ -260,7 +260,8 @@ spec:
   selector: pod == 'a'
   ingress: [{action: Allow, protocol: TCP, destination: {ports: [80, "8000:8080", "http"]}}]
 `)
-	for _, args := range [][]string{{"get", "networkpolicies.projectcalico.org", "-A"}, {"get", "cnp", "-A"}, {"get", "caliconetworkpolicy", "-n", "x"}, {"get", "gnp"}, {"get", "tiers"}} {
+	// `kubectl get cnp` is ClusterNetworkPolicy (test/cnpe2e), not Calico's.
+	for _, args := range [][]string{{"get", "networkpolicies.projectcalico.org", "-A"}, {"get", "caliconetworkpolicy", "-n", "x"}, {"get", "gnp"}, {"get", "tiers"}} {
 		out, err := shared.Kubectl(ctx, "", args...)
 		if err != nil {
 			t.Errorf("kubectl %v: %v: %s", args, err, out)

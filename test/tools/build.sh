@@ -6,6 +6,7 @@
 #   $SLUICE_TOOLS_DIR/crictl-v1.37.0/crictl (the real-node tests drive sandboxes with it)
 #   $SLUICE_TOOLS_DIR/cni-v1.10.0/{ptp,bridge,host-local,loopback,portmap,bandwidth}
 #   $SLUICE_TOOLS_DIR/coredns-v1.15.0/coredns (the lab's cluster DNS, about 1 minute)
+#   $SLUICE_TOOLS_DIR/cnp-conformance-v0.3.0/conformance.test (network-policy-api's conformance suite)
 # The images of real nodes are test/tools/images.sh's.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -47,6 +48,20 @@ build cni "$out/cni-$cni_version" \
 	github.com/containernetworking/plugins/plugins/main/loopback \
 	github.com/containernetworking/plugins/plugins/meta/portmap \
 	github.com/containernetworking/plugins/plugins/meta/bandwidth
+
+# The public ClusterNetworkPolicy conformance suite of
+# sigs.k8s.io/network-policy-api, a test binary (test/cnpe2e runs it against
+# a real-node lab); about 90 s.
+cnp_version="$(cd "$here/cnpconformance" && go list -m -f '{{.Version}}' sigs.k8s.io/network-policy-api)"
+dest="$out/cnp-conformance-$cnp_version"
+if [ -x "$dest/conformance.test" ]; then
+	echo "tools: $dest is cached"
+else
+	echo "tools: building $dest"
+	mkdir -p "$dest.partial"
+	(cd "$here/cnpconformance" && CGO_ENABLED=0 go test -c -trimpath -o "$dest.partial/conformance.test" sigs.k8s.io/network-policy-api/conformance)
+	rm -rf "$dest" && mv "$dest.partial" "$dest"
+fi
 
 # flanneld, for the flannel-and-Sluice-in-one-cluster test. Its udp backend
 # needs cgo.

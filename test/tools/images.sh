@@ -164,19 +164,23 @@ if [ ! -x "$agnhost_bin" ]; then
 	rm -rf "$out/agnhost-$k8s_version" && mv "$out/agnhost-$k8s_version.partial" "$out/agnhost-$k8s_version"
 fi
 agnhost_ref=registry.k8s.io/e2e-test-images/agnhost:2.63.0
-agnhost_key="$(printf '%s %s' "$base_key" "$(sha256sum <"$agnhost_bin")" | sha)"
+# The key names the default command: images built before it had none.
+agnhost_key="$(printf '%s %s %s' "$base_key" "$(sha256sum <"$agnhost_bin")" "cmd=pause" | sha)"
 if [ "$(label "$agnhost_ref")" != "$agnhost_key" ]; then
 	echo "images: building $agnhost_ref"
 	ctx="$img/agnhost-context"
 	rm -rf "$ctx" && mkdir -p "$ctx"
 	cp "$agnhost_bin" "$ctx/agnhost"
 	# Like the real image, it has a shell, bash, curl and nc: the public
-	# suites run shell commands in it.
+	# suites run shell commands in it. And like it, a container with no
+	# command pauses (the network-policy-api conformance suite's client
+	# containers have none); without it agnhost prints its usage and exits.
 	cat >"$ctx/Containerfile" <<-'EOF'
 		FROM debian:bookworm-slim
 		RUN apt-get update && apt-get install -y --no-install-recommends bash curl netcat-openbsd iproute2 ca-certificates && rm -rf /var/lib/apt/lists/*
 		COPY agnhost /agnhost
 		ENTRYPOINT ["/agnhost"]
+		CMD ["pause"]
 	EOF
 	"${B[@]}" bud --quiet --pull-never --isolation chroot --network host --layers=false \
 		--annotation "io.sluice.key=$agnhost_key" -f "$ctx/Containerfile" -t "$agnhost_ref" "$ctx" >"$img/agnhost-build.log" 2>&1 ||

@@ -1,7 +1,9 @@
 // Command gen writes the generated CRDs (`make generate`): the
 // projectcalico.org/v3 set into its section of manifests/sluice.yaml, and
 // the crd.projectcalico.org/v1 set of a Canal cluster into
-// manifests/canal-crds.yaml.
+// manifests/canal-crds.yaml, and the ClusterNetworkPolicy CRD that
+// sigs.k8s.io/network-policy-api publishes into
+// manifests/sluice-cnp-crds.yaml.
 package main
 
 import (
@@ -39,5 +41,16 @@ func run(dir string) error {
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, "canal-crds.yaml"), canal, 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "canal-crds.yaml"), canal, 0o644); err != nil {
+		return err
+	}
+	mod, err := crdgen.CNPModuleDir(".")
+	if err != nil {
+		return err
+	}
+	cnp, err := crdgen.CNPCRDs(mod)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "sluice-cnp-crds.yaml"), cnp, 0o644)
 }
