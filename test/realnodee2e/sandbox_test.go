@@ -1,6 +1,7 @@
 package realnodee2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sluice-net/sluice/cni"
 	"github.com/sluice-net/sluice/internal/lab"
@@ -70,10 +73,25 @@ type sandboxStatus struct {
 func TestDelOfOldSandboxOnContainerd(t *testing.T) {
 	node := shared.Nodes[1].Name
 	pauseKubelet(t, node)
+	// The agent wires only pods it knows from the API server (CNI 11
+	// otherwise), by UID: the pod exists, bound to the paused kubelet's
+	// node, and is deleted before the kubelet goes on (cleanups run last
+	// in first).
+	ctx := ctxT(t, 2*time.Minute)
+	if err := shared.EnsureNamespace(ctx, "sandboxes"); err != nil {
+		t.Fatal(err)
+	}
+	pod, err := shared.Client.CoreV1().Pods("sandboxes").Create(ctx, agnhostPod("sandboxes", "twin", node), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = shared.Client.CoreV1().Pods("sandboxes").Delete(context.Background(), "twin", metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
+	})
 	dir := t.TempDir()
 	runp := func(attempt int) string {
 		conf := map[string]any{
-			"metadata": map[string]any{"name": "twin", "namespace": "sandboxes", "uid": "twin-uid", "attempt": attempt},
+			"metadata": map[string]any{"name": "twin", "namespace": "sandboxes", "uid": string(pod.UID), "attempt": attempt},
 			"hostname": "twin",
 			"linux":    map[string]any{"cgroup_parent": shared.CgroupParent(shared.Nodes[1]) + "/twin"},
 		}
