@@ -86,15 +86,26 @@ func TestAgentContainerRunsUserspaceWireGuard(t *testing.T) {
 			t.Errorf("%s: peers with keys: %d, want 2: %+v", node, keys, r.Overlay.Peers)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	agents, err := shared.AgentPods(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for node, p := range agents {
-		if !labtest.PodReady(p) || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].ContainerID == "" {
-			t.Errorf("%s: the agent is not a Ready container: %+v", node, p.Status)
+	// Readiness is probed every few seconds: wait for it.
+	var agents map[string]corev1.Pod
+	ready := labtest.Eventually(60*time.Second, func() bool {
+		var err error
+		agents, err = shared.AgentPods(ctx)
+		if err != nil || len(agents) != 2 {
+			return false
+		}
+		for _, p := range agents {
+			if !labtest.PodReady(p) || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].ContainerID == "" {
+				return false
+			}
+		}
+		return true
+	})
+	if !ready {
+		for node, p := range agents {
+			t.Errorf("%s: the agent is not a Ready container: %+v", node, p.Status.Conditions)
 		}
 	}
 }
