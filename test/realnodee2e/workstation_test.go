@@ -149,8 +149,8 @@ func TestWorkstationReachesAgentsThroughTheAPIServer(t *testing.T) {
 		}
 		// Every agent's journal answers; what it holds depends on what
 		// the package's earlier tests did (a restarted agent finds its
-		// routes in place and writes none), so only that it is not empty.
-		if out, err := sluicectl(t, "changes", "--kubeconfig", kc, "--node", n.Name); err != nil || !strings.Contains(out, n.Name) {
+		// routes in place and writes none, so it may be empty), so only that it answers.
+		if out, err := sluicectl(t, "changes", "--kubeconfig", kc, "--node", n.Name); err != nil {
 			t.Errorf("changes --node %s: %v\n%s", n.Name, err, out)
 		}
 	}
