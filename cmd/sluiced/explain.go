@@ -35,35 +35,10 @@ const dropRingSize = 4096
 // filter.
 func dropsHandler(ring *policy.DropRing) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		q := r.URL.Query()
-		seq, _ := strconv.ParseUint(q.Get("since"), 10, 64)
-		follow := q.Get("follow") == "1"
-		ns, pod := q.Get("namespace"), q.Get("pod")
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		enc := json.NewEncoder(w)
-		flusher, _ := w.(http.Flusher)
-		for {
-			drops, next, more := ring.Since(seq)
-			for _, d := range drops {
-				if (ns == "" || strings.HasPrefix(d.Pod, ns+"/")) && (pod == "" || strings.HasSuffix(d.Pod, "/"+pod)) {
-					if err := enc.Encode(d); err != nil {
-						return
-					}
-				}
-			}
-			seq = next
-			if !follow {
-				return
-			}
-			if flusher != nil {
-				flusher.Flush()
-			}
-			select {
-			case <-more:
-			case <-r.Context().Done():
-				return
-			}
-		}
+		ns, pod := r.URL.Query().Get("namespace"), r.URL.Query().Get("pod")
+		streamSince(w, r, ring.Since, func(d policy.Drop) bool {
+			return (ns == "" || strings.HasPrefix(d.Pod, ns+"/")) && (pod == "" || strings.HasSuffix(d.Pod, "/"+pod))
+		})
 	}
 }
 
@@ -71,31 +46,42 @@ func dropsHandler(ring *policy.DropRing) http.HandlerFunc {
 // follow=1 to keep writing the kernel writes of the agent as they happen.
 func changesHandler(j *journal.Journal) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		q := r.URL.Query()
-		seq, _ := strconv.ParseUint(q.Get("since"), 10, 64)
-		follow := q.Get("follow") == "1"
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		enc := json.NewEncoder(w)
-		flusher, _ := w.(http.Flusher)
-		for {
-			entries, next, more := j.Since(seq)
-			for _, e := range entries {
-				if err := enc.Encode(e); err != nil {
-					return
-				}
+		streamSince(w, r, j.Since, func(journal.Entry) bool { return true })
+	}
+}
+
+// streamSince writes the records of a bounded ring (the drops, the
+// journal) from ?since=SEQ on as JSON lines, those keep accepts; with
+// follow=1 it keeps the response open and writes each new one as the ring
+// signals it, until the client goes.
+func streamSince[T any](w http.ResponseWriter, r *http.Request, since func(uint64) ([]T, uint64, <-chan struct{}), keep func(T) bool) {
+	q := r.URL.Query()
+	seq, _ := strconv.ParseUint(q.Get("since"), 10, 64)
+	follow := q.Get("follow") == "1"
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	flusher, _ := w.(http.Flusher)
+	for {
+		records, next, more := since(seq)
+		for _, rec := range records {
+			if !keep(rec) {
+				continue
 			}
-			seq = next
-			if !follow {
+			if err := enc.Encode(rec); err != nil {
 				return
 			}
-			if flusher != nil {
-				flusher.Flush()
-			}
-			select {
-			case <-more:
-			case <-r.Context().Done():
-				return
-			}
+		}
+		seq = next
+		if !follow {
+			return
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		select {
+		case <-more:
+		case <-r.Context().Done():
+			return
 		}
 	}
 }
