@@ -603,10 +603,12 @@ var chainKinds = []chainKind{
 	{chainPrefix + "TT-", false, rankPortTree},
 	{chainPrefix + "FW-", false, rankEndpoint},
 	{chainPrefix + "TW-", false, rankEndpoint},
+	{chainPrefix + "FH-", false, rankEndpoint},
 	{contract.FromPodChain + "-", false, rankDispatch},
 	{contract.ToPodChain + "-", false, rankDispatch},
 	{contract.FromPodChain, true, rankTop},
 	{contract.ToPodChain, true, rankTop},
+	{contract.ToHostChain, true, rankTop},
 }
 
 // chainKindOf returns the kind of a chain, or one with rank -1 for a chain

@@ -123,7 +123,7 @@ func PolicyHash(key string) string { return shortHash(key) }
 
 // chainVeth is the host veth of an endpoint chain (SLUICE-TW-<suffix>).
 func chainVeth(chain string) string {
-	for _, p := range []string{chainPrefix + "TW-", chainPrefix + "FW-"} {
+	for _, p := range []string{chainPrefix + "TW-", chainPrefix + "FW-", chainPrefix + "FH-"} {
 		if s, ok := strings.CutPrefix(chain, p); ok {
 			return contract.HostVethPrefix + s
 		}

@@ -41,6 +41,9 @@ type Flow struct {
 	SrcPort, DstPort int32
 	// ICMPType and ICMPCode are the message's, for ICMP and ICMPv6.
 	ICMPType, ICMPCode int32
+	// ToOwnNode says Dst is an address of the node Src runs on, which
+	// only ClusterNetworkPolicy decides (see hosttraffic.go).
+	ToOwnNode bool
 }
 
 // Evaluator decides flows by the tiered model.
@@ -117,6 +120,9 @@ func (e *Evaluator) decide(f Flow, egress bool) Decision {
 		}
 	}
 	slices.SortFunc(selecting, comparePolicies)
+	if egress && f.ToOwnNode {
+		selecting = hostPolicies(selecting)
+	}
 	var d Decision
 	for i := 0; i < len(selecting); {
 		tier := selecting[i].tier()

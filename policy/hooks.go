@@ -17,6 +17,7 @@ import (
 //
 //	filter FORWARD    -> SLUICE-FORWARD (package forward) -> SLUICE-FROM-POD / SLUICE-TO-POD,
 //	                  and last -> SLUICE-FORWARD-ACCEPT, after kube-proxy's rules
+//	filter INPUT      -> SLUICE-TO-HOST: pod traffic to this node (hosttraffic.go)
 //	raw    PREROUTING -> SLUICE-PREROUTING: anti-spoofing
 //	filter, raw       SLUICE-CANARY: an empty chain nothing references;
 //	                  when it is gone, someone flushed the table
@@ -63,7 +64,7 @@ func checkHooks(filter, raw string) hookState {
 		hs.flushed = true
 		problems = append(problems, "a table was flushed (canary chain gone)")
 	}
-	problems = append(problems, forward.Problems(chainRules(filter, "FORWARD"), chainRules(filter, forward.Chain), chainRules(filter, forward.AcceptChain))...)
+	problems = append(problems, forward.Problems(chainRules(filter, "INPUT"), chainRules(filter, "FORWARD"), chainRules(filter, forward.Chain), chainRules(filter, forward.AcceptChain))...)
 	if first := firstRule(raw, "PREROUTING"); !strings.HasSuffix(first, "-j "+PreroutingChain) {
 		problems = append(problems, "raw PREROUTING does not jump to "+PreroutingChain+" first")
 	}

@@ -330,6 +330,7 @@ func (s *clusterState) renderFamily(f *familyState, changes []podChange, used ma
 	s.renderEndpointChains(f, rs)
 	f.r.dispatch(rs, locals, true)
 	f.r.dispatch(rs, locals, false)
+	f.r.hostDispatch(rs, locals)
 	return rs
 }
 

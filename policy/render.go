@@ -265,6 +265,7 @@ func (r *Renderer) RenderWithSets(policies map[string]*Policy, endpoints []Local
 	}
 	r.dispatch(rs, endpoints, true)
 	r.dispatch(rs, endpoints, false)
+	r.hostDispatch(rs, endpoints)
 	return rs
 }
 
@@ -289,9 +290,22 @@ func (r *Renderer) materialise(d *setDef, pods []*Pod, namespaces map[string]*Na
 	return set
 }
 
-// endpointChains renders an endpoint's chain of a direction, and its port
-// tree when enough policies select it (see porttree.go).
+// endpointChains renders an endpoint's chains of a direction: its chain
+// and port tree (see porttree.go) for forwarded traffic, and in egress
+// its chain for traffic to its own node (hosttraffic.go).
 func (r *Renderer) endpointChains(veth string, self []netip.Addr, keys []string, policies map[string]*Policy, egress bool) map[string][]string {
+	chains := r.forwardEndpointChains(veth, self, keys, policies, egress)
+	if egress {
+		if host := r.hostChain(veth, keys, policies); host != nil {
+			chains[HostChain(veth)] = host
+		}
+	}
+	return chains
+}
+
+// forwardEndpointChains renders the chain of a direction for forwarded
+// traffic, with its port tree.
+func (r *Renderer) forwardEndpointChains(veth string, self []netip.Addr, keys []string, policies map[string]*Policy, egress bool) map[string][]string {
 	chain := EndpointChain(veth, egress)
 	pols := policiesOf(policies, keys)
 	rules := r.endpointRules(chain, pols, egress)

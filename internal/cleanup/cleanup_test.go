@@ -115,6 +115,7 @@ func programNode(t *testing.T, node, pod ns.NetNS, runDir, stateDir string) {
 					Chains: map[string][]string{
 						contract.FromPodChain: {"-A " + contract.FromPodChain + " -i " + podVeth + " -j " + fw},
 						contract.ToPodChain:   {},
+						contract.ToHostChain:  {},
 						fw:                    {"-A " + fw + " -m set --match-set " + set + " dst -j RETURN", "-A " + fw + " -j DROP"},
 					},
 					Sets: map[string]*policy.Set{set: {Name: set, Type: policy.HashNet, IPv6: fam == iptables.IPv6, Entries: []string{entry}}},

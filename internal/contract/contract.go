@@ -18,6 +18,9 @@ const HostVethPrefix = "sl"
 const (
 	FromPodChain = "SLUICE-FROM-POD" // egress policy of the sending pod
 	ToPodChain   = "SLUICE-TO-POD"   // ingress policy of the receiving pod
+	// ToHostChain holds the policy of traffic from a pod to its own node
+	// (filter INPUT), which only ClusterNetworkPolicy governs.
+	ToHostChain = "SLUICE-TO-HOST"
 )
 
 // CheckTunnelDevice refuses a tunnel device name (VXLAN, WireGuard, ...)

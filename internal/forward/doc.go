@@ -25,6 +25,12 @@
 // that they exist; Sluice moves its decision back above them once, so the
 // two never fight over the order.
 //
-// The policy loop owns the contents of SLUICE-FROM-POD and SLUICE-TO-POD;
-// this package only makes sure they exist and never flushes them.
+// Pod traffic to the node itself never crosses FORWARD; INPUT's first
+// rule jumps to SLUICE-TO-HOST, where only ClusterNetworkPolicy decides
+// it (Kubernetes NetworkPolicy always allows a pod's own node). It too
+// only drops or returns.
+//
+// The policy loop owns the contents of SLUICE-FROM-POD, SLUICE-TO-POD and
+// SLUICE-TO-HOST; this package only makes sure they exist and never
+// flushes them.
 package forward

@@ -18,6 +18,7 @@ const (
 	// PodInterfaces matches the host side of every pod veth Sluice makes.
 	PodInterfaces = contract.HostVethPrefix + "+"
 	jumpComment   = "sluice: forwarding decision for pod traffic"
+	inputComment  = "sluice: policy of pod traffic to this node"
 	acceptComment = "sluice: accept pod traffic that policy allowed, after the other rules of FORWARD"
 )
 
@@ -26,6 +27,10 @@ const JumpComment = jumpComment
 
 // AcceptComment is the comment of the jump to AcceptChain.
 const AcceptComment = acceptComment
+
+// InputComment is the comment of the jump from INPUT to
+// contract.ToHostChain, which returns at once for anything but pod traffic.
+const InputComment = inputComment
 
 // Rules are the rules of SLUICE-FORWARD, as iptables-save prints them.
 func Rules() []string {
@@ -54,10 +59,13 @@ func Render() []byte {
 }
 
 // Problems says what is wrong with the chains and the jumps to them, given
-// the rules of FORWARD, SLUICE-FORWARD and SLUICE-FORWARD-ACCEPT (as
-// iptables-save or -S print them); nil when all is in place.
-func Problems(forward, decision, accept []string) []string {
+// the rules of INPUT, FORWARD, SLUICE-FORWARD and SLUICE-FORWARD-ACCEPT
+// (as iptables-save or -S print them); nil when all is in place.
+func Problems(input, forward, decision, accept []string) []string {
 	var problems []string
+	if !inputJumpEarly(input) {
+		problems = append(problems, "INPUT does not jump to "+contract.ToHostChain+" before other programs' rules")
+	}
 	if len(forward) == 0 || !strings.HasSuffix(forward[0], "-j "+Chain) {
 		problems = append(problems, "FORWARD does not jump to "+Chain+" first")
 	}
@@ -75,25 +83,27 @@ func Problems(forward, decision, accept []string) []string {
 
 // Check reports whether the chains and the jumps to them are as rendered.
 func Check(r contract.HookWriter) bool {
-	for _, c := range []string{contract.FromPodChain, contract.ToPodChain} {
+	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, contract.ToHostChain} {
 		if _, err := r.Rules("filter", c); err != nil {
 			return false
 		}
 	}
+	input, err0 := r.Rules("filter", "INPUT")
 	fwd, err1 := r.Rules("filter", "FORWARD")
 	decision, err2 := r.Rules("filter", Chain)
 	accept, err3 := r.Rules("filter", AcceptChain)
-	if err1 != nil || err2 != nil || err3 != nil {
+	if err0 != nil || err1 != nil || err2 != nil || err3 != nil {
 		return false
 	}
 	// Rules lists rules as "-A CHAIN ...", as iptables-save does.
-	return len(Problems(fwd, decision, accept)) == 0
+	return len(Problems(input, fwd, decision, accept)) == 0
 }
 
 // Apply writes the chains, creates the policy chains if missing, puts the
-// decision first in FORWARD and makes sure the accept follows somewhere.
+// decision first in FORWARD and makes sure the accept follows somewhere,
+// and puts the jump for pod traffic to the node first in INPUT.
 func Apply(r contract.HookWriter) error {
-	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, Chain, AcceptChain} {
+	for _, c := range []string{contract.FromPodChain, contract.ToPodChain, contract.ToHostChain, Chain, AcceptChain} {
 		if err := r.EnsureChain("filter", c); err != nil {
 			return err
 		}
@@ -102,6 +112,9 @@ func Apply(r contract.HookWriter) error {
 		return fmt.Errorf("writing the forwarding chains: %w", err)
 	}
 	if err := EnsureFirstJump(r, "filter", "FORWARD", Chain, jumpComment); err != nil {
+		return err
+	}
+	if err := ensureInputJump(r); err != nil {
 		return err
 	}
 	return r.EnsureAppendedJump("filter", "FORWARD", AcceptChain, acceptComment)
@@ -123,6 +136,38 @@ func EnsureFirstJump(r contract.HookWriter, table, from, to, comment string) err
 	return r.EnsureJump(table, from, to, comment)
 }
 
+// inputJumpEarly reports whether INPUT jumps to contract.ToHostChain
+// before any rule of another program (whose ACCEPT would skip it). The
+// overlay's VXLAN source filter also jumps from the top of INPUT, and
+// either of the two may come first.
+func inputJumpEarly(input []string) bool {
+	for _, rule := range input {
+		if strings.HasSuffix(rule, "-j "+contract.ToHostChain) {
+			return true
+		}
+		if !strings.Contains(rule, "-j SLUICE-") {
+			return false
+		}
+	}
+	return false
+}
+
+// ensureInputJump puts the jump to contract.ToHostChain at the top of
+// INPUT unless it already comes before every other program's rule.
+func ensureInputJump(r contract.HookWriter) error {
+	input, err := r.Rules("filter", "INPUT")
+	if err != nil {
+		return err
+	}
+	if inputJumpEarly(input) {
+		return nil
+	}
+	if err := r.DeleteJump("filter", "INPUT", contract.ToHostChain, inputComment); err != nil {
+		return err
+	}
+	return r.EnsureJump("filter", "INPUT", contract.ToHostChain, inputComment)
+}
+
 // Remove deletes the jumps and the chains (on uninstall, with the real
 // runner: deleting chains is no part of the writer contract).
 func Remove(r *iptables.Runner) error {
@@ -132,7 +177,10 @@ func Remove(r *iptables.Runner) error {
 	if err := r.DeleteJump("filter", "FORWARD", AcceptChain, acceptComment); err != nil {
 		return err
 	}
-	for _, c := range []string{Chain, AcceptChain, contract.FromPodChain, contract.ToPodChain} {
+	if err := r.DeleteJump("filter", "INPUT", contract.ToHostChain, inputComment); err != nil {
+		return err
+	}
+	for _, c := range []string{Chain, AcceptChain, contract.FromPodChain, contract.ToPodChain, contract.ToHostChain} {
 		if err := r.DeleteChain("filter", c); err != nil {
 			return err
 		}

@@ -75,3 +75,53 @@ func TestApplyKeepsPolicyChainsAndComesFirst(t *testing.T) {
 		})
 	}
 }
+
+// TestInputJumpComesBeforeOtherPrograms: INPUT jumps to the pod-to-node
+// policy before any other program's rule; another Sluice jump (the VXLAN
+// source filter's) may come first; a rule inserted above it is seen and
+// the jump moved back; Remove takes it away.
+func TestInputJumpComesBeforeOtherPrograms(t *testing.T) {
+	n := nettest.NewNS(t)
+	nettest.Do(t, n, func() error {
+		r, err := iptables.New(iptables.IPv4, iptables.ModeNFT)
+		if err != nil {
+			return err
+		}
+		if err := Apply(r); err != nil {
+			return err
+		}
+		input, _ := r.Rules("filter", "INPUT")
+		if len(input) != 1 || !strings.HasSuffix(input[0], "-j "+contract.ToHostChain) {
+			t.Fatalf("INPUT after Apply = %v", input)
+		}
+		if err := r.EnsureJump("filter", "INPUT", "SLUICE-INPUT", "another Sluice jump"); err != nil {
+			return err
+		}
+		if !Check(r) {
+			t.Error("Check failed with another Sluice jump first")
+		}
+		if err := r.Raw("-I", "INPUT", "1", "-j", "ACCEPT"); err != nil {
+			return err
+		}
+		if Check(r) {
+			t.Error("Check missed an ACCEPT inserted above the jump")
+		}
+		if err := Apply(r); err != nil {
+			return err
+		}
+		input, _ = r.Rules("filter", "INPUT")
+		if !Check(r) || !strings.HasSuffix(input[0], "-j "+contract.ToHostChain) {
+			t.Errorf("Apply did not move the jump back up: %v", input)
+		}
+		if err := Remove(r); err != nil {
+			return err
+		}
+		input, _ = r.Rules("filter", "INPUT")
+		for _, l := range input {
+			if strings.Contains(l, contract.ToHostChain) {
+				t.Errorf("left after Remove: %s", l)
+			}
+		}
+		return nil
+	})
+}

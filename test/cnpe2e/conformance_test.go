@@ -104,10 +104,7 @@ func TestConformanceSuite(t *testing.T) {
 		if why := nonSCTPFailures(out); why != "" || len(res["FAIL"]) == 0 {
 			t.Errorf("the suite failed (%v): %s: %s\n%s", runErr, strings.Join(res["FAIL"], " "), why, tail(string(out), 80))
 		} else {
-			t.Logf("failed only on their SCTP probes (%s) and the known gap of pod-to-own-node egress: %s", sctpSkip, strings.Join(res["FAIL"], " "))
-			if gap := knownGapFailures(out); gap != "" {
-				t.Logf("KNOWN GAP (issue #15 open): a denial towards the client pod's own node did not hold: %s", gap)
-			}
+			t.Logf("failed only on their SCTP probes (%s): %s", sctpSkip, strings.Join(res["FAIL"], " "))
 		}
 	}
 	if len(res["PASS"]) == 0 {
@@ -144,39 +141,12 @@ func parseResults(out []byte) map[string][]string {
 // SCTP probes refused by the kernel, "" when there are none. A probe
 // retries until its expectation holds ("Condition never satisfied" when
 // it never does), so only the last failed command before each such error
-// counts: earlier ones are retries while the nodes converge.
-//
-// One more is a known gap, not a pass (issue #15 stays open for it): a
-// pod's connection to its own node's address goes through the node's INPUT
-// chain, where Sluice does not apply the pod's egress policy yet, so a
-// deny of a nodes peer holds only when the client pod runs on another
-// node than the server's. A denial that never held towards a node address
-// is logged as that gap, not failed; every other failure fails.
+// counts: earlier ones are retries while the nodes converge. Every other
+// failure fails, denials towards a node's address included: a pod's
+// traffic to its own node goes through INPUT, which Sluice hooks
+// (policy/hosttraffic.go).
 func nonSCTPFailures(out []byte) string {
-	bad, _ := classifyFailures(out)
-	return bad
-}
-
-// knownGapFailures describes the failures of the known gap above.
-func knownGapFailures(out []byte) string {
-	_, gap := classifyFailures(out)
-	return gap
-}
-
-func classifyFailures(out []byte) (string, string) {
-	var bad, gap []string
-	nodeAddrs := map[string]bool{}
-	for _, n := range shared.Nodes {
-		nodeAddrs[n.IP4], nodeAddrs[n.IP6] = true, n.IP6 != ""
-	}
-	towardsNode := func(cmd string) bool {
-		for addr, ok := range nodeAddrs {
-			if ok && addr != "" && (strings.Contains(cmd, " "+addr+":") || strings.Contains(cmd, "["+addr+"]:")) {
-				return true
-			}
-		}
-		return false
-	}
+	var bad []string
 	lines := strings.Split(string(out), "\n")
 	last := ""
 	for i, l := range lines {
@@ -189,8 +159,6 @@ func classifyFailures(out []byte) (string, string) {
 		case strings.Contains(l, "Error:") && strings.Contains(l, "Condition never satisfied"):
 			switch {
 			case strings.Contains(last, "--protocol=sctp") && strings.Contains(last, "protocol not supported"):
-			case strings.Contains(last, "Expected connection to fail") && towardsNode(last):
-				gap = append(gap, last)
 			default:
 				bad = append(bad, "never satisfied: "+last)
 			}
@@ -201,10 +169,7 @@ func classifyFailures(out []byte) (string, string) {
 	if len(bad) > 5 {
 		bad = bad[:5]
 	}
-	if len(gap) > 5 {
-		gap = gap[:5]
-	}
-	return strings.Join(bad, "; "), strings.Join(gap, "; ")
+	return strings.Join(bad, "; ")
 }
 
 func tail(s string, n int) string {
