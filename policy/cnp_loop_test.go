@@ -16,6 +16,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	cnpv1beta1 "sigs.k8s.io/network-policy-api/apis/v1beta1"
 	cnpfake "sigs.k8s.io/network-policy-api/pkg/client/clientset/versioned/fake"
+	cnpinformers "sigs.k8s.io/network-policy-api/pkg/client/informers/externalversions"
 
 	"github.com/sluice-net/sluice/cni/endpointapi"
 	"github.com/sluice-net/sluice/internal/nettest"
@@ -101,4 +102,57 @@ func waitCondition(t *testing.T, cs *cnpfake.Clientset, name string, status meta
 	}
 	t.Fatalf("%s: node-1 applied no Programmed-node-1 %s/%s condition; actions %v", name, status, reason, cs.Actions())
 	return metav1.Condition{}
+}
+
+// TestCNPStatusWriterForgetsDeletedPolicies: the writer applies a
+// condition once per generation and reason, writes again when the
+// generation changes, and forgets a policy once it is deleted, so its
+// memory follows the policies that exist.
+func TestCNPStatusWriterForgetsDeletedPolicies(t *testing.T) {
+	objs := []*cnpv1beta1.ClusterNetworkPolicy{
+		{ObjectMeta: metav1.ObjectMeta{Name: "a", Generation: 1}},
+		{ObjectMeta: metav1.ObjectMeta{Name: "b", Generation: 1}},
+	}
+	cs := cnpfake.NewSimpleClientset(objs[0].DeepCopy(), objs[1].DeepCopy())
+	l := NewLoop(Config{NodeName: "node-1"}, nil, nil).WithClusterNetworkPolicies(cs)
+	l.cnp.informer = cnpinformers.NewSharedInformerFactory(cs, 0).Policy().V1beta1().ClusterNetworkPolicies().Informer()
+	store := l.cnp.informer.GetStore()
+	for _, o := range objs {
+		if err := store.Add(o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	applies := func() int {
+		n := 0
+		for _, a := range cs.Actions() {
+			if p, ok := a.(k8stesting.PatchAction); ok && p.GetSubresource() == "status" {
+				n++
+			}
+		}
+		return n
+	}
+	l.writeCNPConditions(ctx, map[string]string{})
+	if got := applies(); got != 2 || len(l.cnp.written) != 2 {
+		t.Fatalf("first write: %d applies, remembered %v", got, l.cnp.written)
+	}
+	// The informer's copies now carry the condition, as the API's would.
+	for _, o := range objs {
+		o.Status.Conditions = []metav1.Condition{{Type: cnpConditionPrefix + "node-1", ObservedGeneration: o.Generation}}
+	}
+	l.writeCNPConditions(ctx, map[string]string{})
+	if got := applies(); got != 2 {
+		t.Errorf("nothing changed, yet %d applies in all", got)
+	}
+	if err := store.Delete(objs[1]); err != nil {
+		t.Fatal(err)
+	}
+	objs[0].Generation = 2
+	l.writeCNPConditions(ctx, map[string]string{})
+	if got := applies(); got != 3 {
+		t.Errorf("a new generation of a: %d applies in all, want 3", got)
+	}
+	if _, ok := l.cnp.written["b"]; ok || len(l.cnp.written) != 1 {
+		t.Errorf("the deleted policy is still remembered: %v", l.cnp.written)
+	}
 }

@@ -187,7 +187,6 @@ func cnpCondition(node string, generation int64, why string) *metav1ac.Condition
 // or reason changed. A failed write is retried with the next sync's
 // reasons (or the next one after a second).
 func (l *Loop) runCNPStatusWriter(ctx context.Context) {
-	logger := klog.FromContext(ctx)
 	var latest map[string]string
 	retry := time.NewTicker(time.Second)
 	defer retry.Stop()
@@ -201,25 +200,42 @@ func (l *Loop) runCNPStatusWriter(ctx context.Context) {
 				continue
 			}
 		}
-		for _, obj := range l.cnp.informer.GetStore().List() {
-			o, ok := obj.(*cnpv1beta1.ClusterNetworkPolicy)
-			if !ok {
-				continue
-			}
-			why := latest[ClusterNetworkPolicyKey+o.Name]
-			want := fmt.Sprintf("%d/%s", o.Generation, why)
-			if l.cnp.written[o.Name] == want && l.cnpConditionPresent(o) {
-				continue
-			}
-			ac := cnpac.ClusterNetworkPolicy(o.Name).WithStatus(cnpac.ClusterNetworkPolicyStatus().
-				WithConditions(cnpCondition(l.cfg.NodeName, o.Generation, why)))
-			_, err := l.cnp.client.PolicyV1beta1().ClusterNetworkPolicies().ApplyStatus(ctx, ac,
-				metav1.ApplyOptions{FieldManager: "sluice-" + l.cfg.NodeName, Force: true})
-			if err != nil {
-				logger.V(2).Info("writing a ClusterNetworkPolicy status", "policy", o.Name, "err", err)
-				continue
-			}
-			l.cnp.written[o.Name] = want
+		l.writeCNPConditions(ctx, latest)
+	}
+}
+
+// writeCNPConditions applies this node's condition on every policy whose
+// generation or reason changed since the last write, and forgets the
+// policies that are gone.
+func (l *Loop) writeCNPConditions(ctx context.Context, latest map[string]string) {
+	logger := klog.FromContext(ctx)
+	present := map[string]bool{}
+	for _, obj := range l.cnp.informer.GetStore().List() {
+		o, ok := obj.(*cnpv1beta1.ClusterNetworkPolicy)
+		if !ok {
+			continue
+		}
+		present[o.Name] = true
+		why := latest[ClusterNetworkPolicyKey+o.Name]
+		want := fmt.Sprintf("%d/%s", o.Generation, why)
+		if l.cnp.written[o.Name] == want && l.cnpConditionPresent(o) {
+			continue
+		}
+		ac := cnpac.ClusterNetworkPolicy(o.Name).WithStatus(cnpac.ClusterNetworkPolicyStatus().
+			WithConditions(cnpCondition(l.cfg.NodeName, o.Generation, why)))
+		_, err := l.cnp.client.PolicyV1beta1().ClusterNetworkPolicies().ApplyStatus(ctx, ac,
+			metav1.ApplyOptions{FieldManager: "sluice-" + l.cfg.NodeName, Force: true})
+		if err != nil {
+			logger.V(2).Info("writing a ClusterNetworkPolicy status", "policy", o.Name, "err", err)
+			continue
+		}
+		l.cnp.written[o.Name] = want
+	}
+	// Forget deleted policies, so the map does not grow with every policy
+	// ever written.
+	for name := range l.cnp.written {
+		if !present[name] {
+			delete(l.cnp.written, name)
 		}
 	}
 }
