@@ -76,7 +76,7 @@ bench-scale: deps tools
 	{ $(GO) test -count=1 -timeout 30m -run '^$$' -bench 'BenchmarkOverlay5000Nodes' -benchtime 1x -v ./test/overlayscale/ && \
 	  $(GO) test -count=1 -timeout 30m -run '^$$' -bench 'BenchmarkProgrammingAt50000Pods|BenchmarkProgrammingAtScale' -benchtime 1x ./test/bench/policyscale/ && \
 	  $(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkAgentAPIBytes' -benchtime 1x -v ./test/apicost/ && \
-	  $(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkConnectFlatCost' -benchtime 5x ./test/policye2e/ ; } 2>&1 | tee $(SCALE_OUT)
+	  $(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkConnectFlatCost' -benchtime 15x ./test/policye2e/ ; } 2>&1 | tee $(SCALE_OUT)
 	@echo "scale report: $(SCALE_OUT)"
 
 # The lab is a real cluster: every node runs the kubelet and containerd,
