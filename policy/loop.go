@@ -379,7 +379,7 @@ func (l *Loop) WithCalico(c calicoclient.Interface, d dynamic.Interface) *Loop {
 // accounts and every policy source, whose event handlers mark what
 // changed and queue a sync, and waits for their caches.
 func (l *Loop) startInformers(ctx context.Context) (informers.SharedInformerFactory, error) {
-	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
+	factory := informers.NewSharedInformerFactoryWithOptions(l.client, 10*time.Minute, informers.WithTransform(slimObject))
 	pods, nss, sas := factory.Core().V1().Pods(), factory.Core().V1().Namespaces(), factory.Core().V1().ServiceAccounts()
 	nps := factory.Networking().V1().NetworkPolicies()
 	l.sources = []*policySource{kubernetesSource(nps.Informer())}
