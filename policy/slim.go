@@ -58,7 +58,7 @@ func slimMeta(m metav1.ObjectMeta, annotations []string) metav1.ObjectMeta {
 // account, named container ports, phase and IPs.
 func slimPod(p *corev1.Pod) *corev1.Pod {
 	out := &corev1.Pod{TypeMeta: p.TypeMeta, ObjectMeta: slimMeta(p.ObjectMeta, []string{endpointapi.PodIPsAnnotation}),
-		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork, ServiceAccountName: p.Spec.ServiceAccountName},
+		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork, ServiceAccountName: p.Spec.ServiceAccountName},
 		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs}}
 	for _, c := range p.Spec.Containers {
 		var named []corev1.ContainerPort
