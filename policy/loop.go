@@ -631,16 +631,20 @@ func (l *Loop) adoptReread() (repairing bool) {
 	select {
 	case states := <-l.kernel:
 		for i, f := range l.families {
-			l.noteHooks(f, states[i].hooks)
-			if f.dataplane.Adopt(states[i]) {
-				repairing = true
-			} else {
-				// A write raced the read: read again.
+			// A read that overlapped a write (chains, sets or hooks) may
+			// show any part of it, its hooks too: it says nothing, read
+			// again. Noting its hooks anyway took the hooks as flushed
+			// after the first write at scale, and the next sync read and
+			// rewrote everything.
+			if !f.dataplane.Adopt(states[i]) {
 				select {
 				case l.rereadNow <- struct{}{}:
 				default:
 				}
+				continue
 			}
+			l.noteHooks(f, states[i].hooks)
+			repairing = true
 		}
 	default:
 	}
@@ -1036,7 +1040,11 @@ func (l *Loop) ensureHooks(ctx context.Context, f *family) error {
 	if f.hooksWritten && hs.problem == "" {
 		return nil
 	}
-	if err := applyHooks(f.ipt); err != nil {
+	// A re-read beside this write must not be adopted (Dataplane.Adopt).
+	f.dataplane.gen.Add(1)
+	err := applyHooks(f.ipt)
+	f.dataplane.gen.Add(1)
+	if err != nil {
 		if hs.problem == "" {
 			hs.problem = "not written yet"
 		}

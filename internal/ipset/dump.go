@@ -17,27 +17,32 @@ import (
 // a thread locked to a network namespace, where each switch is a futex
 // wake-up of another OS thread). Here attributes are walked in place.
 
-// listSetNameFlag asks a list command for the set names only (ipset
-// list -n): IPSET_FLAG_LIST_SETNAME in the command-level flags.
-const listSetNameFlag = 1 << 1
+// The command-level flags of a list: IPSET_FLAG_LIST_SETNAME asks for
+// the names only (ipset list -n), IPSET_FLAG_LIST_HEADER for the headers
+// without members (ipset list -t).
+const (
+	listSetNameFlag = 1 << 1
+	listHeaderFlag  = 1 << 2
+)
 
 // dumped is one set as a dump shows it.
 type dumped struct {
 	name, typ string
+	family    uint8
 	entries   []Entry
 }
 
-// dump lists one set, or every set when name is "". namesOnly asks the
-// kernel for the names alone, without headers or members.
-func dump(name string, namesOnly bool) ([]dumped, error) {
+// dump lists one set, or every set when name is "". flags (listSetNameFlag,
+// listHeaderFlag) ask the kernel for less than the members.
+func dump(name string, flags uint32) ([]dumped, error) {
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(nl.IPSET_CMD_LIST))
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
 	if name != "" {
 		req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
 	}
-	if namesOnly {
-		req.AddData(&nl.Uint32Attribute{Type: nl.IPSET_ATTR_FLAGS | nl.NLA_F_NET_BYTEORDER, Value: listSetNameFlag})
+	if flags != 0 {
+		req.AddData(&nl.Uint32Attribute{Type: nl.IPSET_ATTR_FLAGS | nl.NLA_F_NET_BYTEORDER, Value: flags})
 	}
 	var out []dumped
 	err := req.ExecuteIter(unix.NETLINK_NETFILTER, 0, func(msg []byte) bool {
@@ -51,6 +56,10 @@ func dump(name string, namesOnly bool) ([]dumped, error) {
 				d.name = cString(v)
 			case nl.IPSET_ATTR_TYPENAME:
 				d.typ = cString(v)
+			case nl.IPSET_ATTR_FAMILY:
+				if len(v) > 0 {
+					d.family = v[0]
+				}
 			case nl.IPSET_ATTR_ADT:
 				walkAttrs(v, func(t uint16, e []byte) {
 					if t&^nl.NLA_F_NESTED == nl.IPSET_ATTR_DATA {
@@ -65,7 +74,7 @@ func dump(name string, namesOnly bool) ([]dumped, error) {
 		if n := len(out); n > 0 && out[n-1].name == d.name {
 			out[n-1].entries = append(out[n-1].entries, d.entries...)
 			if out[n-1].typ == "" {
-				out[n-1].typ = d.typ
+				out[n-1].typ, out[n-1].family = d.typ, d.family
 			}
 			return true
 		}
@@ -155,19 +164,20 @@ func cString(b []byte) string {
 	return string(b)
 }
 
-// listOne lists one set: its type and members.
-func listOne(name string) (string, []Entry, error) {
-	sets, err := dump(name, false)
+// listOne lists one set: its type and family, and its members unless
+// flags say headers only.
+func listOne(name string, flags uint32) (dumped, error) {
+	sets, err := dump(name, flags)
 	if err != nil {
 		if isNotExist(err) {
-			return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
+			return dumped{}, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
 		}
-		return "", nil, fmt.Errorf("listing ipset %s: %w", name, err)
+		return dumped{}, fmt.Errorf("listing ipset %s: %w", name, err)
 	}
 	for _, s := range sets {
 		if s.name == name {
-			return s.typ, s.entries, nil
+			return s, nil
 		}
 	}
-	return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
+	return dumped{}, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
 }

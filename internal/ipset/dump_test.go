@@ -44,6 +44,17 @@ func TestDumpOfManyMembers(t *testing.T) {
 		if err != nil || strings.Join(names, ",") != "SLUICE-BIG-test,SLUICE-P-test" {
 			t.Errorf("names %v %v", names, err)
 		}
+		// Ensure reads the header only: same type and family is kept,
+		// another family or type replaces the set.
+		if created, err := Ensure("SLUICE-P-test", "hash:ip,port", false); err != nil || created {
+			t.Errorf("ensure of an existing set: created %v, %v", created, err)
+		}
+		if created, err := Ensure("SLUICE-P-test", "hash:ip,port", true); err != nil || !created {
+			t.Errorf("ensure with another family: created %v, %v", created, err)
+		}
+		if created, err := Ensure("SLUICE-P-test", "hash:net", true); err != nil || !created {
+			t.Errorf("ensure with another type: created %v, %v", created, err)
+		}
 		// Half removed: one read, one socket, 2,500 deletions.
 		if c, err := Sync("SLUICE-BIG-test", "hash:net", false, want[:2500]); err != nil || c != 2500 {
 			t.Errorf("shrinking sync: %d changes, %v", c, err)

@@ -92,13 +92,14 @@ func family(ipv6 bool) uint8 {
 // Ensure creates a set of that type and family, or recreates one of the
 // same name with another type or family.
 func Ensure(name, typ string, ipv6 bool) (created bool, err error) {
-	cur, err := netlink.IpsetList(name)
+	// The header only: the members of a large set are not needed here.
+	cur, err := listOne(name, listHeaderFlag)
 	if err == nil {
-		if cur.TypeName == typ && cur.Family == family(ipv6) {
+		if cur.typ == typ && cur.family == family(ipv6) {
 			return false, nil
 		}
 		if err := netlink.IpsetDestroy(name); err != nil {
-			return false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.TypeName, typ, err)
+			return false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.typ, typ, err)
 		}
 	}
 	opts := netlink.IpsetCreateOptions{Family: family(ipv6)}
@@ -133,7 +134,7 @@ func isNotExist(err error) bool {
 // for names only: a dump of every set's members, at 50,000 pods, is
 // megabytes for a list of a hundred names.
 func Names(prefix string) ([]string, error) {
-	all, err := dump("", true)
+	all, err := dump("", listSetNameFlag)
 	if err != nil {
 		return nil, fmt.Errorf("listing ipsets: %w", err)
 	}
@@ -150,8 +151,8 @@ func Names(prefix string) ([]string, error) {
 // Members lists a set's entries. The netlink library drops the nomatch
 // flag when it decodes a dump, so members are compared by prefix and port.
 func Members(name string) ([]Entry, error) {
-	_, entries, err := listOne(name)
-	return entries, err
+	d, err := listOne(name, 0)
+	return d.entries, err
 }
 
 // Key identifies an entry regardless of its nomatch flag.
@@ -291,14 +292,14 @@ var ErrNotExist = errors.New("no such ipset")
 // is gone is ErrNotExist: a reader beside the writer may list a set the
 // writer destroys next.
 func Content(name string) (string, []string, error) {
-	typ, members, err := listOne(name)
+	d, err := listOne(name, 0)
 	if err != nil {
 		return "", nil, err
 	}
-	keys := make([]string, 0, len(members))
-	for _, e := range members {
+	keys := make([]string, 0, len(d.entries))
+	for _, e := range d.entries {
 		keys = append(keys, e.Key())
 	}
 	sort.Strings(keys)
-	return typ, keys, nil
+	return d.typ, keys, nil
 }
