@@ -2,6 +2,7 @@ package policy
 
 import (
 	"testing"
+	"time"
 
 	networkingv1 "k8s.io/api/networking/v1"
 
@@ -62,4 +63,17 @@ func TestReadDuringWriteIsNotAdopted(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestRereadPause: the re-read waits the resync period, or ten times a
+// slow read, so re-reading never takes more than a tenth of a core.
+func TestRereadPause(t *testing.T) {
+	for _, c := range []struct{ period, took, want time.Duration }{
+		{5 * time.Second, 20 * time.Millisecond, 5 * time.Second},
+		{5 * time.Second, 1500 * time.Millisecond, 15 * time.Second},
+	} {
+		if got := rereadPause(c.period, c.took); got != c.want {
+			t.Errorf("rereadPause(%s, %s) = %s, want %s", c.period, c.took, got, c.want)
+		}
+	}
 }

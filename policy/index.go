@@ -71,6 +71,7 @@ type familyState struct {
 
 type renderedPolicy struct {
 	policy *Policy // rendered from this version
+	chain  string  // PolicyChain, a hash kept rather than made on every sync
 	rules  []string
 	defs   []*setDef
 }
@@ -348,10 +349,10 @@ func (s *clusterState) renderPolicyChains(f *familyState, used map[policyChainRe
 		rp := f.policyChains[u]
 		if rp == nil || rp.policy != p {
 			rules, defs := f.r.policyRules(p, u.egress)
-			rp = &renderedPolicy{policy: p, rules: rules, defs: defs}
+			rp = &renderedPolicy{policy: p, chain: PolicyChain(u.key, u.egress), rules: rules, defs: defs}
 			f.policyChains[u] = rp
 		}
-		rs.Chains[PolicyChain(u.key, u.egress)] = rp.rules
+		rs.Chains[rp.chain] = rp.rules
 		for _, d := range rp.defs {
 			if _, ok := needed[d.name]; !ok {
 				needed[d.name] = d

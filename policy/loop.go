@@ -468,23 +468,45 @@ func (l *Loop) markAll() error {
 // runRereader re-reads the kernel every ResyncPeriod, and at once when a
 // sync could not use a read because it wrote meanwhile.
 func (l *Loop) runRereader(ctx context.Context) {
-	t := time.NewTicker(l.cfg.ResyncPeriod)
+	t := time.NewTimer(l.cfg.ResyncPeriod)
 	defer t.Stop()
+	now := l.rereadNow
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		case <-l.rereadNow:
+		case <-now:
 		}
+		began := time.Now()
 		l.reread(ctx)
+		pause := rereadPause(l.cfg.ResyncPeriod, time.Since(began))
+		t.Reset(pause)
+		// When reads are slow, a read that raced a write is not retried
+		// at once either: during a burst of writes it would be rejected
+		// again and again, a core spent on reads nobody can use.
+		now = l.rereadNow
+		if pause > l.cfg.ResyncPeriod {
+			now = nil
+		}
 	}
+}
+
+// rereadPause is the wait before the next periodic re-read: the resync
+// period, or ten times what the last read took when that is longer, so
+// re-reading takes at most a tenth of a core. At 50,000 pods an
+// iptables-save of 70,000 rules takes a second or more, and a re-read
+// every 5 s took a good part of a 2-core node from the policy changes
+// themselves; drift is then repaired within that longer pause.
+func rereadPause(period, took time.Duration) time.Duration {
+	return max(period, 10*took)
 }
 
 // reread reads the kernel's policy chains and sets, away from the sync
 // goroutine, and hands the result to the next sync, which puts right what
 // drifted (a deleted rule, chain or set comes back within ResyncPeriod).
 func (l *Loop) reread(ctx context.Context) {
+	began := time.Now()
 	var states []KernelState
 	err := l.netns.Do(func(ns.NetNS) error {
 		for _, f := range l.families {
@@ -500,6 +522,7 @@ func (l *Loop) reread(ctx context.Context) {
 		klog.FromContext(ctx).Error(err, "re-reading the kernel's policy rules")
 		return
 	}
+	klog.FromContext(ctx).V(4).Info("policy rules re-read", "ms", time.Since(began).Milliseconds())
 	select {
 	case <-l.kernel: // replaced by this newer read
 	default:
