@@ -33,8 +33,18 @@ type dumped struct {
 }
 
 // dump lists one set, or every set when name is "". flags (listSetNameFlag,
-// listHeaderFlag) ask the kernel for less than the members.
+// listHeaderFlag) ask the kernel for less than the members. A dump that a
+// concurrent write interrupted is taken again, a few times.
 func dump(name string, flags uint32) ([]dumped, error) {
+	for try := 0; ; try++ {
+		out, err := dumpOnce(name, flags)
+		if !errors.Is(err, nl.ErrDumpInterrupted) || try == 2 {
+			return out, err
+		}
+	}
+}
+
+func dumpOnce(name string, flags uint32) ([]dumped, error) {
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(nl.IPSET_CMD_LIST))
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
