@@ -1,6 +1,9 @@
 package policy
 
 import (
+	"os"
+	"runtime"
+	"runtime/pprof"
 	"testing"
 	"time"
 
@@ -25,6 +28,14 @@ func BenchmarkLoopPolicyChangeAt50000Pods(b *testing.B) {
 	quietKlog()
 	began := time.Now()
 	change := startScaleLoop(b, false)
+	if path := os.Getenv("SLUICE_HEAP_PROFILE"); path != "" {
+		// What the loop holds once programmed, while it runs.
+		runtime.GC()
+		if f, err := os.Create(path); err == nil {
+			_ = pprof.WriteHeapProfile(f)
+			f.Close()
+		}
+	}
 	b.ReportMetric(time.Since(began).Seconds(), "start-to-ready-s")
 	var lat []time.Duration
 	b.ResetTimer()
