@@ -224,7 +224,9 @@ func (d *Dataplane) Apply(rs *Ruleset) (Stats, error) {
 			continue
 		}
 		d.gen.Add(1)
-		if err := ipset.Destroy(n); err != nil {
+		err := ipset.Destroy(n)
+		d.gen.Add(1)
+		if err != nil {
 			return st, err
 		}
 		journal.Default.Add("policy", "set", "remove", n)
@@ -346,7 +348,10 @@ func (d *Dataplane) writeSet(s *Set) (int, error) {
 		d.setKeys = map[string]string{}
 	}
 	d.setKeys[s.Name] = keySignature(string(s.Type), slices.Compact(keys))
+	// Before and after: a Read that began while the write was under way
+	// must not be adopted (at 50,000 pods a write takes seconds).
 	d.gen.Add(1)
+	defer d.gen.Add(1)
 	sync := ipset.Sync
 	if d.syncSet != nil {
 		sync = d.syncSet
@@ -488,8 +493,13 @@ func (d *Dataplane) commit(want map[string][]string, changed, stale []string, st
 		fmt.Fprintf(&b, "-X %s\n", name)
 	}
 	st.Payload += b.Len()
+	// Before and after: a Read that began while iptables-restore ran
+	// (seconds for the first write at 50,000 pods) may have seen none of
+	// it, and adopting it would write every chain again.
 	d.gen.Add(1)
-	if err := d.ipt.Restore("filter", b.Bytes()); err != nil {
+	err := d.ipt.Restore("filter", b.Bytes())
+	d.gen.Add(1)
+	if err != nil {
 		return err
 	}
 	for _, name := range changed {

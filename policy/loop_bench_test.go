@@ -31,7 +31,7 @@ import (
 // pods in 10 namespaces (100 of them local endpoints), 1,000 policies, as
 // the lab benchmark in test/bench/policyscale does.
 func scaleObjects() (objs []*corev1.Pod, nss []*corev1.Namespace, pols []*networkingv1.NetworkPolicy, locals []endpointapi.Endpoint) {
-	const namespaces, total, local, policies = 10, 5000, 100, 1000
+	namespaces, total, local, policies := benchScale.namespaces, benchScale.pods, benchScale.local, benchScale.policies
 	for i := 0; i < namespaces; i++ {
 		nss = append(nss, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("s%d", i), Labels: map[string]string{"team": fmt.Sprint(i % 5)}}})
 	}

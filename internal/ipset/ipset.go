@@ -12,6 +12,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -91,13 +92,14 @@ func family(ipv6 bool) uint8 {
 // Ensure creates a set of that type and family, or recreates one of the
 // same name with another type or family.
 func Ensure(name, typ string, ipv6 bool) (created bool, err error) {
-	cur, err := netlink.IpsetList(name)
+	// The header only: the members of a large set are not needed here.
+	cur, err := listOne(name, listHeaderFlag)
 	if err == nil {
-		if cur.TypeName == typ && cur.Family == family(ipv6) {
+		if cur.typ == typ && cur.family == family(ipv6) {
 			return false, nil
 		}
 		if err := netlink.IpsetDestroy(name); err != nil {
-			return false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.TypeName, typ, err)
+			return false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.typ, typ, err)
 		}
 	}
 	opts := netlink.IpsetCreateOptions{Family: family(ipv6)}
@@ -128,16 +130,18 @@ func isNotExist(err error) bool {
 	return strings.Contains(err.Error(), "does not exist") || errors.Is(err, nl.IPSetError(nl.IPSET_ERR_PROTOCOL))
 }
 
-// Names lists the sets whose names start with prefix.
+// Names lists the sets whose names start with prefix. It asks the kernel
+// for names only: a dump of every set's members, at 50,000 pods, is
+// megabytes for a list of a hundred names.
 func Names(prefix string) ([]string, error) {
-	all, err := netlink.IpsetListAll()
+	all, err := dump("", listSetNameFlag)
 	if err != nil {
 		return nil, fmt.Errorf("listing ipsets: %w", err)
 	}
 	var names []string
 	for _, s := range all {
-		if strings.HasPrefix(s.SetName, prefix) {
-			names = append(names, s.SetName)
+		if strings.HasPrefix(s.name, prefix) {
+			names = append(names, s.name)
 		}
 	}
 	sort.Strings(names)
@@ -147,31 +151,8 @@ func Names(prefix string) ([]string, error) {
 // Members lists a set's entries. The netlink library drops the nomatch
 // flag when it decodes a dump, so members are compared by prefix and port.
 func Members(name string) ([]Entry, error) {
-	res, err := netlink.IpsetList(name)
-	if err != nil {
-		return nil, fmt.Errorf("listing ipset %s: %w", name, err)
-	}
-	var out []Entry
-	for _, e := range res.Entries {
-		a, ok := netip.AddrFromSlice(e.IP)
-		if !ok {
-			continue
-		}
-		a = a.Unmap()
-		bits := a.BitLen()
-		if e.CIDR != 0 {
-			bits = int(e.CIDR)
-		}
-		en := Entry{Prefix: netip.PrefixFrom(a, bits)}
-		if e.Port != nil {
-			en.Port = *e.Port
-			if e.Protocol != nil {
-				en.Proto = *e.Protocol
-			}
-		}
-		out = append(out, en)
-	}
-	return out, nil
+	d, err := listOne(name, 0)
+	return d.entries, err
 }
 
 // Key identifies an entry regardless of its nomatch flag.
@@ -181,19 +162,28 @@ func (e Entry) Key() string {
 }
 
 // Add adds an entry; Del deletes one (a missing one is not an error).
-func Add(name string, e Entry) error { return addDel(nl.IPSET_CMD_ADD, name, e) }
+func Add(name string, e Entry) error { return addDel(nil, nl.IPSET_CMD_ADD, name, e) }
 
 // Del deletes an entry.
 func Del(name string, e Entry) error {
-	err := addDel(nl.IPSET_CMD_DEL, name, e)
+	return del(nil, name, e)
+}
+
+func del(sock *nl.SocketHandle, name string, e Entry) error {
+	err := addDel(sock, nl.IPSET_CMD_DEL, name, e)
 	if err != nil && errors.Is(err, nl.IPSetError(nl.IPSET_ERR_EXIST)) {
 		return nil
 	}
 	return err
 }
 
-func addDel(cmd int, name string, e Entry) error {
+// addDel writes one entry, on sock when given (a sync of thousands of
+// entries should not open a socket for each), else on a socket of its own.
+func addDel(sock *nl.SocketHandle, cmd int, name string, e Entry) error {
 	req := nl.NewNetlinkRequest(cmd|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(cmd))
+	if sock != nil {
+		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_NETFILTER: sock}
+	}
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
@@ -235,45 +225,61 @@ func addDel(cmd int, name string, e Entry) error {
 }
 
 // Sync makes a set hold exactly the wanted entries, writing only the
-// differences, and reports how many it changed.
+// differences, and reports how many it changed. It reads the set once and
+// writes on one netlink socket.
 func Sync(name, typ string, ipv6 bool, want []Entry) (int, error) {
 	created, err := Ensure(name, typ, ipv6)
 	if err != nil {
 		return 0, err
 	}
-	have := map[string]bool{}
+	var cur []Entry
 	if !created {
-		cur, err := Members(name)
-		if err != nil {
+		if cur, err = Members(name); err != nil {
 			return 0, err
 		}
-		for _, e := range cur {
-			have[e.Key()] = true
+	}
+	have := make(map[string]bool, len(cur))
+	for _, e := range cur {
+		have[e.Key()] = true
+	}
+	wantKeys := make(map[string]bool, len(want))
+	var adds, dels []Entry
+	for _, e := range want {
+		k := e.Key()
+		if !wantKeys[k] && !have[k] {
+			adds = append(adds, e)
+		}
+		wantKeys[k] = true
+	}
+	for _, e := range cur {
+		if !wantKeys[e.Key()] {
+			dels = append(dels, e)
 		}
 	}
-	wantKeys := map[string]bool{}
+	if len(adds)+len(dels) == 0 {
+		return 0, nil
+	}
+	s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_NETFILTER)
+	if err != nil {
+		return 0, fmt.Errorf("opening a netlink socket for ipset %s: %w", name, err)
+	}
+	defer s.Close()
+	if err := s.SetReceiveTimeout(&nl.SocketTimeoutTv); err != nil {
+		return 0, err
+	}
+	sock := &nl.SocketHandle{Socket: s}
 	changes := 0
-	for _, e := range want {
-		wantKeys[e.Key()] = true
-		if have[e.Key()] {
-			continue
-		}
-		if err := Add(name, e); err != nil {
+	for _, e := range adds {
+		if err := addDel(sock, nl.IPSET_CMD_ADD, name, e); err != nil {
 			return changes, err
 		}
 		changes++
 	}
-	if !created {
-		cur, _ := Members(name)
-		for _, e := range cur {
-			if wantKeys[e.Key()] {
-				continue
-			}
-			if err := Del(name, e); err != nil {
-				return changes, err
-			}
-			changes++
+	for _, e := range dels {
+		if err := del(sock, name, e); err != nil {
+			return changes, err
 		}
+		changes++
 	}
 	return changes, nil
 }
@@ -286,24 +292,14 @@ var ErrNotExist = errors.New("no such ipset")
 // is gone is ErrNotExist: a reader beside the writer may list a set the
 // writer destroys next.
 func Content(name string) (string, []string, error) {
-	res, err := netlink.IpsetList(name)
+	d, err := listOne(name, 0)
 	if err != nil {
-		if isNotExist(err) {
-			return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
-		}
-		return "", nil, fmt.Errorf("listing ipset %s: %w", name, err)
-	}
-	members, err := Members(name)
-	if err != nil {
-		if isNotExist(err) {
-			return "", nil, fmt.Errorf("ipset %s: %w", name, ErrNotExist)
-		}
 		return "", nil, err
 	}
-	keys := make([]string, 0, len(members))
-	for _, e := range members {
+	keys := make([]string, 0, len(d.entries))
+	for _, e := range d.entries {
 		keys = append(keys, e.Key())
 	}
 	sort.Strings(keys)
-	return res.TypeName, keys, nil
+	return d.typ, keys, nil
 }

@@ -3,9 +3,11 @@ package policyscale
 import (
 	"fmt"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-net/sluice/test/labtest"
 )
@@ -59,4 +61,23 @@ func reportFootprint(b *testing.B, l *labtest.Lab, node string) {
 		}
 		b.ReportMetric(float64(rules), "sluice-rules")
 	}
+}
+
+// waitPoliciesProgrammed waits until the agent on node reports want
+// policies in its last applied state (sluice_policies_programmed), and
+// returns how long that took.
+func waitPoliciesProgrammed(b *testing.B, l *labtest.Lab, node string, want int, timeout time.Duration) time.Duration {
+	start := time.Now()
+	re := regexp.MustCompile(`(?m)^sluice_policies_programmed (\d+)`)
+	for time.Since(start) < timeout {
+		out, err := l.Exec(node, "sh", "-c", "wget -qO- http://127.0.0.1:9098/metrics 2>/dev/null || curl -s http://127.0.0.1:9098/metrics")
+		if m := re.FindStringSubmatch(out); err == nil && m != nil {
+			if n, _ := strconv.Atoi(m[1]); n >= want {
+				return time.Since(start)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	b.Logf("node-1 had not programmed all %d policies after %s; measuring anyway", want, timeout)
+	return time.Since(start)
 }
