@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -79,6 +80,10 @@ type Loop struct {
 	problems map[peerKey]string
 	// backend is net-conf.json's Backend.Type's; Run makes it.
 	backend backend
+	// prog is what was programmed, for the incremental path; peerSyncs
+	// counts the Node changes that path took.
+	prog      programmed
+	peerSyncs atomic.Int64
 
 	mu     sync.RWMutex
 	status Status
@@ -177,9 +182,9 @@ func (l *Loop) Run(ctx context.Context) error {
 	nodeInformer := factory.Core().V1().Nodes()
 	l.nodes = nodeInformer.Lister()
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" added"); l.nodeChanged() },
+		AddFunc:    func(obj any) { l.peerChanged(nodeName(obj), "added") },
 		UpdateFunc: func(old, cur any) { l.onNodeUpdate(old, cur) },
-		DeleteFunc: func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" deleted"); l.nodeChanged() },
+		DeleteFunc: func(obj any) { l.peerChanged(nodeName(obj), "deleted") },
 	}); err != nil {
 		return err
 	}
@@ -200,7 +205,8 @@ func (l *Loop) Run(ctx context.Context) error {
 func (l *Loop) onNodeUpdate(old, cur any) {
 	o, ok1 := old.(*corev1.Node)
 	c, ok2 := cur.(*corev1.Node)
-	if ok1 && ok2 && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) {
+	if ok1 && ok2 && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) &&
+		slices.Equal(o.Status.Addresses, c.Status.Addresses) { // the known-node set holds them
 		if o.Name == l.cfg.NodeName {
 			// The own node's status updates still get a sync (it reads
 			// more of its own node), but not as a change of input.
@@ -208,10 +214,20 @@ func (l *Loop) onNodeUpdate(old, cur any) {
 		}
 		return
 	}
-	if ok2 {
-		journal.Default.Pending("overlay", "Node "+c.Name+" changed")
+	l.peerChanged(nodeName(cur), "changed")
+}
+
+// peerChanged queues the sync of one changed Node: the own node's changes
+// (lease, addresses, annotations) get a full sync, another's only its own
+// (see processPeer).
+func (l *Loop) peerChanged(name, what string) {
+	journal.Default.Pending("overlay", "Node "+name+" "+what)
+	if name == l.cfg.NodeName || name == "?" || !l.Ready() {
+		// Before the first full sync is done, every Node is in the next.
+		l.nodeChanged()
+		return
 	}
-	l.nodeChanged()
+	l.queue.Add(nodeKeyPrefix + name)
 }
 
 // nodeName names a Node of an informer event, tombstones included.
@@ -251,6 +267,10 @@ func (l *Loop) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer l.queue.Done(key)
+	if name, ok := strings.CutPrefix(key, nodeKeyPrefix); ok {
+		l.processPeer(ctx, key, name)
+		return true
+	}
 	start := time.Now()
 	repair := !l.nodesChanged.Swap(false) && l.Ready()
 	journal.Default.StartSync("overlay", repair)
@@ -383,6 +403,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("listing nodes: %w", err)
 	}
+	l.prog.valid = false
 	total, peers, err := l.backend.sync(ctx, nodes)
 	if err != nil {
 		return total, err
@@ -398,6 +419,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
 		return total, err
 	}
+	l.rebuildProgrammed(nodes, peers)
 	return total, nil
 }
 

@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -111,29 +112,46 @@ func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
 // interface address, which the annotation does not show when it was
 // overridden (--public-ip, public-ip-overwrite).
 func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
+	addrs := l.ownAddrs(v6)
+	for _, n := range nodes {
+		addrs = append(addrs, nodeAddrs(n, v6)...)
+	}
+	return addrs
+}
+
+// ownAddrs are this node's addresses of the family that the source filter
+// accepts whatever its Node says.
+func (l *Loop) ownAddrs(v6 bool) []netip.Addr {
+	if v6 {
+		return []netip.Addr{l.publicIP(v6), l.underlay.IP6}
+	}
+	return []netip.Addr{l.publicIP(v6), l.underlay.IP4}
+}
+
+// nodeAddrs are one Node's underlay addresses of the family (see
+// knownNodeAddrs), each once.
+func nodeAddrs(n *corev1.Node, v6 bool) []netip.Addr {
 	keys := []string{AnnPublicIP, AnnPublicIPOverwrite}
 	if v6 {
 		keys = []string{AnnPublicIPv6, AnnPublicIPv6Overwrite}
 	}
-	addrs := []netip.Addr{l.publicIP(v6)}
-	if v6 {
-		addrs = append(addrs, l.underlay.IP6)
-	} else {
-		addrs = append(addrs, l.underlay.IP4)
-	}
-	for _, n := range nodes {
-		for _, k := range keys {
-			if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
-				addrs = append(addrs, a)
-			}
+	var addrs []netip.Addr
+	add := func(a netip.Addr) {
+		if !slices.Contains(addrs, a) {
+			addrs = append(addrs, a)
 		}
-		for _, na := range n.Status.Addresses {
-			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
-				continue
-			}
-			if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
-				addrs = append(addrs, a.Unmap())
-			}
+	}
+	for _, k := range keys {
+		if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
+			add(a)
+		}
+	}
+	for _, na := range n.Status.Addresses {
+		if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
+			add(a.Unmap())
 		}
 	}
 	return addrs
