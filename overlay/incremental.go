@@ -41,7 +41,7 @@ func (b *hostGWBackend) syncPeer(_ context.Context, i int, old, p *vxlan.Peer) (
 
 func (l *Loop) syncTablePeer(i int, device bool, old, p *vxlan.Peer) (vxlan.Changes, error) {
 	v6 := l.families[i].Is6()
-	ch, err := vxlan.SyncPeer(l.table(l.Status().Lease[i], v6, device), old, p)
+	ch, err := vxlan.SyncPeer(l.table(l.lease()[i], v6, device), old, p)
 	if err != nil {
 		return ch, fmt.Errorf("programming the %s overlay's peer: %w", familyName(v6), err)
 	}
@@ -147,15 +147,12 @@ func (l *Loop) syncPeerNode(ctx context.Context, name string) (vxlan.Changes, er
 	if err := l.syncPeerAddrs(name, n); err != nil {
 		return total, err
 	}
-	var peers []PeerStatus
-	for _, p := range l.Status().Peers {
-		if p.Node != name {
-			peers = append(peers, p)
-		}
-	}
-	peers = append(peers, status...)
-	l.reportPeers(ctx, peers)
-	l.setStatus(func(s *Status) { s.Peers = peers })
+	l.reportNodePeers(ctx, name, status)
+	l.setStatus(func(s *Status) {
+		// In place: Status copies what it hands out.
+		s.Peers = slices.DeleteFunc(s.Peers, func(p PeerStatus) bool { return p.Node == name })
+		s.Peers = append(s.Peers, status...)
+	})
 	return total, nil
 }
 
@@ -184,7 +181,7 @@ func (l *Loop) syncPeerFamily(ctx context.Context, i int, name string, n *corev1
 		if oldp != nil && oldp.Subnet == want.Subnet {
 			claimed--
 		}
-		if claimed > 0 || want.Subnet.Overlaps(l.Status().Lease[i]) {
+		if claimed > 0 || want.Subnet.Overlaps(l.lease()[i]) {
 			return vxlan.Changes{}, nil, fmt.Errorf("node %s's subnet %s is another's too: %w", name, want.Subnet, errNeedsFullSync)
 		}
 	}

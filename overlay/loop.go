@@ -137,7 +137,18 @@ func (l *Loop) Status() Status {
 }
 
 // Ready reports whether the overlay is programmed.
-func (l *Loop) Ready() bool { return l.Status().Ready }
+func (l *Loop) Ready() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.status.Ready // without Status's copy of every peer
+}
+
+// lease is the node's subnets, without Status's copy of every peer.
+func (l *Loop) lease() []netip.Prefix {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.status.Lease
+}
 
 // Run runs the loop until ctx ends. It returns an error only for problems
 // that a restart cannot fix (bad flags); everything else is retried.
@@ -415,8 +426,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 			return total, err
 		}
 	}
-	status := l.Status()
-	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
+	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, l.lease(), l.mtu(), l.cfg.IPMasq); err != nil {
 		return total, err
 	}
 	l.rebuildProgrammed(nodes, peers)
@@ -448,7 +458,7 @@ func (l *Loop) table(own netip.Prefix, v6, device bool) vxlan.Table {
 func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool) (vxlan.Changes, []PeerStatus, error) {
 	var total vxlan.Changes
 	var peers []PeerStatus
-	lease := l.Status().Lease
+	lease := l.lease()
 	for i, f := range l.families {
 		v6 := f.Is6()
 		tab := l.table(lease[i], v6, device)
@@ -490,7 +500,7 @@ func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool
 // drifted: masquerade and the VXLAN source filter.
 func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
-	ready := l.Status().Ready
+	ready := l.Ready()
 	// The rules depend on the configuration only, not on the Nodes: a sync
 	// for a Node change leaves their check (several iptables runs, most of
 	// such a sync's time at 5,000 nodes) to the periodic resync, which

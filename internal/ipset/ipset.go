@@ -91,13 +91,20 @@ func family(ipv6 bool) uint8 {
 // Ensure creates a set of that type and family, or recreates one of the
 // same name with another type or family.
 func Ensure(name, typ string, ipv6 bool) (created bool, err error) {
+	_, created, err = ensure(name, typ, ipv6)
+	return created, err
+}
+
+// ensure is Ensure that also returns the set's listing, members included,
+// when it was there: Sync diffs against it instead of listing again.
+func ensure(name, typ string, ipv6 bool) (*netlink.IPSetResult, bool, error) {
 	cur, err := netlink.IpsetList(name)
 	if err == nil {
 		if cur.TypeName == typ && cur.Family == family(ipv6) {
-			return false, nil
+			return cur, false, nil
 		}
 		if err := netlink.IpsetDestroy(name); err != nil {
-			return false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.TypeName, typ, err)
+			return nil, false, fmt.Errorf("ipset %s has type %s, want %s, and cannot be replaced: %w", name, cur.TypeName, typ, err)
 		}
 	}
 	opts := netlink.IpsetCreateOptions{Family: family(ipv6)}
@@ -106,9 +113,9 @@ func Ensure(name, typ string, ipv6 bool) (created bool, err error) {
 		opts.Revision = 2
 	}
 	if err := netlink.IpsetCreate(name, typ, opts); err != nil {
-		return false, fmt.Errorf("creating ipset %s (%s): %w", name, typ, err)
+		return nil, false, fmt.Errorf("creating ipset %s (%s): %w", name, typ, err)
 	}
-	return true, nil
+	return nil, true, nil
 }
 
 // Destroy removes a set; a missing one is not an error.
@@ -151,6 +158,10 @@ func Members(name string) ([]Entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing ipset %s: %w", name, err)
 	}
+	return entriesOf(res), nil
+}
+
+func entriesOf(res *netlink.IPSetResult) []Entry {
 	var out []Entry
 	for _, e := range res.Entries {
 		a, ok := netip.AddrFromSlice(e.IP)
@@ -171,7 +182,7 @@ func Members(name string) ([]Entry, error) {
 		}
 		out = append(out, en)
 	}
-	return out, nil
+	return out
 }
 
 // Key identifies an entry regardless of its nomatch flag.
@@ -237,16 +248,17 @@ func addDel(cmd int, name string, e Entry) error {
 // Sync makes a set hold exactly the wanted entries, writing only the
 // differences, and reports how many it changed.
 func Sync(name, typ string, ipv6 bool, want []Entry) (int, error) {
-	created, err := Ensure(name, typ, ipv6)
+	// One listing serves the check of the set's type and the diff both
+	// ways: at thousands of members, each listing costs more than the rest
+	// of a sync.
+	res, created, err := ensure(name, typ, ipv6)
 	if err != nil {
 		return 0, err
 	}
+	var cur []Entry
 	have := map[string]bool{}
 	if !created {
-		cur, err := Members(name)
-		if err != nil {
-			return 0, err
-		}
+		cur = entriesOf(res)
 		for _, e := range cur {
 			have[e.Key()] = true
 		}
@@ -264,7 +276,6 @@ func Sync(name, typ string, ipv6 bool, want []Entry) (int, error) {
 		changes++
 	}
 	if !created {
-		cur, _ := Members(name)
 		for _, e := range cur {
 			if wantKeys[e.Key()] {
 				continue
