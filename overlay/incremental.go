@@ -134,6 +134,9 @@ func (l *Loop) syncPeerNode(ctx context.Context, name string) (vxlan.Changes, er
 	} else if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("reading node %s: %w", name, err)
 	}
+	if l.unchanged(name, n) {
+		return vxlan.Changes{}, nil
+	}
 	var total vxlan.Changes
 	var status []PeerStatus
 	for i := range l.families {
@@ -245,4 +248,39 @@ func (l *Loop) syncPeerAddrs(name string, n *corev1.Node) error {
 		}
 	}
 	return nil
+}
+
+// unchanged reports that node name (n nil: gone) asks for exactly what was
+// programmed for it, with no problem to report: the Add events of every
+// Node that reach the loop after its first full sync, for one.
+func (l *Loop) unchanged(name string, n *corev1.Node) bool {
+	for i, f := range l.families {
+		v6 := f.Is6()
+		old, had := l.prog.peers[i][name]
+		if _, bad := l.problems[peerKey{name, v6}]; bad {
+			return false
+		}
+		if n == nil || n.DeletionTimestamp != nil {
+			if had {
+				return false
+			}
+		} else {
+			p, problem, ok := peerOf(n, v6)
+			if ok != had || problem != "" || (had && !samePeer(old, p)) {
+				return false
+			}
+		}
+		var now []netip.Addr
+		if n != nil {
+			now = nodeAddrs(n, v6)
+		}
+		if !slices.Equal(now, l.prog.addrs[i][name]) {
+			return false
+		}
+	}
+	return true
+}
+
+func samePeer(a, b vxlan.Peer) bool {
+	return a.Node == b.Node && a.Subnet == b.Subnet && a.PublicIP == b.PublicIP && a.VtepMAC.String() == b.VtepMAC.String()
 }
