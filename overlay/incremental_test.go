@@ -201,3 +201,24 @@ func TestResyncRepairsIncrementalDrift(t *testing.T) {
 		t.Errorf("a resync with nothing to repair wrote %+v (was %+v)", got, repairs)
 	}
 }
+
+// With no Node event at all, the periodic resync still finds and repairs
+// drift: the resyncs between repairs skip the re-read of the kernel, the
+// one every RepairPeriod does not.
+func TestPeriodicRepairWithoutNodeEvents(t *testing.T) {
+	u := startLoopWith(t, nettest.NewNS(t), "vxlan", func(c *Config) {
+		c.ResyncPeriod, c.RepairPeriod = 100*time.Millisecond, time.Second
+	}, loopNode("node-1", "10.244.1.0/24", "", "", false), loopNode("node-2", "10.244.2.0/24", "vxlan", "192.0.2.2", true))
+	routes := func() string { return u.run(t, "ip", "route", "show", "proto", "98") }
+	u.eventually(t, "node-2 is programmed", func() bool { return strings.Contains(routes(), "10.244.2.0/24 via") })
+	u.settle(t, 0)
+	want := u.kernelState(t, true)
+	before := u.loop.Status().Repairs
+	u.run(t, "ip", "route", "del", "10.244.2.0/24")
+	u.run(t, "ip", "neigh", "del", "10.244.2.0", "dev", "vx-sluice.1")
+	u.run(t, "ipset", "del", "SLUICE-NODES4", "192.0.2.2")
+	u.eventually(t, "the periodic repair puts node-2 back", func() bool { return u.kernelState(t, true) == want })
+	if got := u.loop.Status().Repairs; got.Total()-before.Total() != 2 {
+		t.Errorf("repairs %+v after %+v: want 2 more (route, neighbour)", got, before)
+	}
+}

@@ -52,7 +52,11 @@ type Config struct {
 	// sockets, for wg and wgctrl; empty for none.
 	WireGuardSocketDir string
 	ResyncPeriod       time.Duration
-	IPTablesMode       iptables.Mode
+	// RepairPeriod is how often a resync with no Node changed re-reads
+	// the kernel on the vxlan and host-gw backends (see lightResync); 0 is
+	// 6 × ResyncPeriod.
+	RepairPeriod time.Duration
+	IPTablesMode iptables.Mode
 	// PodCIDRGrace is how long a new Node waits for a podCIDR from
 	// kube-controller-manager before Sluice claims a subnet for it.
 	PodCIDRGrace time.Duration
@@ -84,6 +88,10 @@ type Loop struct {
 	// counts the Node changes that path took.
 	prog      programmed
 	peerSyncs atomic.Int64
+	// fullWanted asks the next resync to re-read the kernel (the own
+	// Node's update); lastFull is when a full sync last succeeded.
+	fullWanted atomic.Bool
+	lastFull   time.Time
 
 	mu     sync.RWMutex
 	status Status
@@ -115,6 +123,9 @@ const syncKey = "overlay"
 func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder) *Loop {
 	if cfg.ResyncPeriod == 0 {
 		cfg.ResyncPeriod = 5 * time.Second
+	}
+	if cfg.RepairPeriod == 0 {
+		cfg.RepairPeriod = 6 * cfg.ResyncPeriod
 	}
 	return &Loop{
 		cfg:         cfg,
@@ -221,6 +232,7 @@ func (l *Loop) onNodeUpdate(old, cur any) {
 		if o.Name == l.cfg.NodeName {
 			// The own node's status updates still get a sync (it reads
 			// more of its own node), but not as a change of input.
+			l.fullWanted.Store(true)
 			l.queue.Add(syncKey)
 		}
 		return
@@ -284,6 +296,15 @@ func (l *Loop) processNext(ctx context.Context) bool {
 	}
 	start := time.Now()
 	repair := !l.nodesChanged.Swap(false) && l.Ready()
+	if repair && l.lightResync() {
+		if err := l.syncOwn(ctx); err != nil {
+			klog.FromContext(ctx).Error(err, "overlay resync failed; will retry")
+			l.queue.AddRateLimited(key)
+			return true
+		}
+		l.queue.Forget(key)
+		return true
+	}
 	journal.Default.StartSync("overlay", repair)
 	ch, err := l.sync(ctx, repair)
 	l.setStatus(func(s *Status) {
@@ -430,6 +451,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 		return total, err
 	}
 	l.rebuildProgrammed(nodes, peers)
+	l.lastFull = time.Now()
 	return total, nil
 }
 
