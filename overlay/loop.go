@@ -302,6 +302,7 @@ func (l *Loop) processNext(ctx context.Context) bool {
 			l.queue.AddRateLimited(key)
 			return true
 		}
+		l.setStatus(func(s *Status) { s.LastSync, s.LastError = time.Now(), "" })
 		l.queue.Forget(key)
 		return true
 	}
