@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,7 +52,11 @@ type Config struct {
 	// sockets, for wg and wgctrl; empty for none.
 	WireGuardSocketDir string
 	ResyncPeriod       time.Duration
-	IPTablesMode       iptables.Mode
+	// RepairPeriod is how often a resync with no Node changed re-reads
+	// the kernel on the vxlan and host-gw backends (see lightResync); 0 is
+	// 6 × ResyncPeriod.
+	RepairPeriod time.Duration
+	IPTablesMode iptables.Mode
 	// PodCIDRGrace is how long a new Node waits for a podCIDR from
 	// kube-controller-manager before Sluice claims a subnet for it.
 	PodCIDRGrace time.Duration
@@ -79,6 +84,14 @@ type Loop struct {
 	problems map[peerKey]string
 	// backend is net-conf.json's Backend.Type's; Run makes it.
 	backend backend
+	// prog is what was programmed, for the incremental path; peerSyncs
+	// counts the Node changes that path took.
+	prog      programmed
+	peerSyncs atomic.Int64
+	// fullWanted asks the next resync to re-read the kernel (the own
+	// Node's update); lastFull is when a full sync last succeeded.
+	fullWanted atomic.Bool
+	lastFull   time.Time
 
 	mu     sync.RWMutex
 	status Status
@@ -111,6 +124,9 @@ func New(cfg Config, client kubernetes.Interface, recorder record.EventRecorder)
 	if cfg.ResyncPeriod == 0 {
 		cfg.ResyncPeriod = 5 * time.Second
 	}
+	if cfg.RepairPeriod == 0 {
+		cfg.RepairPeriod = 6 * cfg.ResyncPeriod
+	}
 	return &Loop{
 		cfg:         cfg,
 		client:      client,
@@ -132,7 +148,18 @@ func (l *Loop) Status() Status {
 }
 
 // Ready reports whether the overlay is programmed.
-func (l *Loop) Ready() bool { return l.Status().Ready }
+func (l *Loop) Ready() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.status.Ready // without Status's copy of every peer
+}
+
+// lease is the node's subnets, without Status's copy of every peer.
+func (l *Loop) lease() []netip.Prefix {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.status.Lease
+}
 
 // Run runs the loop until ctx ends. It returns an error only for problems
 // that a restart cannot fix (bad flags); everything else is retried.
@@ -177,9 +204,9 @@ func (l *Loop) Run(ctx context.Context) error {
 	nodeInformer := factory.Core().V1().Nodes()
 	l.nodes = nodeInformer.Lister()
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" added"); l.nodeChanged() },
+		AddFunc:    func(obj any) { l.peerChanged(nodeName(obj), "added") },
 		UpdateFunc: func(old, cur any) { l.onNodeUpdate(old, cur) },
-		DeleteFunc: func(obj any) { journal.Default.Pending("overlay", "Node "+nodeName(obj)+" deleted"); l.nodeChanged() },
+		DeleteFunc: func(obj any) { l.peerChanged(nodeName(obj), "deleted") },
 	}); err != nil {
 		return err
 	}
@@ -200,18 +227,30 @@ func (l *Loop) Run(ctx context.Context) error {
 func (l *Loop) onNodeUpdate(old, cur any) {
 	o, ok1 := old.(*corev1.Node)
 	c, ok2 := cur.(*corev1.Node)
-	if ok1 && ok2 && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) {
+	if ok1 && ok2 && strings.Join(o.Spec.PodCIDRs, ",") == strings.Join(c.Spec.PodCIDRs, ",") && annotationsEqual(o, c) &&
+		slices.Equal(o.Status.Addresses, c.Status.Addresses) { // the known-node set holds them
 		if o.Name == l.cfg.NodeName {
 			// The own node's status updates still get a sync (it reads
 			// more of its own node), but not as a change of input.
+			l.fullWanted.Store(true)
 			l.queue.Add(syncKey)
 		}
 		return
 	}
-	if ok2 {
-		journal.Default.Pending("overlay", "Node "+c.Name+" changed")
+	l.peerChanged(nodeName(cur), "changed")
+}
+
+// peerChanged queues the sync of one changed Node: the own node's changes
+// (lease, addresses, annotations) get a full sync, another's only its own
+// (see processPeer).
+func (l *Loop) peerChanged(name, what string) {
+	journal.Default.Pending("overlay", "Node "+name+" "+what)
+	if name == l.cfg.NodeName || name == "?" || !l.Ready() {
+		// Before the first full sync is done, every Node is in the next.
+		l.nodeChanged()
+		return
 	}
-	l.nodeChanged()
+	l.queue.Add(nodeKeyPrefix + name)
 }
 
 // nodeName names a Node of an informer event, tombstones included.
@@ -251,8 +290,22 @@ func (l *Loop) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer l.queue.Done(key)
+	if name, ok := strings.CutPrefix(key, nodeKeyPrefix); ok {
+		l.processPeer(ctx, key, name)
+		return true
+	}
 	start := time.Now()
 	repair := !l.nodesChanged.Swap(false) && l.Ready()
+	if repair && l.lightResync() {
+		if err := l.syncOwn(ctx); err != nil {
+			klog.FromContext(ctx).Error(err, "overlay resync failed; will retry")
+			l.queue.AddRateLimited(key)
+			return true
+		}
+		l.setStatus(func(s *Status) { s.LastSync, s.LastError = time.Now(), "" })
+		l.queue.Forget(key)
+		return true
+	}
 	journal.Default.StartSync("overlay", repair)
 	ch, err := l.sync(ctx, repair)
 	l.setStatus(func(s *Status) {
@@ -383,6 +436,7 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 	if err != nil {
 		return vxlan.Changes{}, fmt.Errorf("listing nodes: %w", err)
 	}
+	l.prog.valid = false
 	total, peers, err := l.backend.sync(ctx, nodes)
 	if err != nil {
 		return total, err
@@ -394,10 +448,11 @@ func (l *Loop) sync(ctx context.Context, repair bool) (vxlan.Changes, error) {
 			return total, err
 		}
 	}
-	status := l.Status()
-	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, status.Lease, l.mtu(), l.cfg.IPMasq); err != nil {
+	if err := writeSubnetEnv(l.cfg.RunDir, l.cfg.Net, l.lease(), l.mtu(), l.cfg.IPMasq); err != nil {
 		return total, err
 	}
+	l.rebuildProgrammed(nodes, peers)
+	l.lastFull = time.Now()
 	return total, nil
 }
 
@@ -426,7 +481,7 @@ func (l *Loop) table(own netip.Prefix, v6, device bool) vxlan.Table {
 func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool) (vxlan.Changes, []PeerStatus, error) {
 	var total vxlan.Changes
 	var peers []PeerStatus
-	lease := l.Status().Lease
+	lease := l.lease()
 	for i, f := range l.families {
 		v6 := f.Is6()
 		tab := l.table(lease[i], v6, device)
@@ -468,7 +523,7 @@ func (l *Loop) syncTables(ctx context.Context, nodes []*corev1.Node, device bool
 // drifted: masquerade and the VXLAN source filter.
 func (l *Loop) syncRules(ctx context.Context, f *family, nodes []*corev1.Node, repair bool) error {
 	logger := klog.FromContext(ctx)
-	ready := l.Status().Ready
+	ready := l.Ready()
 	// The rules depend on the configuration only, not on the Nodes: a sync
 	// for a Node change leaves their check (several iptables runs, most of
 	// such a sync's time at 5,000 nodes) to the periodic resync, which

@@ -51,6 +51,11 @@ func startLoop(t *testing.T, nodes ...*corev1.Node) *loopUnderTest {
 }
 
 func startLoopIn(t *testing.T, n ns.NetNS, backend string, nodes ...*corev1.Node) *loopUnderTest {
+	return startLoopWith(t, n, backend, func(*Config) {}, nodes...)
+}
+
+// startLoopWith is startLoopIn with changes to the loop's configuration.
+func startLoopWith(t *testing.T, n ns.NetNS, backend string, edit func(*Config), nodes ...*corev1.Node) *loopUnderTest {
 	name := nettest.Name(n)
 	nettest.Run(t, "ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
 	nettest.Run(t, "ip", "-n", name, "addr", "add", "192.0.2.1/24", "dev", "eth0")
@@ -66,8 +71,10 @@ func startLoopIn(t *testing.T, n ns.NetNS, backend string, nodes ...*corev1.Node
 			t.Fatal(err)
 		}
 	}
-	u.loop = New(Config{NodeName: "node-1", Net: nc, Iface: InterfaceSelection{Ifaces: []string{"eth0"}}, ChecksumOffload: "on",
-		RunDir: t.TempDir(), ResyncPeriod: time.Hour, IPTablesMode: iptables.ModeNFT}, u.client, u.events)
+	cfg := Config{NodeName: "node-1", Net: nc, Iface: InterfaceSelection{Ifaces: []string{"eth0"}}, ChecksumOffload: "on",
+		RunDir: t.TempDir(), ResyncPeriod: time.Hour, IPTablesMode: iptables.ModeNFT}
+	edit(&cfg)
+	u.loop = New(cfg, u.client, u.events)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- n.Do(func(ns.NetNS) error { return u.loop.Run(ctx) }) }()

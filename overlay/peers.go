@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -66,42 +67,70 @@ func withProblems(peers []PeerStatus, skipped []vxlan.SkippedPeer) []PeerStatus 
 // same is reported once, not on every sync. Only the sync goroutine calls
 // it.
 func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
-	logger := klog.FromContext(ctx)
 	now := map[peerKey]string{}
-	for _, p := range peers {
-		if p.Problem == "" {
-			continue
-		}
-		k := peerKey{p.Node, p.IPv6}
-		now[k] = p.Problem
-		if l.problems[k] == p.Problem {
-			continue
-		}
-		logger.Error(nil, "peer not programmed", "peer", p.Node, "family", familyName(p.IPv6), "reason", p.Problem)
-		if l.recorder != nil {
-			l.recorder.Eventf(nodeRef(p.Node), corev1.EventTypeWarning, ReasonPeerNotProgrammed,
-				"node %s cannot reach this node's pods over %s: %s", l.cfg.NodeName, familyName(p.IPv6), p.Problem)
-		}
-	}
 	present := map[peerKey]bool{}
 	for _, p := range peers {
-		present[peerKey{p.Node, p.IPv6}] = true
+		k := peerKey{p.Node, p.IPv6}
+		present[k] = true
+		if p.Problem != "" {
+			now[k] = p.Problem
+		}
+	}
+	for k, problem := range now {
+		l.reportPeer(ctx, k, problem, true)
 	}
 	for k := range l.problems {
-		if _, still := now[k]; still {
-			continue
+		if _, still := now[k]; !still {
+			l.reportPeer(ctx, k, "", present[k])
 		}
-		if !present[k] {
-			logger.Info("peer that was not programmed is gone", "peer", k.node, "family", familyName(k.ipv6))
-			continue
+	}
+	l.problems = now
+}
+
+// reportNodePeers is reportPeers for one node's peers (status), the others
+// unchanged.
+func (l *Loop) reportNodePeers(ctx context.Context, node string, status []PeerStatus) {
+	for _, v6 := range []bool{false, true} {
+		k := peerKey{node, v6}
+		problem, present := "", false
+		for _, p := range status {
+			if p.IPv6 == v6 {
+				problem, present = p.Problem, true
+			}
 		}
+		l.reportPeer(ctx, k, problem, present)
+		if problem == "" {
+			delete(l.problems, k)
+		} else {
+			if l.problems == nil {
+				l.problems = map[peerKey]string{}
+			}
+			l.problems[k] = problem
+		}
+	}
+}
+
+// reportPeer reports one peer's problem (empty: none) if it differs from
+// the one reported last; present is false for a peer that is gone.
+func (l *Loop) reportPeer(ctx context.Context, k peerKey, problem string, present bool) {
+	logger := klog.FromContext(ctx)
+	last, had := l.problems[k]
+	switch {
+	case problem != "" && problem != last:
+		logger.Error(nil, "peer not programmed", "peer", k.node, "family", familyName(k.ipv6), "reason", problem)
+		if l.recorder != nil {
+			l.recorder.Eventf(nodeRef(k.node), corev1.EventTypeWarning, ReasonPeerNotProgrammed,
+				"node %s cannot reach this node's pods over %s: %s", l.cfg.NodeName, familyName(k.ipv6), problem)
+		}
+	case problem == "" && had && !present:
+		logger.Info("peer that was not programmed is gone", "peer", k.node, "family", familyName(k.ipv6))
+	case problem == "" && had:
 		logger.Info("peer programmed again", "peer", k.node, "family", familyName(k.ipv6))
 		if l.recorder != nil {
 			l.recorder.Eventf(nodeRef(k.node), corev1.EventTypeNormal, ReasonPeerProgrammed,
 				"node %s programmed its %s route to this node's pods again", l.cfg.NodeName, familyName(k.ipv6))
 		}
 	}
-	l.problems = now
 }
 
 // knownNodeAddrs are the underlay addresses of every Node of one family,
@@ -111,29 +140,46 @@ func (l *Loop) reportPeers(ctx context.Context, peers []PeerStatus) {
 // interface address, which the annotation does not show when it was
 // overridden (--public-ip, public-ip-overwrite).
 func (l *Loop) knownNodeAddrs(nodes []*corev1.Node, v6 bool) []netip.Addr {
+	addrs := l.ownAddrs(v6)
+	for _, n := range nodes {
+		addrs = append(addrs, nodeAddrs(n, v6)...)
+	}
+	return addrs
+}
+
+// ownAddrs are this node's addresses of the family that the source filter
+// accepts whatever its Node says.
+func (l *Loop) ownAddrs(v6 bool) []netip.Addr {
+	if v6 {
+		return []netip.Addr{l.publicIP(v6), l.underlay.IP6}
+	}
+	return []netip.Addr{l.publicIP(v6), l.underlay.IP4}
+}
+
+// nodeAddrs are one Node's underlay addresses of the family (see
+// knownNodeAddrs), each once.
+func nodeAddrs(n *corev1.Node, v6 bool) []netip.Addr {
 	keys := []string{AnnPublicIP, AnnPublicIPOverwrite}
 	if v6 {
 		keys = []string{AnnPublicIPv6, AnnPublicIPv6Overwrite}
 	}
-	addrs := []netip.Addr{l.publicIP(v6)}
-	if v6 {
-		addrs = append(addrs, l.underlay.IP6)
-	} else {
-		addrs = append(addrs, l.underlay.IP4)
-	}
-	for _, n := range nodes {
-		for _, k := range keys {
-			if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
-				addrs = append(addrs, a)
-			}
+	var addrs []netip.Addr
+	add := func(a netip.Addr) {
+		if !slices.Contains(addrs, a) {
+			addrs = append(addrs, a)
 		}
-		for _, na := range n.Status.Addresses {
-			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
-				continue
-			}
-			if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
-				addrs = append(addrs, a.Unmap())
-			}
+	}
+	for _, k := range keys {
+		if a, err := netip.ParseAddr(n.Annotations[k]); err == nil && a.Is6() == v6 {
+			add(a)
+		}
+	}
+	for _, na := range n.Status.Addresses {
+		if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if a, err := netip.ParseAddr(na.Address); err == nil && a.Unmap().Is6() == v6 {
+			add(a.Unmap())
 		}
 	}
 	return addrs
@@ -174,7 +220,7 @@ func (l *Loop) syncSourceFilter(ctx context.Context, f *family, nodes []*corev1.
 	if err := flt.Apply(f.ipt); err != nil {
 		return err
 	}
-	if l.Status().Ready {
+	if l.Ready() {
 		logger.Info("VXLAN source filter repaired", "ipv6", v6, "chain", srcfilter.Chain)
 		countRepair(repairVXLANInput)
 	}

@@ -180,7 +180,7 @@ func (b *wgBackend) peers(nodes []*corev1.Node) ([]wgPeer, []PeerStatus) {
 func (b *wgBackend) state(peers []wgPeer) wireguard.State {
 	l := b.l
 	wc := l.cfg.Net.Backend.WireGuard
-	lease := l.Status().Lease
+	lease := l.lease()
 	st := wireguard.State{Own: lease, Networks: l.cfg.Net.Networks()}
 	base := wireguard.Tunnel{PrivateKey: b.key, PSK: b.psk, Keepalive: time.Duration(wc.PersistentKeepaliveInterval) * time.Second}
 	if wc.Mode == netconf.WireGuardModeAuto {

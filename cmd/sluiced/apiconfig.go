@@ -16,9 +16,18 @@ import (
 // it), and after a dropped watch the reflector resumes from the last
 // resourceVersion it saw, relisting only when the server has compacted it
 // away (410 Gone).
+//
+// JSON must be asked for explicitly: client-go's generated clients use
+// protobuf for built-in types whenever the configuration leaves the
+// content type unset (Request.UseProtobufAsDefault), so a config left
+// unset for "application/json" still got protobuf.
 func coreConfig(rc *rest.Config, contentType string) *rest.Config {
 	c := rest.CopyConfig(rc)
-	if contentType != "" && contentType != "application/json" {
+	switch contentType {
+	case "":
+	case "application/json":
+		c.ContentType, c.AcceptContentTypes = contentType, contentType
+	default:
 		c.ContentType = contentType
 		c.AcceptContentTypes = contentType + ",application/json"
 	}

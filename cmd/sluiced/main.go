@@ -63,6 +63,7 @@ type options struct {
 	checksumOffload string
 	iptablesMode    string
 	resync          time.Duration
+	overlayRepair   time.Duration
 	podCIDRGrace    time.Duration
 	policyMark      string
 	strictTCP       bool
@@ -95,6 +96,7 @@ func main() {
 	fs.StringVar(&o.checksumOffload, "vxlan-tx-checksum-offload", "auto", "auto (off only on kernels before 5.7), on or off")
 	fs.StringVar(&o.iptablesMode, "iptables-mode", "auto", "auto (detect as kube-proxy does), nft or legacy")
 	fs.DurationVar(&o.resync, "resync-period", 5*time.Second, "how often the kernel state is re-read and repaired")
+	fs.DurationVar(&o.overlayRepair, "overlay-repair-period", 0, "how often the vxlan and host-gw overlay re-reads the kernel when no Node changed; 0 is 6 x --resync-period")
 	fs.StringVar(&o.policyMark, "policy-mark", "0x10000", "the mark bit policy chains set to allow a packet; must not overlap kube-proxy's 0x4000 and 0x8000")
 	fs.BoolVar(&o.strictTCP, "conntrack-strict-tcp", true, "set net.netfilter.nf_conntrack_tcp_loose=0, so a connection cut by a new deny cannot be picked up again mid-stream")
 	fs.DurationVar(&o.podCIDRGrace, "pod-cidr-wait", 10*time.Second, "how long after a Node's creation to wait for a podCIDR from kube-controller-manager before Sluice claims one")
@@ -166,6 +168,7 @@ func (o options) config() (overlay.Config, error) {
 		StateDir:           o.stateDir,
 		WireGuardSocketDir: o.wgSocketDir,
 		ResyncPeriod:       o.resync,
+		RepairPeriod:       o.overlayRepair,
 		PodCIDRGrace:       o.podCIDRGrace,
 	}
 	if o.publicIP != "" {

@@ -122,6 +122,14 @@ func measure(b *testing.B, ctx context.Context, l *labtest.Lab, contentType stri
 		return float64(sum) / float64(len(proxies))
 	}
 	kc := kubeconfigVia(b, l, "https://127.0.0.1:"+proxyPort)
+	admin, err := l.FastClient()
+	if err != nil {
+		b.Fatal(err)
+	}
+	reqs0, err := scrapeInitialRequests(ctx, admin)
+	if err != nil {
+		b.Fatal(err)
+	}
 	agents, err := l.StartAgentsNoT(netConf, "--kubeconfig", kc, "--kube-api-content-type", contentType)
 	if err != nil {
 		b.Fatal(err)
@@ -132,6 +140,12 @@ func measure(b *testing.B, ctx context.Context, l *labtest.Lab, contentType stri
 	}
 	time.Sleep(3 * time.Second)
 	start := down()
+	if reqs, err := scrapeInitialRequests(ctx, admin); err != nil {
+		b.Error(err)
+	} else {
+		wl, list := reqs.since(reqs0)
+		b.Logf("%s: the agents' start made WatchList requests %s; LIST requests %s (the lab's controllers' included)", contentType, wl, list)
+	}
 
 	rest := restPeriod(b)
 	r0 := down()
@@ -156,6 +170,10 @@ func measure(b *testing.B, ctx context.Context, l *labtest.Lab, contentType stri
 	time.Sleep(3 * time.Second) // the last events reach the agents
 	perChange := (down() - c0 - restRate*time.Since(t0).Seconds()) / changes
 
+	reqs1, err := scrapeInitialRequests(ctx, admin)
+	if err != nil {
+		b.Fatal(err)
+	}
 	d0, dt := down(), time.Now()
 	dropped := 0
 	for _, p := range proxies {
@@ -163,6 +181,10 @@ func measure(b *testing.B, ctx context.Context, l *labtest.Lab, contentType stri
 	}
 	time.Sleep(15 * time.Second)
 	afterDrop := down() - d0 - restRate*time.Since(dt).Seconds()
+	if reqs, err := scrapeInitialRequests(ctx, admin); err == nil {
+		wl, list := reqs.since(reqs1)
+		b.Logf("%s: after the drop, WatchList requests %s; LIST requests %s", contentType, wl, list)
+	}
 	if err := agents.WaitReady(ctx); err != nil {
 		b.Errorf("agents not ready after their connections dropped: %v", err)
 	}
