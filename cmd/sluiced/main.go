@@ -73,6 +73,7 @@ type options struct {
 	logDrops        bool
 	dropsLogRules   bool
 	apiContentType  string
+	gcPercent       int
 }
 
 func main() {
@@ -104,7 +105,9 @@ func main() {
 	fs.BoolVar(&o.dropsLogRules, "drops-include-log-rules", true, "also read the NFLOG group of policies' Log rules (20) into sluicectl drops, as verdict logged; only one reader can bind a group, so set it to false when another program (ulogd) reads it")
 	fs.StringVar(&o.apiContentType, "kube-api-content-type", "application/vnd.kubernetes.protobuf", "content type of requests to the API server for core objects (Nodes, Pods, Namespaces, policies); application/json to debug")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove everything Sluice put on this node (iptables chains and jumps, ipsets, tunnel devices, pod veths, routes, the agent's files and, with API access, this Node's annotations and subnet claims), then exit; run it after deleting the DaemonSet")
+	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "the Go garbage collector's target (GOGC): how far the heap may grow past what is live before a collection; lower trades CPU for memory; GOGC in the environment wins")
 	flag.Parse()
+	applyGCPercent(o.gcPercent)
 
 	// Sluice logs through klog. The standard logger only carries
 	// vishvananda/netlink's notes on ipset attributes it does not decode
