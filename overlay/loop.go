@@ -200,7 +200,7 @@ func (l *Loop) Run(ctx context.Context) error {
 		s.PublicIPs = l.publicIPs()
 	})
 
-	factory := informers.NewSharedInformerFactory(l.client, 10*time.Minute)
+	factory := informers.NewSharedInformerFactoryWithOptions(l.client, 10*time.Minute, informers.WithTransform(slimNode))
 	nodeInformer := factory.Core().V1().Nodes()
 	l.nodes = nodeInformer.Lister()
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
