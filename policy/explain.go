@@ -30,6 +30,9 @@ const (
 	ReasonEndOfTier = "end-of-tier"
 	// ReasonAllPassed: every tier that selects the pod passed the flow on.
 	ReasonAllPassed = "all-tiers-passed"
+	// ReasonOwnNode: a pod's traffic to its own node, which only
+	// ClusterNetworkPolicy decides (hosttraffic.go), and none does.
+	ReasonOwnNode = "own-node"
 )
 
 // PolicyRef names a policy for people: its kind, namespace and name, and
@@ -71,6 +74,9 @@ type DirectionVerdict struct {
 	Endpoint string `json:"endpoint,omitempty"`
 	Allowed  bool   `json:"allowed"`
 	Reason   string `json:"reason"`
+	// ToOwnNode says this is egress to the pod's own node: filter INPUT,
+	// where only ClusterNetworkPolicy decides, not FORWARD.
+	ToOwnNode bool `json:"toOwnNode,omitempty"`
 	// Tier, Policy, Rule (the index in the policy's rules of this
 	// direction; -1 for none) and Action say what decided.
 	Tier    string     `json:"tier,omitempty"`
@@ -112,6 +118,9 @@ func (e *Evaluator) Explain(f Flow, egress bool) DirectionVerdict {
 		return v
 	}
 	selecting := e.selecting(self, egress)
+	if egress && f.ToOwnNode {
+		selecting, v.ToOwnNode = hostPolicies(selecting), true
+	}
 	for _, p := range selecting {
 		i, action := e.decidingRule(p, f, egress)
 		switch {
@@ -125,6 +134,8 @@ func (e *Evaluator) Explain(f Flow, egress bool) DirectionVerdict {
 		}
 	}
 	switch {
+	case len(selecting) == 0 && egress && f.ToOwnNode:
+		v.Reason, v.Summary = ReasonOwnNode, "to its own node, which only ClusterNetworkPolicy decides, and none does (allowed)"
 	case len(selecting) == 0:
 		v.Reason, v.Summary = ReasonOpen, "no policy selects the pod (open)"
 	case v.Policy != nil:
@@ -134,6 +145,9 @@ func (e *Evaluator) Explain(f Flow, egress bool) DirectionVerdict {
 		v.Reason, v.Summary = ReasonEndOfTier, fmt.Sprintf("isolated, no rule allowed it (end of tier %s)", d.Tier)
 	default:
 		v.Reason, v.Summary = ReasonAllPassed, "every tier that selects the pod passed it on (allowed)"
+	}
+	if v.ToOwnNode && v.Reason != ReasonOwnNode {
+		v.Summary = "to its own node: " + v.Summary
 	}
 	v.Staged = e.stagedChange(f, egress, d)
 	return v

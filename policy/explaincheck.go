@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 
 	"github.com/sluice-net/sluice/internal/contract"
 )
@@ -46,6 +47,9 @@ type ExplainedEnd struct {
 	IP  string `json:"ip"`
 	// Local says the pod is an endpoint of the node that answered.
 	Local bool `json:"local"`
+	// OwnNode says the address is one of the node's own, where the source
+	// pod runs: the flow ends in INPUT (hosttraffic.go).
+	OwnNode bool `json:"ownNode,omitempty"`
 }
 
 // KernelCheck is what the node's kernel holds for one direction's
@@ -105,6 +109,13 @@ func (l *Loop) Explain(q FlowQuery) (*Explanation, error) {
 		return nil, err
 	}
 	x.Node = l.cfg.NodeName
+	if f.Src.Pod != nil && f.Dst.Pod == nil && m.local(x.From.Pod) != nil {
+		own, err := l.ownAddress(f.Dst.IP)
+		if err != nil {
+			return nil, fmt.Errorf("reading this node's addresses: %w", err)
+		}
+		f.ToOwnNode, x.To.OwnNode = own, own
+	}
 	e := &Evaluator{Policies: mapValues(m.policies), NetworkSets: m.netsets, Namespaces: m.namespaces}
 	x.Egress, x.Ingress = e.Explain(f, true), e.Explain(f, false)
 	for _, dir := range []struct {
@@ -124,6 +135,25 @@ func (l *Loop) Explain(q FlowQuery) (*Explanation, error) {
 		dir.v.Kernel = k
 	}
 	return x, nil
+}
+
+// ownAddress says ip is an address of this node: a pod's packet to it
+// ends in filter INPUT rather than being forwarded.
+func (l *Loop) ownAddress(ip netip.Addr) (bool, error) {
+	var own bool
+	err := l.netns.Do(func(ns.NetNS) error {
+		addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if b, ok := netip.AddrFromSlice(a.IP); ok && b.Unmap() == ip.Unmap() {
+				own = true
+			}
+		}
+		return nil
+	})
+	return own, err
 }
 
 func mapValues[K comparable, V any](m map[K]V) []V {
@@ -277,6 +307,9 @@ func compareKernel(save string, r *Renderer, m *modelSnapshot, ep *LocalEndpoint
 		self = ep.Pod.IPs
 	}
 	k := &KernelCheck{EndpointChain: EndpointChain(ep.HostVeth, egress), Programmed: true}
+	if v.ToOwnNode {
+		k.EndpointChain = HostChain(ep.HostVeth)
+	}
 	want := r.endpointChains(ep.HostVeth, self, keys, m.policies, egress)
 	names := slices.Sorted(func(yield func(string) bool) {
 		for n := range want {
@@ -291,9 +324,17 @@ func compareKernel(save string, r *Renderer, m *modelSnapshot, ep *LocalEndpoint
 			k.Problems = append(k.Problems, d)
 		}
 	}
-	if !dispatched(save, ep.HostVeth, egress) {
+	switch _, wantHost := want[HostChain(ep.HostVeth)]; {
+	case !v.ToOwnNode && !dispatched(save, ep.HostVeth, egress):
 		k.Programmed = false
 		k.Problems = append(k.Problems, fmt.Sprintf("the dispatch does not send %s to %s", ep.HostVeth, k.EndpointChain))
+	case v.ToOwnNode && wantHost != hostDispatched(save, ep.HostVeth):
+		k.Programmed = false
+		if wantHost {
+			k.Problems = append(k.Problems, fmt.Sprintf("%s does not send %s to %s", contract.ToHostChain, ep.HostVeth, k.EndpointChain))
+		} else {
+			k.Problems = append(k.Problems, fmt.Sprintf("%s sends %s to %s, which no ClusterNetworkPolicy wants", contract.ToHostChain, ep.HostVeth, k.EndpointChain))
+		}
 	}
 	checkDeciding(save, r, m, k, v, egress)
 	return k
@@ -353,6 +394,12 @@ func dispatched(save, veth string, egress bool) bool {
 		slices.Contains(chainRules(save, bucket), fmt.Sprintf("-A %s %s %s -g %s", bucket, dir, veth, EndpointChain(veth, egress)))
 }
 
+// hostDispatched says SLUICE-TO-HOST sends the veth's traffic to its own
+// node to the endpoint's SLUICE-FH chain.
+func hostDispatched(save, veth string) bool {
+	return slices.Contains(chainRules(save, contract.ToHostChain), fmt.Sprintf("-A %s -i %s -g %s", contract.ToHostChain, veth, HostChain(veth)))
+}
+
 // checkDeciding finds what decided in the kernel: the policy rule's
 // lines in the policy chain, or the endpoint chain's end-of-tier drop,
 // "open" return or "every tier passed" return, with their counters.
@@ -407,7 +454,7 @@ func checkDeciding(save string, r *Renderer, m *modelSnapshot, k *KernelCheck, v
 // print it, to look rules up in.
 func renderedEndpointSave(r *Renderer, m *modelSnapshot, k *KernelCheck, egress bool) string {
 	for _, ep := range m.locals {
-		if EndpointChain(ep.HostVeth, egress) != k.EndpointChain {
+		if EndpointChain(ep.HostVeth, egress) != k.EndpointChain && (!egress || HostChain(ep.HostVeth) != k.EndpointChain) {
 			continue
 		}
 		keys, self := ep.Ingress, ep.IPs

@@ -2,7 +2,9 @@ package policy
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -140,4 +142,107 @@ func TestTrafficToOwnNodeAgreesWithTheEvaluator(t *testing.T) {
 		t.Fatal("no flow to the own node is decided otherwise than a forwarded one: the check cannot tell them apart")
 	}
 	t.Logf("%d flows to the own node decided otherwise than forwarded", differ)
+}
+
+// TestExplainToOwnNodeAgreesWithTheEvaluatorAndTheRules explains every
+// flow from a pod to an address of its own node under random
+// ClusterNetworkPolicies beside random Calico and Kubernetes policies:
+// the verdict is the evaluator's with ToOwnNode set, and the kernel check
+// over the rendered rules finds SLUICE-TO-HOST's jump to the pod's FH
+// chain exactly when a ClusterNetworkPolicy decides, and the deciding
+// rule there. The controls: some of these flows are decided otherwise
+// than the same flow forwarded, and a deleted SLUICE-TO-HOST jump is
+// reported.
+func TestExplainToOwnNodeAgreesWithTheEvaluatorAndTheRules(t *testing.T) {
+	w := cnpWorld()
+	reasons := map[string]int{}
+	differ, driftCaught := 0, 0
+	for seed := int64(1); seed <= 80; seed++ {
+		g := newTierGen(seed)
+		pols := randomCNPs(g.rnd, g.pick(4)+1)
+		for i := g.pick(3); i > 0; i-- {
+			pols = append(pols, g.policy(i))
+		}
+		e := &Evaluator{Policies: pols, NetworkSets: w.netsets, Namespaces: w.nss}
+		m, r := w.snapshot(pols, false)
+		rs := r.RenderWithSets(m.policies, m.locals, m.pods, m.namespaces, m.netsets)
+		save := saveOf(rs)
+		for _, fl := range w.flows(false) {
+			if fl.flow.Src.Pod == nil || fl.flow.Dst.Pod != nil {
+				continue
+			}
+			fl.flow.ToOwnNode = true
+			x := e.Explain(fl.flow, true)
+			where := fmt.Sprintf("seed %d %s -> own node %s %s/%d", seed, fl.pkt.src, fl.pkt.dst, fl.flow.Proto, fl.flow.DstPort)
+			if want := e.Verdict(fl.flow).Egress.Allowed; x.Allowed != want || !x.ToOwnNode {
+				t.Fatalf("%s: explain says allowed=%v (to own node %v), the evaluator %v", where, x.Allowed, x.ToOwnNode, want)
+			}
+			reasons[x.Reason]++
+			if x.Reason == ReasonRule {
+				checkNamedRule(t, where, e, fl.flow, x, true)
+			}
+			ep := m.local(x.Endpoint)
+			k := compareKernel(save, r, m, ep, &x, true)
+			if len(k.Problems) > 0 || !k.Programmed {
+				t.Fatalf("%s (%s): the kernel check disagrees with rules rendered from the same model: %v", where, x.Summary, k.Problems)
+			}
+			decided := x.Reason != ReasonOwnNode
+			if decided && (len(k.DecidingRules) == 0 || k.Packets == 0 || k.DecidingChain == "") {
+				t.Fatalf("%s (%s): no deciding rule found in %s", where, x.Summary, k.DecidingChain)
+			}
+			if decided && hostDispatched(save, ep.HostVeth) {
+				if k := compareKernel(saveWithout(rs, contract.ToHostChain, "-g "+HostChain(ep.HostVeth)), r, m, ep, &x, true); len(k.Problems) > 0 {
+					driftCaught++
+				} else {
+					t.Fatalf("%s: the SLUICE-TO-HOST jump is gone and the kernel check did not notice", where)
+				}
+			}
+			fl.flow.ToOwnNode = false
+			if e.Explain(fl.flow, true).Allowed != x.Allowed {
+				differ++
+			}
+		}
+	}
+	for _, r := range []string{ReasonOwnNode, ReasonRule} {
+		if reasons[r] == 0 {
+			t.Errorf("no flow to the own node was decided by %s; the world does not cover it (%v)", r, reasons)
+		}
+	}
+	if differ == 0 || driftCaught == 0 {
+		t.Fatalf("controls: %d flows decided otherwise than forwarded, %d deleted jumps reported; both must be > 0", differ, driftCaught)
+	}
+	t.Logf("reasons %v; %d flows decided otherwise than forwarded", reasons, differ)
+}
+
+// saveWithout is saveOf with the rules of chain that contain part removed.
+func saveWithout(rs *Ruleset, chain, part string) string {
+	cut := &Ruleset{Chains: map[string][]string{}}
+	for name, rules := range rs.Chains {
+		if name == chain {
+			rules = slices.DeleteFunc(slices.Clone(rules), func(r string) bool { return strings.Contains(r, part) })
+		}
+		cut.Chains[name] = rules
+	}
+	return saveOf(cut)
+}
+
+// TestOwnAddressReadsTheNodesNamespace: explain takes a pod's flow to an
+// address of its node's namespace as traffic to its own node, and one to
+// any other address as forwarded (the control).
+func TestOwnAddressReadsTheNodesNamespace(t *testing.T) {
+	n := nettest.NewNS(t)
+	name := nettest.Name(n)
+	nettest.Run(t, "ip", "-n", name, "link", "add", "own0", "type", "veth", "peer", "name", "own1")
+	nettest.Run(t, "ip", "-n", name, "addr", "add", "198.51.100.7/24", "dev", "own0")
+	nettest.Run(t, "ip", "-n", name, "addr", "add", "2001:db8::7/64", "dev", "own0", "nodad")
+	l := &Loop{netns: n}
+	for addr, want := range map[string]bool{"198.51.100.7": true, "2001:db8::7": true, "198.51.100.8": false, "2001:db8::8": false} {
+		got, err := l.ownAddress(netip.MustParseAddr(addr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("ownAddress(%s) = %v, want %v", addr, got, want)
+		}
+	}
 }

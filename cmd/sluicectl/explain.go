@@ -166,8 +166,11 @@ func printExplanation(w io.Writer, x *policy.Explanation) {
 }
 
 func endName(e policy.ExplainedEnd) string {
-	if e.Pod != "" {
+	switch {
+	case e.Pod != "":
 		return e.Pod + " (" + e.IP + ")"
+	case e.OwnNode:
+		return e.IP + " (the source pod's own node)"
 	}
 	return e.IP
 }

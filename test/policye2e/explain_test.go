@@ -20,6 +20,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/sluice-net/sluice/internal/lab"
 	"github.com/sluice-net/sluice/policy"
 	"github.com/sluice-net/sluice/test/labtest"
 )
@@ -222,4 +223,50 @@ func BenchmarkExplainInLab(b *testing.B) {
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	b.ReportMetric(float64(lat[15].Microseconds())/1000, "p50-ms")
 	b.Logf("explain in the lab over 30 runs: p50 %v, p90 %v", lat[15], lat[27])
+}
+
+// TestExplainFlowToOwnNode: x/a's egress is denied by a NetworkPolicy, yet
+// its traffic to its own node is not NetworkPolicy's to decide, and the
+// agent finds the node's address in its own namespace and says so. The
+// control: the same question about another node's address is a forwarded
+// flow, denied.
+func TestExplainFlowToOwnNode(t *testing.T) {
+	apply(t, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "deny-egress-a"}, Spec: networkingv1.NetworkPolicySpec{
+		PodSelector: *sel("pod", "a"),
+		PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+	}})
+	own := nodeOf(t, "x/a")
+	var other *lab.Node
+	for i := range shared.Nodes {
+		if shared.Nodes[i].Name != own {
+			other = &shared.Nodes[i]
+			break
+		}
+	}
+	ownNode, _ := shared.Node(own)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		x, err := agentExplain(own, "x/a", other.IP4, 80, policy.TCP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !x.Egress.Allowed && x.Egress.Reason == policy.ReasonEndOfTier && !x.Egress.ToOwnNode && !x.To.OwnNode {
+			break // the control: forwarded, and the policy is programmed
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("control: x/a -> another node's %s should be forwarded and denied: %+v", other.IP4, x.Egress)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	x, err := agentExplain(own, "x/a", ownNode.IP4, 80, policy.TCP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !x.Egress.Allowed || x.Egress.Reason != policy.ReasonOwnNode || !x.Egress.ToOwnNode || !x.To.OwnNode {
+		t.Fatalf("x/a -> its own node %s: want allowed, reason %s, to own node: %+v (to %+v)", ownNode.IP4, policy.ReasonOwnNode, x.Egress, x.To)
+	}
+	if x.Egress.Kernel == nil || len(x.Egress.Kernel.Problems) > 0 || !x.Egress.Kernel.Programmed {
+		t.Fatalf("x/a -> its own node: kernel check %+v", x.Egress.Kernel)
+	}
+	t.Logf("explained: %s", x.Egress.Summary)
 }
