@@ -343,5 +343,25 @@ func Main(m *testing.M, o lab.Options, shared **Lab, setups ...func(*Lab) (func(
 		fmt.Fprintln(os.Stderr, "lab down:", err)
 		code = 1
 	}
+	RemoveBinaries()
 	os.Exit(code)
+}
+
+// Run is a TestMain for packages that start their labs in the tests
+// themselves: it runs the tests and removes the binaries Binaries built.
+func Run(m *testing.M) {
+	code := m.Run()
+	RemoveBinaries()
+	os.Exit(code)
+}
+
+// RemoveBinaries removes what Binaries built, after the tests: each test
+// binary builds its own copy (over 100 MB), and a make test that left them
+// all in the temporary directory filled it a few GB at a time.
+func RemoveBinaries() {
+	if binDir != "" {
+		if err := os.RemoveAll(binDir); err != nil {
+			fmt.Fprintln(os.Stderr, "removing the test binaries:", err)
+		}
+	}
 }

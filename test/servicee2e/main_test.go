@@ -17,6 +17,8 @@ import (
 	"os/exec"
 	"testing"
 	"time"
+
+	"github.com/sluice-net/sluice/test/labtest"
 )
 
 func TestMain(m *testing.M) {
@@ -24,7 +26,7 @@ func TestMain(m *testing.M) {
 		fmt.Println("servicee2e: skipped:", reason)
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	labtest.Run(m)
 }
 
 // missing says why real nodes cannot run on this machine, or "".
