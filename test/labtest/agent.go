@@ -203,12 +203,13 @@ func (a *Agents) WriteConflists(ctx context.Context) error {
 // AgentsWithPods is a setup for Main: sluiced on every node with netConf,
 // the node conflists written once the agents are ready, and one pod per
 // node in the nodes' order (pods are namespace/name, answering on 80 and
-// 81). *agents is set for the tests; the cleanup stops them.
-func AgentsWithPods(netConf string, pods []string, agents **Agents) func(*Lab) (func(), error) {
+// 81), with args added to sluiced's flags. *agents is set for the tests;
+// the cleanup stops them.
+func AgentsWithPods(netConf string, pods []string, agents **Agents, args ...string) func(*Lab) (func(), error) {
 	return func(l *Lab) (func(), error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
-		a, err := l.StartAgentsNoT(netConf)
+		a, err := l.StartAgentsNoT(netConf, args...)
 		if err != nil {
 			return nil, err
 		}

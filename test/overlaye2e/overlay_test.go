@@ -29,7 +29,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, labtest.AgentsWithPods(dualStackNetConf, pods, &agents))
+	labtest.Main(m, lab.Options{Nodes: 3, IPv6: true, CNI: lab.CNIReference}, &shared, labtest.AgentsWithPods(dualStackNetConf, pods, &agents, overlayRepairFlag))
 }
 
 func ctxT(t *testing.T) context.Context {
@@ -93,10 +93,16 @@ func TestMasqueradeToOutside(t *testing.T) {
 // eventually polls check every 100ms for up to 10 s, the repair bound.
 func eventually(check func() error) error { return eventuallyWithin(10*time.Second, check) }
 
-// overlayRepairBound is how long the overlay's own entries take to come
-// back: its repair period (6 x --resync-period, with no Node changed) and
-// a sync.
-const overlayRepairBound = 40 * time.Second
+// The agents here re-read the kernel for the overlay's own entries every
+// 5 s, as they did before the repair period existed, so that each of
+// TestKernelEntriesComeBack's cases waits seconds, not the default 30 s
+// (the default's repair without Node events is overlay's unit test
+// TestPeriodicRepairWithoutNodeEvents). overlayRepairBound is that
+// period and a sync.
+const (
+	overlayRepairFlag  = "--overlay-repair-period=5s"
+	overlayRepairBound = 15 * time.Second
+)
 
 func eventuallyWithin(bound time.Duration, check func() error) error {
 	deadline := time.Now().Add(bound)
