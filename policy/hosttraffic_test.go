@@ -112,11 +112,7 @@ func TestTrafficToOwnNodeAgreesWithTheEvaluator(t *testing.T) {
 	w := cnpWorld()
 	differ := 0
 	for seed := int64(1); seed <= 120; seed++ {
-		g := newTierGen(seed)
-		pols := randomCNPs(g.rnd, g.pick(4)+1)
-		for i := g.pick(3); i > 0; i-- {
-			pols = append(pols, g.policy(i))
-		}
+		pols := randomHostTrafficPolicies(seed)
 		e := &Evaluator{Policies: pols, NetworkSets: w.netsets, Namespaces: w.nss}
 		for _, ipv6 := range []bool{false, true} {
 			rs := w.render(pols, ipv6)
@@ -144,6 +140,17 @@ func TestTrafficToOwnNodeAgreesWithTheEvaluator(t *testing.T) {
 	t.Logf("%d flows to the own node decided otherwise than forwarded", differ)
 }
 
+// randomHostTrafficPolicies is one seed's random ClusterNetworkPolicies
+// (1 to 4) beside random Calico and Kubernetes policies (0 to 2).
+func randomHostTrafficPolicies(seed int64) []*Policy {
+	g := newTierGen(seed)
+	pols := randomCNPs(g.rnd, g.pick(4)+1)
+	for i := g.pick(3); i > 0; i-- {
+		pols = append(pols, g.policy(i))
+	}
+	return pols
+}
+
 // TestExplainToOwnNodeAgreesWithTheEvaluatorAndTheRules explains every
 // flow from a pod to an address of its own node under random
 // ClusterNetworkPolicies beside random Calico and Kubernetes policies:
@@ -158,11 +165,7 @@ func TestExplainToOwnNodeAgreesWithTheEvaluatorAndTheRules(t *testing.T) {
 	reasons := map[string]int{}
 	differ, driftCaught := 0, 0
 	for seed := int64(1); seed <= 80; seed++ {
-		g := newTierGen(seed)
-		pols := randomCNPs(g.rnd, g.pick(4)+1)
-		for i := g.pick(3); i > 0; i-- {
-			pols = append(pols, g.policy(i))
-		}
+		pols := randomHostTrafficPolicies(seed)
 		e := &Evaluator{Policies: pols, NetworkSets: w.netsets, Namespaces: w.nss}
 		m, r := w.snapshot(pols, false)
 		rs := r.RenderWithSets(m.policies, m.locals, m.pods, m.namespaces, m.netsets)
