@@ -134,22 +134,13 @@ func TestEncryptedOnTheUnderlay(t *testing.T) {
 // Cluster DNS across the tunnel: a pod on node-1 asks the CoreDNS replica
 // on node-2 directly, and the kube-dns Service (kube-proxy's DNAT).
 func TestClusterDNSAcrossTheTunnel(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	list, err := shared.Client.CoreV1().Pods("kube-system").List(ctx, metav1.ListOptions{LabelSelector: "k8s-app=kube-dns"})
+	remote, err := dnsReplicaOn(ctx, t, "node-2")
 	if err != nil {
 		t.Fatal(err)
 	}
-	servers := []string{"10.96.0.10"}
-	for _, p := range list.Items {
-		if p.Spec.NodeName == "node-2" && p.Status.PodIP != "" {
-			servers = append(servers, p.Status.PodIP)
-		}
-	}
-	if len(servers) != 2 {
-		t.Fatalf("no CoreDNS replica on node-2: %d kube-dns pods", len(list.Items))
-	}
-	for _, server := range servers {
+	for _, server := range []string{"10.96.0.10", remote} {
 		var got netip.Addr
 		ok := labtest.Eventually(20*time.Second, func() bool {
 			got, err = lookupA(pods[0], server, "kubernetes.default.svc.cluster.local.")
@@ -157,6 +148,44 @@ func TestClusterDNSAcrossTheTunnel(t *testing.T) {
 		})
 		if !ok || got != netip.MustParseAddr("10.96.0.1") {
 			t.Errorf("%s asks %s for kubernetes.default: %v, %v", pods[0], server, got, err)
+		}
+	}
+}
+
+// dnsReplicaOn returns the address of a Ready CoreDNS replica on node.
+// The Deployment only prefers spreading its replicas (kubeadm's
+// anti-affinity), so when node-1 became Ready first both can run there;
+// then one of them is deleted, and its replacement goes where no replica
+// runs, as an operator rebalancing the Deployment would do it.
+func dnsReplicaOn(ctx context.Context, t *testing.T, node string) (string, error) {
+	pods := shared.Client.CoreV1().Pods("kube-system")
+	moved := false
+	for {
+		list, err := pods.List(ctx, metav1.ListOptions{LabelSelector: "k8s-app=kube-dns"})
+		if err != nil {
+			return "", fmt.Errorf("listing the CoreDNS replicas: %w", err)
+		}
+		var elsewhere []corev1.Pod
+		for _, p := range list.Items {
+			switch {
+			case p.DeletionTimestamp != nil:
+			case p.Spec.NodeName == node && labtest.PodReady(p) && p.Status.PodIP != "":
+				return p.Status.PodIP, nil
+			case p.Spec.NodeName != node && p.Spec.NodeName != "":
+				elsewhere = append(elsewhere, p)
+			}
+		}
+		if !moved && len(elsewhere) == len(list.Items) && len(elsewhere) > 1 {
+			t.Logf("both CoreDNS replicas run on %s; deleting %s so that its replacement goes to %s", elsewhere[0].Spec.NodeName, elsewhere[0].Name, node)
+			if err := pods.Delete(ctx, elsewhere[0].Name, metav1.DeleteOptions{}); err != nil {
+				return "", fmt.Errorf("deleting a CoreDNS replica: %w", err)
+			}
+			moved = true
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("no Ready CoreDNS replica on %s (%d replicas): %w", node, len(list.Items), ctx.Err())
+		case <-time.After(500 * time.Millisecond):
 		}
 	}
 }
