@@ -60,7 +60,34 @@ func startPods(l *labtest.Lab) (func(), error) {
 			pods = append(pods, ns+"/"+name)
 		}
 	}
-	return nil, nil
+	return nil, waitMesh()
+}
+
+// waitMesh waits until every pod reaches every pod over TCP, in both
+// families, before any test runs: the truth tables' retries are for a
+// policy change to converge, not for the overlay to come up (a WireGuard
+// tunnel's first handshake can wait for the peer's key). The time it took
+// is logged, so a slow overlay shows in the output.
+func waitMesh() error {
+	start := time.Now()
+	var broken []string
+	for time.Since(start) < 90*time.Second {
+		broken = nil
+		for _, v6 := range []bool{false, true} {
+			for k, ok := range observeFamily(nil, []int32{80}, []policy.Protocol{policy.TCP}, v6) {
+				if !ok {
+					broken = append(broken, fmt.Sprintf("%s -> %s (ipv6=%v)", k.from, k.to, v6))
+				}
+			}
+		}
+		if len(broken) == 0 {
+			fmt.Printf("policye2e: every pod reaches every pod %.1f s after the pods ran\n", time.Since(start).Seconds())
+			return nil
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	sort.Strings(broken)
+	return fmt.Errorf("with no policy, %d pod pairs still do not connect after %v: %s", len(broken), time.Since(start).Round(time.Second), strings.Join(broken, ", "))
 }
 
 type probeKey struct {
