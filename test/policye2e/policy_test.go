@@ -71,7 +71,7 @@ func startPods(l *labtest.Lab) (func(), error) {
 func waitMesh() error {
 	start := time.Now()
 	var broken []string
-	for time.Since(start) < 90*time.Second {
+	if labtest.Eventually(90*time.Second, func() bool {
 		broken = nil
 		for _, v6 := range []bool{false, true} {
 			for k, ok := range observeFamily(nil, []int32{80}, []policy.Protocol{policy.TCP}, v6) {
@@ -80,11 +80,10 @@ func waitMesh() error {
 				}
 			}
 		}
-		if len(broken) == 0 {
-			fmt.Printf("policye2e: every pod reaches every pod %.1f s after the pods ran\n", time.Since(start).Seconds())
-			return nil
-		}
-		time.Sleep(500 * time.Millisecond)
+		return len(broken) == 0
+	}) {
+		fmt.Printf("policye2e: every pod reaches every pod %.1f s after the pods ran\n", time.Since(start).Seconds())
+		return nil
 	}
 	sort.Strings(broken)
 	return fmt.Errorf("with no policy, %d pod pairs still do not connect after %v: %s", len(broken), time.Since(start).Round(time.Second), strings.Join(broken, ", "))
